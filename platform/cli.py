@@ -1,0 +1,2 @@
+"""stageflow command line."""
+def main():\n    pass
