@@ -1,0 +1,99 @@
+"""Synthetic tasks, seeded and deterministic, written as JSONL splits.
+
+Each task is a generator registered in `TASKS` with its splits, parameters and an
+answer checker; a stage can point at a user's own JSONL (`prompt`/`answer`) instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stageflow.platform.registry import TASKS
+
+REQUIRED_FIELDS = ("prompt", "answer")
+
+
+def generate(task: str, seed: int, size: int, params: dict[str, Any] | None = None) -> dict:
+    """All splits of `task` as {split: [row, ...]}; the same arguments give the same rows."""
+    entry = TASKS[task]
+    options = {**entry.params, **(params or {})}
+    return entry.fn(random.Random(f"{task}:{seed}"), size, **options)
+
+
+def task_dir(cache_dir: str | Path, task: str, seed: int, size: int, params: dict | None) -> Path:
+    key = json.dumps([task, seed, size, sorted((params or {}).items())], default=str)
+    return Path(cache_dir) / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def write_task(cache_dir: str | Path, task: str, seed: int, size: int, params=None) -> Path:
+    """Write every split of a task as `<split>.jsonl` once (atomically) and return the folder."""
+    out = task_dir(cache_dir, task, seed, size, params)
+    if (out / ".complete").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=out.parent))
+    for split, rows in generate(task, seed, size, params).items():
+        (staging / f"{split}.jsonl").write_text("".join(dumps(row) + "\n" for row in rows))
+    (staging / ".complete").write_text("")
+    try:
+        os.replace(staging, out)
+    except OSError:  # written concurrently by another process: theirs is identical
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return out
+
+
+def materialize(data, cache_dir: str | Path) -> Path:
+    """The JSONL file a `DataSpec` points at: the user's file, or the task's split written once."""
+    if data.file is not None:
+        return Path(data.file).absolute()
+    folder = write_task(cache_dir, data.task, data.seed, data.size, dict(data.params))
+    return folder / f"{data.split}.jsonl"
+
+
+def dumps(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=True)
+
+
+def check_jsonl(path: str | Path) -> str | None:
+    """Why `path` is not a usable examples file (with the line number), or None when it is."""
+    path = Path(path)
+    if not path.is_file():
+        return "an existing JSONL file"
+    count = 0
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"valid JSON on every line (line {number}: {err.msg})"
+            if not isinstance(row, dict):
+                return f"a JSON object on every line (line {number} is not one)"
+            for name in REQUIRED_FIELDS:
+                if not isinstance(row.get(name), str):
+                    return f"a string field '{name}' on every line (line {number} has none)"
+            count += 1
+    return None if count else "at least one example (the file is empty)"
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def check_answer(task: str, row: dict, completion: str) -> bool:
+    """Whether `completion` answers `row` correctly, by the task's rule."""
+    return TASKS[task].meta["check"](row, completion)
+
+
+# The generators register themselves on import.
+from stageflow.platform.tasks import facts, inst, math, refusal  # noqa: E402, F401

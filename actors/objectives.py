@@ -1,0 +1,147 @@
+"""Training objectives, registered by name in `OBJECTIVES` (what a stage's `objective:` names).
+
+Each objective is one function of `LossInputs` (per-token log-probs [B, T] of the stage's batch
+under pi_theta, its answer mask, and when needed pi_ref's log-probs and a retain batch's
+log-probs) and its hyper-parameters, returning a scalar loss. The formulas live in
+`stageflow.kernels.losses`; the notation is REFERENCES.md's (log pi(y|x) summed over answer
+tokens, |y| the answer length). Registry metadata: `kinds` (stage kinds that accept the
+objective), `params` (hyper-parameters with defaults), `needs_ref` (pi_ref log-probs required),
+`retain_weight` (the parameter that weights the retain-set NLL, when the objective has one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stageflow.kernels import losses
+from stageflow.platform.registry import OBJECTIVES, Entry
+
+
+@dataclass
+class LossInputs:
+    """Per-token tensors an objective may use (all [B, T] except `advantages`, [B] or [B, T])."""
+
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    retain_logprobs: torch.Tensor | None = None
+    retain_mask: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+
+def retain_nll(x: LossInputs) -> torch.Tensor:
+    """NLL_r: token-mean negative log-likelihood of the retain batch's answers."""
+    if x.retain_logprobs is None or x.retain_mask is None:
+        raise ValueError("this objective's retain weight is > 0 but the stage has no retain data")
+    return losses.nll_loss(x.retain_logprobs, x.retain_mask)
+
+
+def with_retain(loss: torch.Tensor, x: LossInputs, alpha: float) -> torch.Tensor:
+    """loss + alpha * NLL_r (the retain term is skipped when alpha is 0)."""
+    return loss + alpha * retain_nll(x) if alpha else loss
+
+
+@OBJECTIVES.register("sft", kinds=("sft",), params={}, needs_ref=False)
+def sft(x: LossInputs) -> torch.Tensor:
+    """Supervised fine-tuning: NLL = -sum_t m_t log pi(y_t|x, y_<t) / sum_t m_t (token mean)."""
+    return losses.nll_loss(x.logprobs, x.mask)
+
+
+@OBJECTIVES.register("ga", kinds=("unlearn",), params={}, needs_ref=False)
+def ga(x: LossInputs) -> torch.Tensor:
+    """Gradient ascent on the forget set: loss = + log pi_theta(y|x) per token (= -NLL)."""
+    return losses.ga_loss(x.logprobs, x.mask)
+
+
+@OBJECTIVES.register(
+    "graddiff",
+    kinds=("unlearn",),
+    params={"gamma": 1.0, "alpha": 1.0},
+    needs_ref=False,
+    retain_weight="alpha",
+)
+def graddiff(x: LossInputs, gamma: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """GradDiff: gamma * (-NLL_f) + alpha * NLL_r."""
+    return with_retain(gamma * losses.ga_loss(x.logprobs, x.mask), x, alpha)
+
+
+@OBJECTIVES.register(
+    "npo",
+    kinds=("unlearn",),
+    params={"beta": 0.1, "alpha": 0.0},
+    needs_ref=True,
+    retain_weight="alpha",
+)
+def npo(x: LossInputs, beta: float = 0.1, alpha: float = 0.0) -> torch.Tensor:
+    """NPO: mean -(2/beta) log sigmoid(-beta (log pi_theta(y|x) - log pi_ref(y|x))) + alpha NLL_r."""
+    if x.ref_logprobs is None:
+        raise ValueError("npo needs reference log-probs (pi_ref)")
+    return with_retain(losses.npo_loss(x.logprobs, x.ref_logprobs, x.mask, beta=beta), x, alpha)
+
+
+@OBJECTIVES.register(
+    "simnpo",
+    kinds=("unlearn",),
+    params={"beta": 4.5, "delta": 0.0, "alpha": 0.0},
+    needs_ref=False,
+    retain_weight="alpha",
+)
+def simnpo(
+    x: LossInputs, beta: float = 4.5, delta: float = 0.0, alpha: float = 0.0
+) -> torch.Tensor:
+    """SimNPO: mean -(2/beta) log sigmoid(beta (NLL_theta(y|x)/|y| - delta)) + alpha NLL_r."""
+    return with_retain(losses.simnpo_loss(x.logprobs, x.mask, beta=beta, delta=delta), x, alpha)
+
+
+@OBJECTIVES.register(
+    "grpo",
+    kinds=("grpo",),
+    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.0},
+    needs_ref=False,
+)
+def grpo(
+    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0
+) -> torch.Tensor:
+    """GRPO: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta k3(pi_theta || pi_ref), token mean.
+
+    rho = pi_theta / pi_old per token; the k3 term needs `ref_logprobs` when beta > 0.
+    """
+    if x.advantages is None:
+        raise ValueError("grpo needs per-sequence or per-token advantages")
+    return losses.grpo_loss(
+        x.logprobs,
+        x.old_logprobs,
+        x.advantages,
+        x.mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        ref_token_logprobs=x.ref_logprobs,
+    )
+
+
+def resolve(name: str, overrides: dict[str, Any] | None = None) -> tuple[Entry, dict[str, Any]]:
+    """The registry entry of `name` and its parameters (defaults updated by `overrides`)."""
+    entry = OBJECTIVES[name]
+    unknown = set(overrides or {}) - set(entry.params)
+    if unknown:
+        raise ValueError(
+            f"objective '{name}' has no parameter {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(entry.params) or 'none'}"
+        )
+    return entry, {**entry.params, **(overrides or {})}
+
+
+def needs_ref(entry: Entry, params: dict[str, Any]) -> bool:
+    """Whether pi_ref log-probs must be computed (NPO; GRPO with a KL coefficient)."""
+    return bool(entry.meta.get("needs_ref")) or (entry.name == "grpo" and params.get("beta", 0) > 0)
+
+
+def uses_retain(entry: Entry, params: dict[str, Any]) -> bool:
+    """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
+    weight = entry.meta.get("retain_weight")
+    return weight is not None and bool(params.get(weight))

@@ -1,0 +1,133 @@
+"""The default model: a tiny Llama-architecture causal LM with a character-level tokenizer.
+
+Built locally and deterministically from a seed as an HF model directory (config.json,
+model.safetensors, tokenizer files) that transformers and vLLM both load. Nothing is
+downloaded, ever; `model.path` points at any local HF causal-LM directory instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+# vLLM's CPU attention supports these head sizes only (hidden_size / num_heads).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# Every printable ASCII character plus newline and tab: enough for every synthetic task.
+CHARACTERS = sorted(set(string.printable) - set("\r\x0b\x0c"))
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Size and seed of the locally built default model (about 0.9M parameters as given)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_seq_len: int = 512
+    seed: int = 0
+
+    def problem(self) -> str | None:
+        """Why this size cannot be built and served by vLLM on CPU, or None."""
+        if self.hidden_size % self.num_heads:
+            return f"hidden_size {self.hidden_size} divisible by num_heads {self.num_heads}"
+        if self.hidden_size // self.num_heads not in VLLM_CPU_HEAD_SIZES:
+            sizes = ", ".join(map(str, VLLM_CPU_HEAD_SIZES))
+            return f"a head size hidden_size/num_heads in {sizes} (vLLM's CPU attention), got {self.hidden_size // self.num_heads}"
+        return None
+
+    def digest(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True) + f"|chars={''.join(CHARACTERS)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def char_tokenizer():
+    """A fast HF tokenizer with one token per character and <s> prepended."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write the tiny model to `out_dir` (atomically); the same spec gives the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_seq_len,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "stageflow_model.json").write_text(json.dumps(asdict(spec), sort_keys=True))
+    try:
+        os.replace(staging, out_dir)
+    except OSError:  # another process finished the same model first
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny_model(cache_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """The tiny model for `spec` under `cache_dir`, built once and reused."""
+    path = Path(cache_dir) / f"tiny-{spec.digest()}"
+    if not (path / "model.safetensors").exists():
+        build_tiny_model(path, spec)
+    return path
+
+
+def check_model_dir(path: str | Path) -> str | None:
+    """Why `path` is not a loadable HF causal-LM directory, or None when it looks fine."""
+    path = Path(path)
+    if not path.is_dir():
+        return "an existing local model directory"
+    if not (path / "config.json").is_file():
+        return "a model directory with config.json (an HF causal-LM directory)"
+    if not any(path.glob("*.safetensors")):
+        return "a model directory with safetensors weights (*.safetensors)"
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        return f"a readable config.json (it is not valid JSON: {err.msg})"
+    return None

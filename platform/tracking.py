@@ -1,0 +1,156 @@
+"""MLflow tracking: study run → trial runs → stage runs, written through one place.
+
+The `Tracker` is the only writer of a study's store. It runs as a single Ray actor
+(`max_concurrency=1`), so trials on many workers never write one SQLite file at once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+TRACKER_NAME = "stageflow-tracker"
+
+
+def default_tracking_uri(storage_dir: str | Path) -> str:
+    return f"sqlite:///{Path(storage_dir).absolute() / 'mlflow.db'}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}, 'c': [1, 2]} → {'a.b': 1, 'c': '[1, 2]'} (lists stay whole)."""
+    if isinstance(data, dict):
+        items: dict[str, Any] = {}
+        for key, value in data.items():
+            items.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return items
+    if isinstance(data, (list, tuple)):
+        return {prefix: json.dumps(data, default=str)}
+    return {prefix: data}
+
+
+class Tracker:
+    """Creates nested runs and logs params, metrics, tags and artifacts in batches."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | None = None):
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = Path(artifact_dir).absolute().as_uri() if artifact_dir else None
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location
+            )
+
+    def start_run(
+        self,
+        name: str,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> str:
+        """A new run (a child of `parent_id` when given); returns its run id."""
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+        )
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def find_run(self, **tags: str) -> str | None:
+        """The id of a run with all the given `stageflow.*` tags, if one exists (for resume)."""
+        query = " and ".join(f"tags.`stageflow.{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_metric_series(run_id, [(step, metrics)])
+
+    def log_metric_series(self, run_id: str, series: list[tuple[int, dict[str, float]]]) -> None:
+        """Many steps of metrics in as few calls as the batch limit allows."""
+        import time
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(_metric_key(k), float(v), now, step)
+            for step, metrics in series
+            for k, v in metrics.items()
+            if v is not None
+        ]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, local_path, artifact_path)
+
+    def log_figure_png(self, run_id: str, png: bytes, artifact_file: str) -> None:
+        """A rendered figure (PNG bytes, drawn where the data is) as a run artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(png)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+
+def _metric_key(key: str) -> str:
+    """MLflow keys allow letters, digits, _ - . / and spaces; anything else becomes '_'."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def start_tracker(tracking_uri: str, experiment: str, artifact_dir: str | None = None):
+    """The study's single tracker as a Ray actor (every trial logs through it)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_concurrency=1)(Tracker)
+    return actor.options(name=f"{TRACKER_NAME}-{experiment}", get_if_exists=True).remote(
+        tracking_uri, experiment, artifact_dir
+    )
+
+
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run `mlflow server` on the study's store (loopback only unless `host` says otherwise)."""
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    print(f"MLflow UI on http://{host}:{port} (store {tracking_uri}); Ctrl-C to stop", flush=True)
+    return subprocess.call(command)
