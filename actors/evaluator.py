@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stageflow.actors.metrics import AnswerStats, ExampleStats
+from stageflow.actors.metrics import AnswerStats, ExampleStats, truth_ratios
 from stageflow.platform.registry import METRICS, TASKS, load_plugins
 
 
@@ -57,8 +57,15 @@ class Evaluator:
 
     def evaluate(self, model_dir: str | Path, jobs: list[EvalJob], rollout: Any = None) -> dict:
         """Score `model_dir` on every job; generation metrics sample through `rollout`."""
+        return self.evaluate_detailed(model_dir, jobs, rollout)["metrics"]
+
+    def evaluate_detailed(
+        self, model_dir: str | Path, jobs: list[EvalJob], rollout: Any = None
+    ) -> dict:
+        """{"metrics": {"<set>/<metric>": value}, "examples": {"<set>/truth_ratio": [per example]}}."""
         self._load(str(model_dir))
         results: dict[str, float] = {}
+        examples: dict[str, list[float]] = {}
         for job in jobs:
             kinds = {METRICS[m].meta["needs"] for m in job.metrics}
             stats = self.answer_stats(job.rows) if "loglik" in kinds else None
@@ -67,7 +74,9 @@ class Evaluator:
                 entry = METRICS[metric]
                 value = entry.fn(stats if entry.meta["needs"] == "loglik" else correct)
                 results[f"{job.name}/{metric}"] = float(value)
-        return results
+            if stats is not None and (ratios := truth_ratios(stats)):
+                examples[f"{job.name}/truth_ratio"] = ratios
+        return {"metrics": results, "examples": examples}
 
     def answer_stats(self, rows: list[dict]) -> list[ExampleStats]:
         """Teacher-forced statistics of each row's answer, paraphrases and perturbed answers."""
@@ -123,7 +132,7 @@ class Evaluator:
         return ids, min(len(prompt_ids), len(ids) - 1)
 
     def generation_correct(self, job: EvalJob, rollout: Any) -> list[list[bool]]:
-        """Sample `job.samples` completions per prompt through `rollout` and check each."""
+        """Sample `job.samples` completions per prompt through the rollout service and check each."""
         import ray
 
         if rollout is None:
@@ -134,6 +143,7 @@ class Evaluator:
         prompts = [row["prompt"] for row in job.rows]
         result = ray.get(
             rollout.generate.remote(
+                self._model_dir,
                 prompts,
                 n=job.samples,
                 temperature=job.temperature,

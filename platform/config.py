@@ -136,6 +136,21 @@ class TrackingSpec:
 
 
 @dataclass(frozen=True)
+class AnalysisSpec:
+    """How unlearning outcomes are scored across orderings (REFERENCES.md).
+
+    `forget_score`: a "<set>/<metric>" log-likelihood whose drop under unlearning is the
+    forget score; `utilities`: name → "<set>/<metric>" (an accuracy gives Δ accuracy, a
+    log-likelihood gives 1 − |Δ|); `forget_quality`: an eval set whose per-example truth
+    ratios are compared with the oracle's by a two-sample KS test (its p-value).
+    """
+
+    forget_score: Optional[str] = None
+    utilities: dict[str, str] = field(default_factory=dict)
+    forget_quality: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """A whole study: what trains in which orders, how it is evaluated, where it runs."""
 
@@ -153,3 +168,4 @@ class StudySpec:
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -25,9 +26,171 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def trials_table(results: list[tuple[object, dict[str, float]]]) -> str:
-    """One row per trial (ordering, seed) with its final metrics as columns."""
-    metrics = sorted({key for _, final in results for key in final})
-    rows = [
-        [t.ordering, t.seed, *(final.get(m, float("nan")) for m in metrics)] for t, final in results
+    """One row per trial and model: the path's end, then each unlearning branch after it."""
+    metrics = sorted({k for _, final in results for k in final if k.count("/") == 1})
+    rows = []
+    for trial, final in results:
+        branches = [""] + list(getattr(trial, "unlearning", ()))
+        for branch in branches:
+            prefix = f"{branch}/" if branch else ""
+            label = ("oracle " if getattr(trial, "oracle", False) else "") + trial.ordering
+            rows.append(
+                [
+                    label,
+                    trial.seed,
+                    f"+{branch}" if branch else "",
+                    *(final.get(prefix + m, float("nan")) for m in metrics),
+                ]
+            )
+    return format_table(["ordering", "seed", "unlearning", *metrics], rows)
+
+
+def _figure_png(draw) -> bytes:
+    """Render a matplotlib figure drawn by `draw(fig)` to PNG bytes (no display needed)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(7, 4.2), dpi=110)
+    draw(fig)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _heatmap(analysis, score: str):
+    import numpy as np
+
+    data = analysis.by_ordering(score)
+    grid = np.array(
+        [
+            [sum(v) / len(v) if (v := data.get(m, {}).get(o)) else np.nan for m in analysis.methods]
+            for o in analysis.orderings
+        ]
+    )
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(analysis.methods)), analysis.methods)
+        ax.set_yticks(range(len(analysis.orderings)), analysis.orderings)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
+        ax.set_title(f"{score} by ordering × unlearning method (mean over seeds)")
+        fig.colorbar(image, ax=ax)
+
+    return draw
+
+
+def _lines(curves: dict[str, list], title: str, xlabel: str, ylabel: str):
+    def draw(fig):
+        ax = fig.add_subplot()
+        for label, points in curves.items():
+            xs, ys = (
+                zip(*points)
+                if points and isinstance(points[0], tuple)
+                else (range(len(points)), points)
+            )
+            ax.plot(list(xs), list(ys), marker="o", markersize=3, label=label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+
+    return draw
+
+
+def study_report(analysis, out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.html and figures/*.png for a study; returns the written files."""
+    import base64
+    import html
+
+    figures_dir = out_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    a = analysis.spec.analysis
+    figures: list[tuple[str, str, bytes]] = []
+    for score in [s for s in analysis.score_names if not s.startswith("gap:")]:
+        figures.append(
+            (
+                f"heatmap_{score}",
+                f"{score}: ordering × method",
+                _figure_png(_heatmap(analysis, score)),
+            )
+        )
+    for metric in [m for m in [a.forget_score, *a.utilities.values()] if m]:
+        curves = analysis.stage_curves(metric)
+        figures.append(
+            (
+                f"stages_{metric.replace('/', '_')}",
+                f"{metric} after each stage, by ordering",
+                _figure_png(_lines(curves, metric, "stage index", metric)),
+            )
+        )
+    for method in analysis.methods:
+        curves = analysis.unlearning_curves(method)
+        if curves:
+            figures.append(
+                (
+                    f"unlearning_{method}",
+                    f"{method}: loss per unlearning step, by ordering",
+                    _figure_png(_lines(curves, f"{method} unlearning", "step", "loss")),
+                )
+            )
+
+    summary = analysis.summary()
+    summary_table = format_table(
+        [
+            "score",
+            "method",
+            "spread across orderings",
+            "seed std",
+            "spread / seed std",
+            "orderings",
+        ],
+        [
+            [
+                r["score"],
+                r["method"],
+                r["spread"],
+                r["seed_std"],
+                r["spread_over_seed_std"],
+                r["orderings"],
+            ]
+            for r in summary
+        ],
+    )
+    sections = [("Spread of each score across orderings", summary_table)]
+    sections += [
+        (f"{score} by ordering (mean ± seed std)", analysis.value_table(score))
+        for score in analysis.score_names
     ]
-    return format_table(["ordering", "seed", *metrics], rows)
+    sections.append(("Runs these numbers come from", analysis.runs_table()))
+
+    md = [f"# Study report: {analysis.spec.name}", ""]
+    for title, table in sections:
+        md += [f"## {title}", "", table, ""]
+    md += ["## Figures", ""] + [
+        f"![{caption}](figures/{name}.png)\n\n*{caption}*\n" for name, caption, _ in figures
+    ]
+    written = {"report.md": out_dir / "report.md", "report.html": out_dir / "report.html"}
+    written["report.md"].write_text("\n".join(md))
+
+    body = [f"<h1>Study report: {html.escape(analysis.spec.name)}</h1>"]
+    for title, table in sections:
+        body.append(f"<h2>{html.escape(title)}</h2><pre>{html.escape(table)}</pre>")
+    for name, caption, png in figures:
+        (figures_dir / f"{name}.png").write_bytes(png)
+        written[f"figures/{name}.png"] = figures_dir / f"{name}.png"
+        data = base64.b64encode(png).decode()
+        body.append(
+            f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    written["report.html"].write_text(
+        "<!doctype html><meta charset='utf-8'><title>stageflow report</title>" + "".join(body)
+    )
+    return written

@@ -1,67 +1,208 @@
-"""Running a study: validated spec → storage, model and data → Ray actors → trials → MLflow."""
+"""Running a study on Ray Tune: one Tune trial per (path, hyper-parameters, seed).
+
+The driver prepares the study directory (resolved spec, base model, data), starts the
+shared actors (MLflow tracker, evaluator, rollout service) and runs the Tune experiment
+stored under `<study dir>/tune`, which `resume` restores after an interruption.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 from stageflow.platform.config import StudySpec
 from stageflow.platform.expand import Trial, expand
 from stageflow.platform.models import ensure_tiny_model
-from stageflow.platform.pipeline import EXECUTORS, TrialContext, run_trial
+from stageflow.platform.prefix_cache import PrefixCache, model_identity
+from stageflow.platform.registry import METRICS, load_plugins
 from stageflow.platform.study_file import StudyError, spec_to_dict, spec_to_yaml
-from stageflow.platform.tracking import default_tracking_uri, start_tracker
+from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri, start_tracker
 from stageflow.platform.validate import default_storage_dir
 
-
-def check_runnable(spec: StudySpec, source: str) -> None:
-    """Every stage on a path has an executor (checked before any work starts)."""
-    for name in {n for trial in expand(spec) for n in (*trial.path, *trial.unlearning)}:
-        kind = spec.stages[name].kind
-        if kind not in EXECUTORS:
-            raise StudyError(
-                source,
-                f"stages.{name}.kind",
-                f"stage kind '{kind}' cannot run yet; runnable kinds: {', '.join(EXECUTORS)}",
-            )
+TUNE_DIR = "tune"
+STUDY_FILE = "study.yaml"
+EVALUATOR_NAME = "stageflow-evaluator"
 
 
-def init_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start an embedded local Ray (no dashboard)."""
+def needs_rollout(spec: StudySpec) -> bool:
+    generation = any(
+        METRICS[m].meta["needs"] == "generation"
+        for s in spec.evaluation.sets.values()
+        for m in s.metrics
+    )
+    return generation or any(s.kind == "grpo" for s in spec.stages.values())
+
+
+def trial_cpus(spec: StudySpec) -> list[dict[str, float]]:
+    """The trial's placement group: bundle 0 runs the trial, one bundle per learner rank."""
+    cpus = spec.resources.cpus_per_actor
+    return [{"CPU": cpus}] + [{"CPU": cpus} for _ in range(spec.learner.ranks)]
+
+
+def shared_cpus(spec: StudySpec) -> float:
+    return spec.rollout.workers * spec.resources.cpus_per_actor if needs_rollout(spec) else 0.0
+
+
+def init_ray(spec: StudySpec, source: str) -> None:
+    """Connect to RAY_ADDRESS when set, else start an embedded local Ray sized for the study."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address or None,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=True,
-        logging_level="ERROR",
-    )
+    options: dict[str, Any] = {
+        "namespace": NAMESPACE,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": "ERROR",
+    }
+    if address:
+        problem = unreachable(address)
+        if problem is None:
+            try:
+                ray.init(address=address, **options)
+                return
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                problem = str(err).splitlines()[0]
+        raise StudyError(
+            "RAY_ADDRESS",
+            address,
+            f"cannot connect to a Ray cluster there ({problem}); expected the address of a running cluster, e.g. HEAD:6379",
+        )
+    need = sum(b["CPU"] for b in trial_cpus(spec)) + shared_cpus(spec)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **options)
 
 
-def run_study(spec: StudySpec, source: str) -> list[tuple[Trial, dict[str, float]]]:
-    """Run every trial of a validated study; returns (trial, final metrics) pairs."""
+def unreachable(address: str) -> str | None:
+    """Why nothing listens at a Ray address (checked in seconds, before Ray retries for minutes)."""
+    if address == "auto":
+        return None
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_fits_cluster(spec: StudySpec, source: str) -> int:
+    """How many trials can run at once; a StudyError when not even one fits the cluster."""
     import ray
 
-    from stageflow.actors.evaluator import Evaluator
+    have = float(ray.cluster_resources().get("CPU", 0))
+    per_trial = sum(b["CPU"] for b in trial_cpus(spec))
+    free = have - shared_cpus(spec)
+    if per_trial > free:
+        raise StudyError(
+            source,
+            "resources",
+            f"one trial needs {per_trial:g} CPUs (learner.ranks={spec.learner.ranks} x resources.cpus_per_actor={spec.resources.cpus_per_actor:g} + 1 for the trial) besides {shared_cpus(spec):g} for rollout workers, but the cluster has {have:g}; expected fewer ranks or a larger cluster",
+        )
+    fit = int(free // per_trial)
+    return max(1, min(fit, spec.resources.max_concurrent_trials or fit))
 
-    check_runnable(spec, source)
+
+def prepare(spec: StudySpec) -> tuple[Path, Path]:
+    """The study directory with the resolved spec, and the base model directory."""
     storage = default_storage_dir(spec).absolute()
     storage.mkdir(parents=True, exist_ok=True)
-    (storage / "study.yaml").write_text(spec_to_yaml(spec))
-    base_model = (
+    resolved = dataclasses.replace(spec, storage_dir=str(storage))
+    (storage / STUDY_FILE).write_text(spec_to_yaml(resolved))
+    base = (
         Path(spec.model.path).absolute()
         if spec.model.path
         else ensure_tiny_model(storage / "models", spec.model.tiny)
     )
+    return storage, base
 
-    init_ray()
+
+def trial_record(storage: Path, trial_id: str) -> Path:
+    return storage / "trials" / f"{trial_id}.json"
+
+
+def read_records(storage: Path, trials: list[Trial]) -> list[tuple[Trial, dict]]:
+    """The records of the finished trials, in the study's trial order."""
+    out = []
+    for trial in trials:
+        path = trial_record(storage, trial.trial_id)
+        if path.is_file():
+            out.append((trial, json.loads(path.read_text())))
+    return out
+
+
+def read_results(storage: Path, trials: list[Trial]) -> list[tuple[Trial, dict[str, float]]]:
+    return [(trial, record["metrics"]) for trial, record in read_records(storage, trials)]
+
+
+def write_analysis(spec: StudySpec, storage: Path, trials: list[Trial]):
+    """The path-dependence analysis and its report files under `<study dir>/report`."""
+    from stageflow.platform.analysis import Analysis
+    from stageflow.platform.report import study_report
+
+    analysis = Analysis(spec, storage, read_records(storage, trials))
+    return analysis, study_report(analysis, storage / "report")
+
+
+def trainable(config: dict) -> None:
+    """Tune's function trainable: one trial's pipeline, results reported after every stage."""
+    import ray
+    from ray import tune
+
+    from stageflow.platform.pipeline import TrialContext, run_trial
+
+    load_plugins()
+    shared, trial = config["shared"], Trial.from_dict(config["trial"])
+    storage = Path(shared["storage"])
+    record = trial_record(storage, trial.trial_id)
+    if record.is_file():  # finished before an interruption: report, never re-run
+        tune.report(json.loads(record.read_text())["metrics"])
+        return
+    spec = shared["spec"]
+    ctx = TrialContext(
+        spec=spec,
+        storage=storage,
+        base_model=Path(shared["base_model"]),
+        base_key=shared["base_key"],
+        tracker=ray.get_actor(shared["tracker"], namespace=NAMESPACE),
+        study_run_id=shared["study_run_id"],
+        evaluator=ray.get_actor(shared["evaluator"], namespace=NAMESPACE),
+        rollout=ray.get_actor(shared["rollout"], namespace=NAMESPACE)
+        if shared["rollout"]
+        else None,
+    )
+    result = run_trial(ctx, trial, report=tune.report)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, sort_keys=True))
+    tmp.replace(record)
+    tune.report({**result["metrics"], "done": True})
+
+
+def run_study(
+    spec: StudySpec, source: str, resume: bool = False
+) -> list[tuple[Trial, dict[str, float]]]:
+    """Run (or resume) every trial of a validated study; returns (trial, final metrics) pairs."""
+    import ray
+    from ray import tune
+
+    from stageflow.actors.evaluator import Evaluator
+    from stageflow.actors.rollout_service import start_rollout_service
+    from stageflow.platform.progress import ProgressPrinter
+
+    trials = expand(spec)
+    init_ray(spec, source)
+    concurrent = check_fits_cluster(spec, source)
+    storage, base_model = prepare(spec)
+    PrefixCache(storage / "prefixes").clear_claims()  # no trial runs now: every claim is stale
+
+    experiment = spec.tracking.experiment or spec.name
     uri = spec.tracking.uri or default_tracking_uri(storage)
-    tracker = start_tracker(uri, spec.tracking.experiment or spec.name, str(storage / "artifacts"))
-    study_run = ray.get(
+    tracker = start_tracker(uri, experiment, str(storage / "artifacts"))
+    study_run = ray.get(tracker.find_run.remote(kind="study", storage_dir=str(storage))) or ray.get(
         tracker.start_run.remote(
             spec.name,
             tags={"stageflow.kind": "study", "stageflow.storage_dir": storage},
@@ -69,18 +210,89 @@ def run_study(spec: StudySpec, source: str) -> list[tuple[Trial, dict[str, float
         )
     )
     ray.get(tracker.log_text.remote(study_run, spec_to_yaml(spec), "study.yaml"))
-    evaluator = ray.remote(num_cpus=spec.resources.cpus_per_actor)(Evaluator).remote()
-    ctx = TrialContext(
-        spec=spec,
-        storage=storage,
-        base_model=base_model,
-        tracker=tracker,
-        study_run_id=study_run,
-        evaluator=evaluator,
+    # the driver keeps every shared actor's handle: a named actor without one is collected
+    evaluator = ray.remote(num_cpus=0)(Evaluator)
+    evaluator = evaluator.options(
+        name=f"{EVALUATOR_NAME}-{experiment}", namespace=NAMESPACE, get_if_exists=True
+    ).remote()
+    rollout_name = None
+    if needs_rollout(spec):
+        rollout_name = f"stageflow-rollout-{experiment}"
+        service = start_rollout_service(
+            base_model,
+            spec.rollout,
+            spec.resources.device,
+            spec.resources.cpus_per_actor,
+            experiment,
+        )
+        info = ray.get(service.info.remote())
+        ray.get(
+            tracker.set_tags.remote(
+                study_run,
+                {
+                    "stageflow.rollout.backend": info[0].get("backend"),
+                    "stageflow.rollout.workers": len(info),
+                },
+            )
+        )
+
+    shared = {
+        "spec": spec,
+        "storage": str(storage),
+        "base_model": str(base_model),
+        "base_key": model_identity(base_model),
+        "tracker": f"{TRACKER_NAME}-{experiment}",
+        "evaluator": f"{EVALUATOR_NAME}-{experiment}",
+        "rollout": rollout_name,
+        "study_run_id": study_run,
+    }
+    resources = tune.PlacementGroupFactory(trial_cpus(spec))
+    fn = tune.with_resources(tune.with_parameters(trainable_entry, shared=shared), resources)
+    tune_path = storage / TUNE_DIR
+    progress = ProgressPrinter(len(trials))
+    run_config = tune.RunConfig(
+        name=TUNE_DIR,
+        storage_path=str(storage),
+        failure_config=tune.FailureConfig(max_failures=2),
+        callbacks=[progress],
+        verbose=0,
     )
-    results = []
-    for trial in expand(spec):
-        results.append((trial, run_trial(ctx, trial)))
-        print(f"  trial {trial.trial_id}  {trial.ordering}  seed={trial.seed}  done", flush=True)
-    ray.get(tracker.end_run.remote(study_run))
+    if resume and tune.Tuner.can_restore(str(tune_path)):
+        tuner = tune.Tuner.restore(
+            str(tune_path), trainable=fn, resume_errored=True, restart_errored=False
+        )
+    else:
+        tuner = tune.Tuner(
+            fn,
+            param_space={"trial": tune.grid_search([t.to_dict() for t in trials])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=run_config,
+        )
+    tuner.fit()
+    results = read_results(storage, trials)
+    from stageflow.platform.report import trials_table
+
+    table = trials_table(results)
+    ray.get(tracker.log_text.remote(study_run, table + "\n", "results.md"))
+    analysis, files = write_analysis(spec, storage, trials)
+    for name, path in files.items():
+        folder = str(Path("report", name).parent)
+        ray.get(tracker.log_artifact.remote(study_run, str(path), folder))
+    summary = {
+        f"{r['score']}/{r['method']}/{k}": r[k]
+        for r in analysis.summary()
+        for k in ("spread", "seed_std")
+    }
+    ray.get(tracker.log_metrics.remote(study_run, summary))
+    status = "FINISHED" if len(results) == len(trials) else "FAILED"
+    ray.get(tracker.end_run.remote(study_run, status))
+    if len(results) != len(trials):
+        failed = len(trials) - len(results)
+        print(
+            f"{failed} of {len(trials)} trials did not finish; see {tune_path} and `stageflow resume {storage}`"
+        )
     return results
+
+
+def trainable_entry(config: dict, shared: dict) -> None:
+    trainable({**config, "shared": shared})

@@ -20,6 +20,7 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 TRACKER_NAME = "stageflow-tracker"
+NAMESPACE = "stageflow"  # shared actors are named in it, so trials find them from any job
 
 
 def default_tracking_uri(storage_dir: str | Path) -> str:
@@ -133,9 +134,9 @@ def start_tracker(tracking_uri: str, experiment: str, artifact_dir: str | None =
     import ray
 
     actor = ray.remote(num_cpus=0, max_concurrency=1)(Tracker)
-    return actor.options(name=f"{TRACKER_NAME}-{experiment}", get_if_exists=True).remote(
-        tracking_uri, experiment, artifact_dir
-    )
+    return actor.options(
+        name=f"{TRACKER_NAME}-{experiment}", namespace=NAMESPACE, get_if_exists=True
+    ).remote(tracking_uri, experiment, artifact_dir)
 
 
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:

@@ -104,6 +104,7 @@ class _Validator:
                 self.name_in(METRICS, metric, f"{key}.metrics[{i}]")
             self.positive(f"{key}.samples", eval_set.samples)
             self.positive(f"{key}.max_new_tokens", eval_set.max_new_tokens)
+        self.check_analysis()
         self.check_engines()
         self.check_model()
         self.check_storage()
@@ -252,6 +253,34 @@ class _Validator:
             if swept is not self.spec:
                 for name, stage in swept.stages.items():
                     self.check_stage(f"stages.{name}", stage)
+
+    def check_analysis(self) -> None:
+        analysis, sets = self.spec.analysis, self.spec.evaluation.sets
+        named = {
+            "forget_score": analysis.forget_score,
+            **{f"utilities.{k}": v for k, v in analysis.utilities.items()},
+        }
+        for key, metric in named.items():
+            if metric is None:
+                continue
+            set_name, _, metric_name = metric.partition("/")
+            if set_name not in sets or metric_name not in sets[set_name].metrics:
+                self.fail(
+                    f"analysis.{key}",
+                    f"'{metric}' is not computed; expected '<set>/<metric>' of evaluation.sets",
+                )
+        if analysis.forget_quality is not None:
+            chosen = sets.get(analysis.forget_quality)
+            if chosen is None or "truth_ratio" not in chosen.metrics:
+                self.fail(
+                    "analysis.forget_quality",
+                    f"expected an evaluation set with the truth_ratio metric, got '{analysis.forget_quality}'",
+                )
+            if not self.spec.oracle:
+                self.fail(
+                    "analysis.forget_quality",
+                    "forget quality compares with the oracle; expected oracle: true",
+                )
 
     def check_engines(self) -> None:
         spec = self.spec

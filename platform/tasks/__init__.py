@@ -96,4 +96,4 @@ def check_answer(task: str, row: dict, completion: str) -> bool:
 
 
 # The generators register themselves on import.
-from stageflow.platform.tasks import facts, inst, math, refusal  # noqa: E402, F401
+from stageflow.platform.tasks import facts, inst, math, mixture, refusal  # noqa: E402, F401

@@ -1,0 +1,265 @@
+"""One actor group for every role: placement, the torch.distributed handshake, call-and-gather.
+
+`ActorGroup(cls, n)` starts n Ray actors of `cls`, one placement-group bundle per rank (or
+inside the enclosing Tune trial's placement group), optionally wires them up for
+torch.distributed (rank 0 picks a free port; every rank gets MASTER_ADDR, MASTER_PORT, RANK,
+WORLD_SIZE, LOCAL_RANK), and runs a method on every rank (`call`) or on a batch split across
+ranks (`call_split`). Learners and rollout workers are both built on it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+class ActorSetupError(ValueError):
+    """A configuration that cannot start, found before any actor is created (one sentence)."""
+
+
+def available_cpus() -> float:
+    """CPUs new actors can get: the enclosing placement group's, else the whole cluster's."""
+    pg = get_current_placement_group()
+    if pg is not None:
+        # Bundle 0 of a Tune trial's placement group runs the trial itself.
+        return sum(b.get("CPU", 0.0) for b in pg.bundle_specs[1:])
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def check_fits(what: str, ranks: int, cpus_per_actor: float) -> None:
+    """Raise ActorSetupError when `ranks` actors of `cpus_per_actor` CPUs cannot all be placed."""
+    if ranks < 1:
+        raise ActorSetupError(f"{what}: expected at least 1 rank, got {ranks}")
+    have = available_cpus()
+    if ranks * cpus_per_actor > have:
+        raise ActorSetupError(
+            f"{what}: {ranks} ranks x {cpus_per_actor:g} CPUs need {ranks * cpus_per_actor:g} "
+            f"CPUs but the cluster (or trial placement group) has {have:g}"
+        )
+
+
+def split_evenly(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    """Contiguous, nearly equal chunks (sizes differ by at most one; trailing chunks may be empty)."""
+    base, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        chunks.append(list(items[start : start + size]))
+        start += size
+    return chunks
+
+
+def concat(parts: Sequence[Any]) -> Any:
+    """Concatenate per-rank results: lists end to end, dicts of lists key by key."""
+    if parts and isinstance(parts[0], dict):
+        return {k: [item for p in parts for item in p[k]] for k in parts[0]}
+    return [item for p in parts for item in p]
+
+
+def free_address(_actor: Any = None) -> tuple[str, int]:
+    """This process's node address and a free TCP port there (run inside rank 0 via __ray_call__)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def node_address(_actor: Any = None) -> str:
+    """This process's node address (run inside an actor via __ray_call__)."""
+    return ray.util.get_node_ip_address()
+
+
+def _set_env(_actor: Any, env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+class ActorGroup:
+    """N Ray actors of one class, placed together, called together.
+
+    `cls` is a plain class (wrapped with `ray.remote` here). `args`/`kwargs` go to every rank's
+    constructor; `env` is set in each actor process before the class is imported (use it for
+    library switches such as VLLM_* variables). With `distributed=True` the group sets the
+    torch.distributed variables in every rank after start; the class initialises its process
+    group itself (e.g. in a `setup` method). `on_replace(group, rank)` runs after a dead rank was
+    replaced, to restore its state (e.g. reload the latest weights).
+    """
+
+    def __init__(
+        self,
+        cls: type,
+        num_ranks: int,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        distributed: bool = False,
+        env: dict[str, str] | None = None,
+        name: str = "group",
+        on_replace: Callable[[ActorGroup, int], None] | None = None,
+    ):
+        check_fits(name, num_ranks, num_cpus)
+        self.name = name
+        self.num_ranks = num_ranks
+        self.distributed = distributed
+        self.on_replace = on_replace
+        self._args, self._kwargs = tuple(args), dict(kwargs or {})
+        self._num_cpus, self._num_gpus = num_cpus, num_gpus
+        self._env = dict(env or {})
+        self._remote_cls = ray.remote(cls)
+        self._pg, self._owns_pg = self._reserve()
+        self.actors: list[Any] = [self._create(rank) for rank in range(num_ranks)]
+        try:
+            ray.get([a.__ray_ready__.remote() for a in self.actors])
+            if distributed:
+                self._handshake()
+        except Exception:
+            self.shutdown()
+            raise
+
+    # ----- placement -------------------------------------------------------------------------
+    def _reserve(self) -> tuple[PlacementGroup, bool]:
+        """The enclosing trial's placement group, else a new one with one bundle per rank."""
+        current = get_current_placement_group()
+        if current is not None:
+            return current, False
+        bundle: dict[str, float] = {"CPU": self._num_cpus}
+        if self._num_gpus:
+            bundle["GPU"] = self._num_gpus
+        pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
+        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(pg)
+            raise ActorSetupError(
+                f"{self.name}: could not reserve {self.num_ranks} x {bundle} within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s (other actors hold the cluster's resources)"
+            )
+        return pg, True
+
+    def _create(self, rank: int) -> Any:
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self._pg,
+            placement_group_bundle_index=rank if self._owns_pg else -1,
+            placement_group_capture_child_tasks=True,
+        )
+        options: dict[str, Any] = {
+            "num_cpus": self._num_cpus,
+            "num_gpus": self._num_gpus,
+            "scheduling_strategy": strategy,
+            "name": None,
+        }
+        if self._env:
+            options["runtime_env"] = {"env_vars": self._env}
+        return self._remote_cls.options(**options).remote(*self._args, **self._kwargs)
+
+    def _handshake(self) -> None:
+        """Rank 0 reports its address and a free port; every rank gets the torch.distributed env."""
+        addr, port = ray.get(self.actors[0].__ray_call__.remote(free_address))
+        nodes = ray.get([a.__ray_call__.remote(node_address) for a in self.actors])
+        envs = []
+        for rank, node in enumerate(nodes):
+            # Ray gives each GPU actor only its own device, so its local device index is 0.
+            local = 0 if self._num_gpus else nodes[:rank].count(node)
+            envs.append(
+                {
+                    "MASTER_ADDR": addr,
+                    "MASTER_PORT": str(port),
+                    "RANK": str(rank),
+                    "WORLD_SIZE": str(self.num_ranks),
+                    "LOCAL_RANK": str(local),
+                    "LOCAL_WORLD_SIZE": str(nodes.count(node)),
+                }
+            )
+        ray.get([a.__ray_call__.remote(_set_env, e) for a, e in zip(self.actors, envs)])
+
+    # ----- calls -----------------------------------------------------------------------------
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Start `method(*args, **kwargs)` on every rank; one ObjectRef per rank."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run `method` on every rank and gather the results (rank order).
+
+        In a group that is not distributed, a dead rank is replaced and the call retried once.
+        """
+        try:
+            return ray.get(self.call_async(method, *args, **kwargs))
+        except RayActorError:
+            if self.distributed or not self.replace_dead():
+                raise
+            return ray.get(self.call_async(method, *args, **kwargs))
+
+    def call_split(self, method: str, batch: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+        """Split `batch` into one contiguous chunk per rank, run `method(chunk, ...)`, concatenate.
+
+        `method` must return a list with one item per item of its chunk, or a dict of such lists
+        (concatenated key by key).
+        """
+
+        def run() -> Any:
+            chunks = split_evenly(batch, self.num_ranks)
+            refs = [
+                getattr(a, method).remote(c, *args, **kwargs) for a, c in zip(self.actors, chunks)
+            ]
+            return concat(ray.get(refs))
+
+        try:
+            return run()
+        except RayActorError:
+            if self.distributed or not self.replace_dead():
+                raise
+            return run()
+
+    # ----- fault tolerance -------------------------------------------------------------------
+    def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
+        """Ranks whose actor no longer answers."""
+        dead = []
+        for rank, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+            except RayActorError:
+                dead.append(rank)
+        return dead
+
+    def replace_dead(self) -> list[int]:
+        """Recreate every dead rank with the original arguments; returns the replaced ranks.
+
+        A distributed group cannot swap one rank under a live process group: restart it whole.
+        """
+        dead = self.dead_ranks()
+        if dead and self.distributed:
+            raise RuntimeError(
+                f"{self.name}: ranks {dead} died; a distributed group must be restarted as a whole"
+            )
+        for rank in dead:
+            self.actors[rank] = self._create(rank)
+            ray.get(self.actors[rank].__ray_ready__.remote())
+            if self.on_replace is not None:
+                self.on_replace(self, rank)
+        return dead
+
+    def shutdown(self) -> None:
+        """Kill the actors and give back the placement group this group reserved."""
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+        if self._owns_pg:
+            remove_placement_group(self._pg)
+            self._owns_pg = False

@@ -1,0 +1,230 @@
+"""Weight sync learner -> rollout workers, after an optimizer step that needs fresh samples.
+
+`WeightSync(learner, rollout).sync()` picks the transport:
+
+- `shm` (learner rank 0 and every rollout worker on one node): rank 0 copies the gathered weights
+  (ZeRO-3 included) into a shared-memory file it keeps across syncs (a JSON header, then each
+  tensor's raw bytes, 64-byte aligned); each worker's vLLM extension maps the file and hands
+  zero-copy views to vLLM's in-place `reload_weights`. One copy on each side.
+- `object_store` (any placement): rank 0 serialises to safetensors bytes, which go through the Ray
+  object store straight to every worker (never through the driver); vLLM's worker process parses
+  and reloads them. Tensors do not survive `collective_rpc` (they arrive as lists): bytes do.
+- GPU (`NcclWeightSync`): rank 0 and every vLLM worker join one NCCL group (vLLM's
+  StatelessProcessGroup + PyNcclCommunicator); rank 0 broadcasts each tensor into GPU buffers on
+  the vLLM side, which reloads them in place. Needs CUDA on both sides; not exercised on CPU-only
+  machines (its test is marked `gpu`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+import ray
+import torch
+
+from stageflow.actors.group import free_address, node_address
+
+SHM_DIR = "/dev/shm"
+ALIGN = 64
+TRANSPORTS = ("auto", "shm", "object_store")
+_WRITERS: dict[str, torch.Tensor] = {}  # path -> this process's shared mapping of it
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def write_shared_weights(path: str, state: dict[str, torch.Tensor]) -> int:
+    """Copy `state` into the shared-memory file `path` (grown or created as needed); its size."""
+    entries, offset = {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "shape": list(tensor.shape),
+            "offset": offset,
+            "nbytes": nbytes,
+        }
+        offset = _align(offset + nbytes)
+    header = json.dumps(entries).encode()
+    data_start = _align(8 + len(header))
+    total = data_start + offset
+    buf = _WRITERS.get(path)
+    if buf is None or buf.numel() != total:
+        with open(path, "ab"):
+            pass
+        os.truncate(path, total)
+        buf = _WRITERS[path] = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+    buf[:8] = torch.tensor([len(header)], dtype=torch.int64).view(torch.uint8)
+    buf[8 : 8 + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    for name, tensor in state.items():
+        entry = entries[name]
+        start = data_start + entry["offset"]
+        target = buf[start : start + entry["nbytes"]].view(tensor.dtype)
+        target.copy_(tensor.detach().reshape(-1))
+    return total
+
+
+def read_shared_weights(path: str) -> dict[str, torch.Tensor]:
+    """Zero-copy views of the tensors in a file written by `write_shared_weights`."""
+    size = os.path.getsize(path)
+    buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    header_len = int(buf[:8].view(torch.int64))
+    entries = json.loads(bytes(buf[8 : 8 + header_len].tolist()))
+    data_start = _align(8 + header_len)
+    out = {}
+    for name, e in entries.items():
+        start = data_start + e["offset"]
+        dtype = getattr(torch, e["dtype"])
+        out[name] = buf[start : start + e["nbytes"]].view(dtype).view(e["shape"])
+    return out
+
+
+def release_shared_weights(path: str) -> None:
+    """Forget this process's mapping of `path` and delete the file."""
+    _WRITERS.pop(path, None)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+class WeightSync:
+    """Learner -> rollout weight sync, reusing its shared-memory file across syncs.
+
+    transport: `auto` (shm when learner rank 0 and every rollout worker share a node and
+    /dev/shm exists, else object_store), `shm` or `object_store`. `close()` deletes the file.
+    """
+
+    def __init__(self, learner: Any, rollout: Any, transport: str = "auto"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got '{transport}'")
+        self.learner, self.rollout = learner, rollout
+        if transport == "auto":
+            leader = ray.get(learner.group.actors[0].__ray_call__.remote(node_address))
+            nodes = ray.get([w.__ray_call__.remote(node_address) for w in rollout.actors])
+            same_node = all(n == leader for n in nodes)
+            transport = "shm" if same_node and os.path.isdir(SHM_DIR) else "object_store"
+        self.transport = transport
+        self.path = os.path.join(SHM_DIR, f"stageflow-weights-{uuid.uuid4().hex[:12]}")
+
+    def sync(self) -> dict[str, float]:
+        """Copy the learner's current weights into every rollout worker; size and timings."""
+        start = time.perf_counter()
+        if self.transport == "shm":
+            self.learner.group.call("write_shared_weights", self.path)
+            gathered = time.perf_counter()
+            loaded = self.rollout.load_shared_weights(self.path)
+        else:
+            payload = self.learner.weights_payload_ref()
+            gathered = time.perf_counter()
+            loaded = self.rollout.load_weights(payload)
+        done = time.perf_counter()
+        slowest = max(loaded, key=lambda r: r["seconds"])
+        return {
+            "bytes": float(slowest["bytes"]),
+            "tensors": float(slowest["tensors"]),
+            "gather_write_s": gathered - start,  # rank 0: gather (ZeRO-3) + serialise / copy
+            "transfer_reload_s": done - gathered,  # to the workers, into their engines
+            "engine_read_s": slowest.get("parse_s", 0.0),  # in vLLM's worker: bytes -> tensors
+            "engine_reload_s": slowest.get("reload_s", 0.0),  # in vLLM's worker: reload_weights
+            "total_s": done - start,
+        }
+
+    def close(self) -> None:
+        """Delete the shared-memory file (through learner rank 0, which holds its mapping)."""
+        if self.transport == "shm":
+            ray.get(self.learner.group.actors[0].__ray_call__.remote(_release, self.path))
+
+
+def _release(_worker: Any, path: str) -> None:
+    release_shared_weights(path)
+
+
+def sync_weights(learner: Any, rollout: Any, transport: str = "object_store") -> dict[str, float]:
+    """One-off sync; keep a `WeightSync` to reuse its shared-memory file across syncs."""
+    sync = WeightSync(learner, rollout, transport)
+    try:
+        return sync.sync()
+    finally:
+        sync.close()
+
+
+# ----- GPU: NCCL broadcast from learner rank 0 -----------------------------------------------
+def _learner_open(worker: Any, address: str, port: int, world: int) -> None:
+    """Runs in a learner rank: rank 0 joins the broadcast group as NCCL rank 0."""
+    if worker.rank != 0:
+        return
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world)
+    worker._weight_comm = PyNcclCommunicator(group, device=worker.device)
+
+
+def _learner_metadata(worker: Any) -> tuple[list[str], list[str], list[list[int]]] | None:
+    state = worker._gathered_state()
+    if state is None:
+        return None
+    names = list(state)
+    return (
+        names,
+        [str(state[n].dtype).removeprefix("torch.") for n in names],
+        [list(state[n].shape) for n in names],
+    )
+
+
+def _learner_broadcast(worker: Any) -> None:
+    """Runs in every learner rank (ZeRO-3 gathers are collective); rank 0 sends each tensor."""
+    import torch
+
+    state = worker._gathered_state()
+    if state is None:
+        return
+    for tensor in state.values():
+        worker._weight_comm.broadcast(
+            tensor.to(worker.device), src=0, stream=torch.cuda.current_stream()
+        )
+    torch.cuda.synchronize()
+
+
+def _rollout_rpc(worker: Any, method: str, *args: Any) -> Any:
+    """Runs in a rollout actor: call a WeightReloadExtension method in vLLM's worker process."""
+    return worker.llm.collective_rpc(method, args=args)[0]
+
+
+class NcclWeightSync:
+    """Learner rank 0 broadcasts weights to every rollout worker over NCCL (CUDA only)."""
+
+    def __init__(self, learner: Any, rollout: Any):
+        self.learner, self.rollout = learner, rollout
+        leader = learner.group.actors[0]
+        address, port = ray.get(leader.__ray_call__.remote(free_address))
+        world = 1 + len(rollout.actors)
+        refs = [
+            a.__ray_call__.remote(_learner_open, address, port, world) for a in learner.group.actors
+        ]
+        refs += [
+            w.__ray_call__.remote(
+                _rollout_rpc, "init_weight_broadcast", address, port, i + 1, world
+            )
+            for i, w in enumerate(rollout.actors)
+        ]
+        ray.get(refs)
+        metas = ray.get([a.__ray_call__.remote(_learner_metadata) for a in learner.group.actors])
+        self.names, self.dtypes, self.shapes = metas[0]
+
+    def sync(self) -> float:
+        """Broadcast the current weights; returns the seconds it took."""
+        start = time.perf_counter()
+        refs = [a.__ray_call__.remote(_learner_broadcast) for a in self.learner.group.actors]
+        refs += [
+            w.__ray_call__.remote(
+                _rollout_rpc, "receive_broadcast", self.names, self.dtypes, self.shapes
+            )
+            for w in self.rollout.actors
+        ]
+        ray.get(refs)
+        return time.perf_counter() - start

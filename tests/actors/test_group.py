@@ -1,0 +1,122 @@
+"""ActorGroup: placement, the torch.distributed handshake, call / call_split, dead-rank replacement."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray
+from ray import cloudpickle
+
+from stageflow.actors.group import ActorGroup, ActorSetupError, split_evenly
+
+# Ray workers cannot import this test module by name: ship its classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Echo:
+    """A tiny actor class: reports its env and echoes chunks."""
+
+    def __init__(self, tag: str = "x"):
+        self.tag = tag
+
+    def env(self) -> dict:
+        keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        return {k: os.environ.get(k) for k in keys}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def double(self, chunk: list[int]) -> list[int]:
+        return [2 * x for x in chunk]
+
+    def as_dict(self, chunk: list[int]) -> dict:
+        return {"x": chunk, "tag": [self.tag] * len(chunk)}
+
+    def placement(self) -> str | None:
+        pg = ray.util.get_current_placement_group()
+        return None if pg is None else pg.id.hex()
+
+
+def test_split_evenly_keeps_order_and_sizes():
+    assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
+    assert split_evenly([1], 3) == [[1], [], []]
+
+
+def test_distributed_env_and_calls(ray_cluster):
+    group = ActorGroup(Echo, 2, args=("t",), num_cpus=0.5, distributed=True, name="echo")
+    try:
+        envs = group.call("env")
+        assert [e["RANK"] for e in envs] == ["0", "1"]
+        assert {e["WORLD_SIZE"] for e in envs} == {"2"}
+        assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1
+        assert [e["LOCAL_RANK"] for e in envs] == ["0", "1"]
+        assert group.call_split("double", [1, 2, 3, 4, 5]) == [2, 4, 6, 8, 10]
+        assert group.call_split("as_dict", [1, 2, 3]) == {"x": [1, 2, 3], "tag": ["t"] * 3}
+        # a group that reserved its own placement group puts each rank in it
+        assert len(set(group.call("placement"))) == 1
+    finally:
+        group.shutdown()
+
+
+def test_dead_rank_is_replaced(ray_cluster):
+    replaced = []
+    group = ActorGroup(
+        Echo, 2, num_cpus=0.5, name="echo", on_replace=lambda g, rank: replaced.append(rank)
+    )
+    try:
+        old = group.call("pid")
+        ray.kill(group.actors[1])
+        assert group.call_split("double", [1, 2]) == [2, 4]  # retried after replacement
+        new = group.call("pid")
+        assert new[0] == old[0] and new[1] != old[1]
+        assert replaced == [1]
+    finally:
+        group.shutdown()
+
+
+def test_distributed_group_refuses_single_rank_replacement(ray_cluster):
+    group = ActorGroup(Echo, 2, num_cpus=0.5, distributed=True, name="echo")
+    try:
+        ray.kill(group.actors[0])
+        with pytest.raises(RuntimeError, match="restarted as a whole"):
+            group.replace_dead()
+    finally:
+        group.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class _Trial:
+    """Stands in for a Tune trial: it runs in a placement group and builds a group inside it."""
+
+    def run(self) -> tuple[str, list]:
+        group = ActorGroup(Echo, 2, num_cpus=0.5, name="inner")
+        try:
+            return ray.util.get_current_placement_group().id.hex(), group.call("placement")
+        finally:
+            group.shutdown()
+
+
+def test_group_lands_in_enclosing_placement_group(ray_cluster):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}])
+    ray.get(pg.ready())
+    try:
+        trial = _Trial.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            )
+        ).remote()
+        outer, inner = ray.get(trial.run.remote())
+        assert inner == [outer, outer] == [pg.id.hex()] * 2
+    finally:
+        remove_placement_group(pg)
+
+
+def test_more_ranks_than_cpus_fails_before_any_actor(ray_cluster):
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(ActorSetupError, match="CPUs"):
+        ActorGroup(Echo, int(cpus) + 1, num_cpus=1.0, name="learner.ranks")

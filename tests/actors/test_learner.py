@@ -1,0 +1,132 @@
+"""Learner groups: DeepSpeed ranks train together, gather weights, save model directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SFT = {"kind": "sft", "lr": 5e-3, "batch_size": 4, "steps": 8, "max_len": 64}
+
+
+def test_two_ranks_zero2_sft_loss_falls(learner, actor_model_dir, qa_rows):
+    learner.load(actor_model_dir)
+    metrics = learner.train_stage(SFT, qa_rows, seed=0)
+    assert len(metrics) == 8
+    assert set(metrics[0]) >= {"loss", "lr", "grad_norm", "tokens_per_s"}
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0]
+    assert all(m["lr"] == pytest.approx(5e-3) and m["grad_norm"] > 0 for m in metrics)
+
+
+def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
+    learner.load(actor_model_dir)
+    learner.train_stage(SFT, qa_rows, seed=0)
+    before = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    cosine = {**SFT, "kind": "unlearn", "objective": "ga", "lr": 1e-2, "steps": 4}
+    metrics = learner.train_stage({**cosine, "schedule": "cosine", "warmup_steps": 1}, qa_rows)
+    assert [round(m["lr"], 6) for m in metrics] == [0.01, 0.01, 0.0075, 0.0025]
+    after = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    assert after < before  # gradient ascent lowered the forget answers' likelihood
+    npo = learner.train_stage({**cosine, "objective": "npo", "lr": 1e-3, "steps": 2}, qa_rows)
+    assert npo[0]["loss"] == pytest.approx(20 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
+    gd = learner.train_stage({**cosine, "objective": "graddiff", "steps": 2}, qa_rows, retain)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in gd)
+
+
+def test_rl_step_hook(learner, actor_model_dir):
+    learner.load(actor_model_dir)
+    info = learner.begin_stage({"kind": "grpo", "lr": 1e-3, "params": {"beta": 0.01}}, 2)
+    assert info["objective"] == "grpo" and info["beta"] == 0.01
+    samples = [
+        {"prompt_token_ids": [1, 10, 11], "completion_token_ids": [12, 13, 2], "advantage": a}
+        for a in (1.0, -1.0, 0.5)
+    ]
+    old = learner.logprobs(samples)
+    for sample, lp in zip(samples, old):
+        sample["old_logprobs"] = lp
+    metrics = learner.step(samples)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+
+
+def test_save_loads_in_transformers(learner, actor_model_dir, qa_rows, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stageflow.actors.batching import collate_rows
+    from stageflow.platform.models import check_model_dir
+
+    learner.load(actor_model_dir)
+    learner.train_stage({**SFT, "steps": 2}, qa_rows)
+    out = learner.save(tmp_path / "ckpt")
+    assert check_model_dir(out) is None
+    lm = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = collate_rows(tok, qa_rows[:2], 64)
+    with torch.no_grad():
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    token_lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.targets[..., None])[..., 0]
+    expected = [token_lp[i][batch.mask[i].bool()] for i in range(2)]
+    got = learner.logprobs(qa_rows[:2])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.tensor(g), e, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_zero3_state_dict_on_rank0_matches(learner, actor_model_dir, qa_rows):
+    from safetensors.torch import load_file
+
+    from stageflow.actors.learner import LearnerGroup
+
+    base = load_file(actor_model_dir / "model.safetensors")
+    zero3 = LearnerGroup(actor_model_dir, {"ranks": 2, "zero_stage": 3}, device="cpu")
+    try:
+        zero3.train_stage({**SFT, "steps": 1}, qa_rows, seed=1)  # partitions the weights
+        zero3.load(actor_model_dir)
+        zero3.train_stage({**SFT, "steps": 3}, qa_rows, seed=0)
+        state3 = zero3.state_dict()
+    finally:
+        zero3.shutdown()
+    learner.load(actor_model_dir)
+    learner.train_stage({**SFT, "steps": 3}, qa_rows, seed=0)
+    state2 = learner.state_dict()
+    assert set(state3) == set(state2) == set(base)
+    for name in base:
+        assert state3[name].shape == base[name].shape
+        assert not torch.equal(state3[name], base[name]) or "norm" in name
+        torch.testing.assert_close(state3[name], state2[name], atol=1e-5, rtol=1e-4)
+
+
+def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, monkeypatch):
+    import ray
+
+    from stageflow.actors import group as group_module
+    from stageflow.actors.group import ActorSetupError
+    from stageflow.actors.learner import LearnerGroup
+    from stageflow.actors.rollout import RolloutGroup
+    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+
+    def no_actors(*args, **kwargs):
+        raise AssertionError("an actor group was created")
+
+    head16 = build_tiny_model(tmp_path / "head16", TinyModelSpec(hidden_size=64, num_heads=4))
+    monkeypatch.setattr(group_module.ActorGroup, "__init__", no_actors)
+    cases = [
+        (lambda: LearnerGroup(actor_model_dir, {"zero_stage": 4}), "ZeRO stage 4 is out of range"),
+        (
+            lambda: LearnerGroup(
+                actor_model_dir, {"ranks": int(ray.cluster_resources()["CPU"]) + 1}
+            ),
+            "learner.ranks",
+        ),
+        (
+            lambda: LearnerGroup(tmp_path / "missing", {}),
+            "expected an existing local model directory",
+        ),
+        (lambda: RolloutGroup(tmp_path, {}), "config.json"),
+        (lambda: RolloutGroup(head16, {}, device="cpu"), "head sizes"),
+        (lambda: RolloutGroup(actor_model_dir, {"workers": 99}), "rollout.workers"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ActorSetupError, match=message) as err:
+            make()
+        assert isinstance(err.value, ValueError) and "\n" not in str(err.value)

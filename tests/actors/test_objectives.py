@@ -1,0 +1,110 @@
+"""Objective registry metadata and formulas; the learner's log-prob head against transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stageflow.actors import objectives
+from stageflow.actors.objectives import LossInputs
+from stageflow.platform.registry import OBJECTIVES
+
+
+def _inputs(seed: int = 0, ref: bool = True, retain: bool = True) -> LossInputs:
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(3, 7, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    return LossInputs(
+        logprobs=-torch.rand(3, 7, generator=g) * 3,
+        mask=mask,
+        ref_logprobs=-torch.rand(3, 7, generator=g) * 3 if ref else None,
+        retain_logprobs=-torch.rand(2, 5, generator=g) * 3 if retain else None,
+        retain_mask=torch.ones(2, 5) if retain else None,
+    )
+
+
+def test_registry_metadata():
+    expected = {
+        "sft": (("sft",), {}, False),
+        "ga": (("unlearn",), {}, False),
+        "graddiff": (("unlearn",), {"gamma": 1.0, "alpha": 1.0}, False),
+        "npo": (("unlearn",), {"beta": 0.1, "alpha": 0.0}, True),
+        "simnpo": (("unlearn",), {"beta": 4.5, "delta": 0.0, "alpha": 0.0}, False),
+    }
+    for name, (kinds, params, needs_ref) in expected.items():
+        entry = OBJECTIVES[name]
+        assert entry.meta["kinds"] == kinds
+        assert entry.params == params
+        assert entry.meta["needs_ref"] is needs_ref
+        assert entry.fn.__doc__
+
+
+def _seq(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x.logprobs * x.mask).sum(-1), x.mask.sum(-1)
+
+
+def test_formulas_match_references_md():
+    x = _inputs()
+    nll_tok = -(x.logprobs * x.mask).sum() / x.mask.sum()
+    retain_nll = -(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum()
+    seq, length = _seq(x)
+    ref_seq = (x.ref_logprobs * x.mask).sum(-1)
+    torch.testing.assert_close(OBJECTIVES["sft"].fn(x), nll_tok)
+    torch.testing.assert_close(OBJECTIVES["ga"].fn(x), -nll_tok)
+    torch.testing.assert_close(
+        OBJECTIVES["graddiff"].fn(x, gamma=0.5, alpha=2.0), 0.5 * -nll_tok + 2.0 * retain_nll
+    )
+    beta = 0.1
+    npo = (-(2 / beta) * torch.nn.functional.logsigmoid(-beta * (seq - ref_seq))).mean()
+    torch.testing.assert_close(OBJECTIVES["npo"].fn(x, beta=beta, alpha=0.0), npo)
+    torch.testing.assert_close(
+        OBJECTIVES["npo"].fn(x, beta=beta, alpha=0.5), npo + 0.5 * retain_nll
+    )
+    b, d = 4.5, 0.3
+    simnpo = (-(2 / b) * torch.nn.functional.logsigmoid(b * (-seq / length - d))).mean()
+    torch.testing.assert_close(OBJECTIVES["simnpo"].fn(x, beta=b, delta=d), simnpo)
+
+
+def test_npo_at_equal_policies_is_2_log2_over_beta():
+    x = _inputs()
+    x.ref_logprobs = x.logprobs.clone()
+    assert float(OBJECTIVES["npo"].fn(x, beta=0.1)) == pytest.approx(20 * math.log(2), rel=1e-6)
+
+
+def test_missing_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="retain"):
+        OBJECTIVES["graddiff"].fn(_inputs(retain=False))
+    with pytest.raises(ValueError, match="pi_ref"):
+        OBJECTIVES["npo"].fn(_inputs(ref=False))
+    with pytest.raises(ValueError, match="no parameter gamma"):
+        objectives.resolve("npo", {"gamma": 1})
+
+
+def test_resolve_and_needs():
+    entry, params = objectives.resolve("npo", {"beta": 0.5})
+    assert params == {"beta": 0.5, "alpha": 0.0}
+    assert objectives.needs_ref(entry, params) and not objectives.uses_retain(entry, params)
+    entry, params = objectives.resolve("graddiff")
+    assert objectives.uses_retain(entry, params)
+    entry, params = objectives.resolve("grpo", {"beta": 0.01})
+    assert objectives.needs_ref(entry, params)
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_policy_head_matches_transformers_logits(actor_model_dir, impl):
+    from transformers import AutoModelForCausalLM
+
+    from stageflow.actors.batching import collate
+    from stageflow.actors.learner import PolicyModule
+
+    lm = AutoModelForCausalLM.from_pretrained(actor_model_dir)
+    batch = collate([[1, 10, 11, 12, 13, 14], [1, 20, 21]], [2, 2], pad_id=0)
+    with torch.no_grad():
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.targets[..., None])[
+            ..., 0
+        ]
+        got = PolicyModule(lm, impl)(batch.input_ids, batch.attention_mask, batch.mask)
+    torch.testing.assert_close(got, expected * batch.mask, atol=1e-5, rtol=1e-5)

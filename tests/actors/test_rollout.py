@@ -1,0 +1,105 @@
+"""Rollout workers: vLLM generation with log-probs, one engine across stages, dead-worker recovery."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import ray
+import torch
+
+PROMPTS = ["Q1: name? ", "Q2: name? ", "abc"]
+
+
+def test_generate_shapes_and_backend(rollout):
+    out = rollout.generate(PROMPTS, n=2, temperature=1.0, max_tokens=12, seed=3)
+    assert len(out["texts"]) == len(out["token_ids"]) == len(out["logprobs"]) == len(PROMPTS)
+    for texts, ids, lps in zip(out["texts"], out["token_ids"], out["logprobs"]):
+        assert len(texts) == len(ids) == len(lps) == 2
+        for seq, lp in zip(ids, lps):
+            assert 1 <= len(seq) <= 12 and len(lp) == len(seq)
+            assert all(v <= 0.0 for v in lp)
+    info = rollout.info()[0]
+    assert info["backend"] == "vllm" and info["engine"].startswith("vllm")
+    assert info["device"] == "cpu" and info["logprobs_mode"] == "processed_logprobs"
+    # same seed, same samples
+    again = rollout.generate(PROMPTS, n=2, temperature=1.0, max_tokens=12, seed=3)
+    assert again["token_ids"] == out["token_ids"]
+
+
+def _scaled_model(src, dst, scale: float):
+    """A copy of `src` whose weights are multiplied by `scale` (same architecture)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = {k: v * scale for k, v in load_file(src / "model.safetensors").items()}
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_two_stages_reuse_one_engine(rollout, actor_model_dir, tmp_path):
+    before = rollout.info()[0]
+    seq, n_prompt = [1, 30, 31, 32, 33, 34, 35], 2
+    stage_a = _scaled_model(actor_model_dir, tmp_path / "a", 1.1)
+    stage_b = _scaled_model(actor_model_dir, tmp_path / "b", 0.9)
+    scores = []
+    for model_dir in (stage_a, stage_b, actor_model_dir):
+        rollout.load_model(model_dir)
+        rollout.generate(PROMPTS[:1], n=1, max_tokens=4)
+        scores.append(ray.get(rollout.actors[0].score.remote([seq], [n_prompt]))[0])
+    after = rollout.info()[0]
+    assert after["engine_starts"] == before["engine_starts"] == 1
+    assert after["pid"] == before["pid"]
+    assert after["weights_version"] >= before["weights_version"] + 3
+    assert scores[0] != scores[1]  # the weights really changed
+    # back on the base model, vLLM's teacher-forced log-probs match transformers
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(actor_model_dir)
+    with torch.no_grad():
+        logits = lm(torch.tensor([seq])).logits[0, :-1]
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(scores[2]), expected[n_prompt - 1 :], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_with_latest_weights(rollout, actor_model_dir, tmp_path):
+    scaled = _scaled_model(actor_model_dir, tmp_path / "s", 1.2)
+    rollout.load_weights((scaled / "model.safetensors").read_bytes())
+    seq = [1, 40, 41, 42, 43]
+    before = ray.get(rollout.actors[0].score.remote([seq], [2]))[0]
+    old = rollout.info()[0]
+    ray.kill(rollout.actors[0])
+    out = rollout.generate(PROMPTS, n=1, max_tokens=8)  # replaced and retried inside the group
+    assert len(out["token_ids"]) == len(PROMPTS)
+    info = rollout.info()[0]
+    assert info["pid"] != old["pid"] and info["engine_starts"] == 1
+    # the killed actor's engine process does not outlive it
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(old["engine_pid"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not psutil.pid_exists(old["engine_pid"])
+    after = ray.get(rollout.actors[0].score.remote([seq], [2]))[0]
+    torch.testing.assert_close(torch.tensor(after), torch.tensor(before), atol=1e-5, rtol=0)
+    rollout.load_model(actor_model_dir)
+
+
+def test_hf_backend_is_explicit_and_matches_its_logprobs(actor_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from stageflow.actors.rollout import RolloutWorker
+
+    worker = RolloutWorker(actor_model_dir, {"backend": "hf"}, device="cpu")
+    assert worker.info()["backend"] == "hf" and worker.info()["engine"] == "transformers generate"
+    out = worker.generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=6, seed=0)
+    lm = AutoModelForCausalLM.from_pretrained(actor_model_dir)
+    for prompt_ids, samples, lps in zip(out["prompt_token_ids"], out["token_ids"], out["logprobs"]):
+        for seq, lp in zip(samples, lps):
+            ids = torch.tensor([prompt_ids + seq])
+            with torch.no_grad():
+                logits = lm(ids).logits[0, len(prompt_ids) - 1 : -1]
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(lp), expected, atol=1e-4, rtol=0)

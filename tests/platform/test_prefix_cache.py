@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+from stageflow.platform.prefix_cache import PrefixCache, digest, model_identity
+
+
+def finish(cache: PrefixCache, key: str, owner: str) -> bool:
+    """Claim and commit `key`; True when this caller trained it."""
+    claim = cache.acquire(key, owner)
+    if claim is None:
+        return False
+    staging = cache.staging_dir(claim)
+    (staging / "model" / "weights").write_text(owner)
+    time.sleep(0.2)
+    cache.commit(claim, staging, {"key": key, "trial_id": owner})
+    return True
+
+
+def _worker(root: str, key: str, owner: str, out) -> None:
+    out.put((owner, finish(PrefixCache(root, poll_s=0.05), key, owner)))
+
+
+def test_concurrent_claimants_train_a_prefix_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(str(tmp_path), "k1", f"t{i}", out)) for i in range(4)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert sum(trained for _, trained in results) == 1
+    cache = PrefixCache(tmp_path)
+    assert cache.is_done("k1") and len(cache.trained()) == 1
+    winner = next(owner for owner, trained in results if trained)
+    assert (cache.model_dir("k1") / "weights").read_text() == winner
+
+
+def test_a_dead_owners_claim_is_released(tmp_path):
+    cache = PrefixCache(tmp_path, poll_s=0.05)
+    stale = tmp_path / "k2.claim"
+    stale.mkdir()
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    (stale / "owner.json").write_text(
+        json.dumps({"owner": "x", "host": os.uname().nodename, "pid": dead.pid, "time": 0})
+    )
+    assert finish(cache, "k2", "me")
+    assert cache.meta("k2")["trial_id"] == "me"
+
+
+def test_lookup_and_clear(tmp_path):
+    cache = PrefixCache(tmp_path)
+    assert finish(cache, "a", "t") and finish(cache, "b", "t")
+    assert cache.lookup(["a", "b", "c"]) == 2 and cache.lookup(["c", "a"]) == 0
+    (tmp_path / "c.claim").mkdir()
+    assert cache.clear_claims() == 1 and not (tmp_path / "c.claim").exists()
+
+
+def test_model_identity_is_content_not_location(tmp_path, tiny_model_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_identity(copy) == model_identity(tiny_model_dir)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_identity(copy) != model_identity(tiny_model_dir)
+    assert digest(1, "a") == digest(1, "a") != digest(2, "a")

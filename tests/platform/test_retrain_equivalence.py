@@ -1,0 +1,109 @@
+"""The Retrain Equivalence study: its scale-up path, and a reduced version end to end."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from stageflow.platform.cli import main
+from stageflow.platform.expand import expand
+from stageflow.platform.tracking import default_tracking_uri
+from stageflow.platform.validate import load_and_validate
+
+STUDY = Path(__file__).resolve().parents[2] / "studies" / "retrain_equivalence.yaml"
+
+
+def test_design_of_the_paper():
+    spec = load_and_validate(STUDY)
+    trials = expand(spec)
+    paths = {t.path for t in trials if not t.oracle}
+    assert paths == {
+        ("pretrain", "refusal", "inst", "facts", "math"),
+        ("pretrain", "inst", "refusal", "facts", "math"),
+        ("pretrain", "inst", "facts", "refusal", "math"),
+        ("pretrain", "inst", "facts", "math", "refusal"),
+    }
+    assert {t.path for t in trials if t.oracle} == {("pretrain", "inst", "facts", "math")}
+    assert all(t.unlearning == ("ga", "npo", "simnpo") for t in trials if not t.oracle)
+    assert len(spec.seeds) >= 3 and spec.learner.reset_optimizer_per_stage
+
+
+def test_scale_up_expands_into_the_same_trials(tiny_model_dir):
+    gpu = [
+        "model.path=" + str(tiny_model_dir),
+        "resources.device=cuda",
+        "learner.ranks=4",
+        "learner.zero_stage=3",
+        "learner.dtype=bfloat16",
+        "rollout.dtype=bfloat16",
+    ]
+    local, scaled = expand(load_and_validate(STUDY)), expand(load_and_validate(STUDY, gpu))
+    assert [t.trial_id for t in scaled] == [t.trial_id for t in local]
+
+
+REDUCED = [
+    "seeds=[0]",
+    "orderings.insert.positions=[2,5]",
+    "stages.pretrain.steps=4",
+    *[f"stages.{s}.steps=2" for s in ("inst", "facts", "math", "refusal")],
+    *[f"stages.{s}.data.size=16" for s in ("ga", "npo", "simnpo", "refusal")],
+    "stages.pretrain.data.size=64",
+    "evaluation.sets.refusal.max_examples=4",
+    "evaluation.sets.facts.max_examples=8",
+    "evaluation.sets.math.max_examples=4",
+    "evaluation.sets.math.samples=2",
+    "evaluation.sets.math.max_new_tokens=8",
+]
+
+
+@pytest.mark.slow
+def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
+    storage = tmp_path / "re"
+    assert main(["run", str(STUDY), f"storage_dir={storage}", *REDUCED]) == 0
+    report = (storage / "report" / "report.md").read_text()
+    for title in (
+        "Spread of each score across orderings",
+        "forget_score by ordering",
+        "facts_utility by ordering",
+        "math_utility by ordering",
+        "forget_quality by ordering",
+        "Runs these numbers come from",
+    ):
+        assert title in report
+    for method in ("ga", "npo", "simnpo"):
+        assert f"| forget_score | {method}" in report
+    figures = sorted(p.name for p in (storage / "report" / "figures").glob("*.png"))
+    assert "heatmap_forget_score.png" in figures and "unlearning_npo.png" in figures
+    assert any(name.startswith("stages_") for name in figures)
+
+    # every trial run the report names exists in MLflow, and its numbers come from those runs
+    client = MlflowClient(default_tracking_uri(storage))
+    run_ids = re.findall(r"\| ([0-9a-f]{32}) +\|", report)
+    assert len(run_ids) == 3  # two orderings and the oracle
+    runs = {rid: client.get_run(rid) for rid in run_ids}
+    forget_table = report.split("## forget_score by ordering")[1].split("##")[0]
+    for run in runs.values():
+        if run.data.tags["stageflow.oracle"] == "True":
+            continue
+        ordering = run.data.tags["stageflow.ordering"]
+        end = len(ordering.split(">"))
+        before = next(
+            m.value
+            for m in client.get_metric_history(run.info.run_id, "refusal/paraphrase_loglik")
+            if m.step == end
+        )
+        after = client.get_metric_history(run.info.run_id, "ga/refusal/paraphrase_loglik")[-1].value
+        row = next(line for line in forget_table.splitlines() if line.startswith(f"| {ordering} "))
+        assert row.split("|")[2].strip() == f"{before - after:.4g}"
+    study_run = client.search_runs(
+        [client.get_experiment_by_name("retrain_equivalence").experiment_id],
+        "tags.`stageflow.kind` = 'study'",
+    )[0]
+    artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/figures"} <= artifacts
+    assert any(k.startswith("forget_score/ga/spread") for k in study_run.data.metrics)
+    assert main(["report", str(storage)]) == 0
+    assert "Spread of each score across orderings" in capsys.readouterr().out

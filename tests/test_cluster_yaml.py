@@ -1,0 +1,28 @@
+"""cluster.yaml is a valid Ray cluster-launcher config (Ray's own schema)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def test_cluster_yaml_matches_rays_schema():
+    config = yaml.safe_load(CLUSTER.read_text())
+    assert config["provider"]["type"] == "local"
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert any("make setup" in c for c in config["setup_commands"])
+    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+
+
+def test_schema_rejects_a_typo():
+    config = yaml.safe_load(CLUSTER.read_text())
+    config["max_workerz"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(config))
