@@ -1,14 +1,18 @@
-"""Tokenisation and collation shared by learners and rollout workers.
+"""Tokenisation, collation and a stage's batch plan, shared by learners and rollout workers.
 
 A row {"prompt", "answer"} becomes tokenizer(prompt) (with the tokenizer's BOS) followed by
 tokenizer(answer) (no special tokens) and EOS, truncated to `max_len`. Prompt and answer are
 tokenised separately so the loss mask falls exactly on the answer tokens for any tokenizer.
 A `TokenBatch` holds right-padded ids and a mask over the *targets* (ids shifted by one):
-position t of `mask` is 1 when token t+1 is an answer / completion token.
+position t of `mask` is 1 when token t+1 is an answer / completion token. A stage's plan: which
+rows each step trains on (`batch_indices`), how many steps (`stage_steps`), the LR multiplier of
+each step (`lr_multiplier`).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +47,16 @@ def encode_row(tokenizer: Any, prompt: str, answer: str, max_len: int) -> tuple[
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids[:max_len], min(len(prompt_ids), max_len)
+
+
+def encode_item(
+    tokenizer: Any, item: dict[str, Any], max_len: int = 1 << 30
+) -> tuple[list[int], int]:
+    """A `prompt`/`answer` row, or token ids (`prompt_token_ids` + `completion_token_ids`)."""
+    if "prompt_token_ids" in item:
+        prompt = list(item["prompt_token_ids"])
+        return (prompt + list(item["completion_token_ids"]))[:max_len], min(len(prompt), max_len)
+    return encode_row(tokenizer, item["prompt"], item["answer"], max_len)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -91,3 +105,45 @@ def completion_values(per_target: torch.Tensor, batch: TokenBatch) -> list[list[
         start, stop = batch.prompt_lens[i] - 1, batch.lengths[i] - 1
         out.append(per_target[i, start:stop].tolist())
     return out
+
+
+def stage_value(stage: Any, key: str, default: Any = None) -> Any:
+    """A field of a StageSpec given as a dataclass, a dict or an OmegaConf node."""
+    if isinstance(stage, dict):
+        return stage.get(key, default)
+    return getattr(stage, key, default)
+
+
+def lr_multiplier(step: int, total: int, schedule: str, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to 0 at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown schedule '{schedule}'; expected constant, linear or cosine")
+
+
+def batch_indices(n_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices of each step: a fresh seeded permutation per epoch, batches cross epochs."""
+    rng, order, out = random.Random(seed), [], []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            perm = list(range(n_rows))
+            rng.shuffle(perm)
+            order += perm
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def stage_steps(stage: Any, n_rows: int) -> int:
+    """`steps` when given, else ceil(epochs x rows / batch_size) (one epoch by default)."""
+    if stage_value(stage, "steps"):
+        return int(stage_value(stage, "steps"))
+    epochs = stage_value(stage, "epochs") or 1.0
+    return max(1, math.ceil(epochs * n_rows / int(stage_value(stage, "batch_size", 8))))

@@ -25,6 +25,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 PLACEMENT_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 600.0  # a vLLM engine start takes 25-30 s here, more on a busy machine
 
 
 class ActorSetupError(ValueError):
@@ -68,6 +69,11 @@ def concat(parts: Sequence[Any]) -> Any:
     if parts and isinstance(parts[0], dict):
         return {k: [item for p in parts for item in p[k]] for k in parts[0]}
     return [item for p in parts for item in p]
+
+
+def first(parts: Sequence[Any]) -> Any:
+    """Rank 0's result."""
+    return parts[0]
 
 
 def free_address(_actor: Any = None) -> tuple[str, int]:
@@ -124,7 +130,18 @@ class ActorGroup:
         self._pg, self._owns_pg = self._reserve()
         self.actors: list[Any] = [self._create(rank) for rank in range(num_ranks)]
         try:
-            ray.get([a.__ray_ready__.remote() for a in self.actors])
+            ready, pending = ray.wait(
+                [a.__ray_ready__.remote() for a in self.actors],
+                num_returns=num_ranks,
+                timeout=START_TIMEOUT_S,
+            )
+            if pending:
+                raise ActorSetupError(
+                    f"{name}: {len(pending)} of {num_ranks} actors did not start within "
+                    f"{START_TIMEOUT_S:.0f} s (not enough free resources in the cluster or the "
+                    "trial's placement group?)"
+                )
+            ray.get(ready)  # raises the constructor's error, if any
             if distributed:
                 self._handshake()
         except Exception:
@@ -203,11 +220,19 @@ class ActorGroup:
                 raise
             return ray.get(self.call_async(method, *args, **kwargs))
 
-    def call_split(self, method: str, batch: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
-        """Split `batch` into one contiguous chunk per rank, run `method(chunk, ...)`, concatenate.
+    def call_split(
+        self,
+        method: str,
+        batch: Sequence[Any],
+        *args: Any,
+        combine: Callable[[list[Any]], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Split `batch` into one contiguous chunk per rank, run `method(chunk, ...)`, combine.
 
-        `method` must return a list with one item per item of its chunk, or a dict of such lists
-        (concatenated key by key).
+        By default (`concat`) `method` returns a list with one item per item of its chunk, or a
+        dict of such lists; `combine=first` keeps rank 0's result (e.g. metrics of a collective
+        optimizer step).
         """
 
         def run() -> Any:
@@ -215,7 +240,7 @@ class ActorGroup:
             refs = [
                 getattr(a, method).remote(c, *args, **kwargs) for a, c in zip(self.actors, chunks)
             ]
-            return concat(ray.get(refs))
+            return (combine or concat)(ray.get(refs))
 
         try:
             return run()

@@ -12,9 +12,7 @@ log-prob kernel (`kernels: fused|naive`), so the N x V logits are never material
 from __future__ import annotations
 
 import copy
-import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -28,12 +26,16 @@ import torch
 from stageflow.actors import objectives
 from stageflow.actors.batching import (
     TokenBatch,
+    batch_indices,
     collate,
     completion_values,
-    encode_row,
+    encode_item,
+    lr_multiplier,
     place_completion_values,
+    stage_steps,
+    stage_value,
 )
-from stageflow.actors.group import ActorGroup, ActorSetupError, check_fits, split_evenly
+from stageflow.actors.group import ActorGroup, ActorSetupError, check_fits, first
 from stageflow.kernels.logprob import per_token_logprobs
 from stageflow.platform.models import check_model_dir
 
@@ -71,48 +73,6 @@ def check_learner(model_dir: str | Path, options: LearnerOptions, cpus_per_actor
     if options.kernels not in ("fused", "naive"):
         raise ActorSetupError(f"learner.kernels: expected fused or naive, got '{options.kernels}'")
     check_fits("learner.ranks", options.ranks, cpus_per_actor)
-
-
-def stage_value(stage: Any, key: str, default: Any = None) -> Any:
-    """A field of a StageSpec given as a dataclass, a dict or an OmegaConf node."""
-    if isinstance(stage, dict):
-        return stage.get(key, default)
-    return getattr(stage, key, default)
-
-
-def lr_multiplier(step: int, total: int, schedule: str, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to 0 at `total`."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown schedule '{schedule}'; expected constant, linear or cosine")
-
-
-def batch_indices(n_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Row indices of each step: a fresh seeded permutation per epoch, batches cross epochs."""
-    rng, order, out = random.Random(seed), [], []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            perm = list(range(n_rows))
-            rng.shuffle(perm)
-            order += perm
-        out.append(order[:batch_size])
-        order = order[batch_size:]
-    return out
-
-
-def stage_steps(stage: Any, n_rows: int) -> int:
-    """`steps` when given, else ceil(epochs x rows / batch_size) (one epoch by default)."""
-    if stage_value(stage, "steps"):
-        return int(stage_value(stage, "steps"))
-    epochs = stage_value(stage, "epochs") or 1.0
-    return max(1, math.ceil(epochs * n_rows / int(stage_value(stage, "batch_size", 8))))
 
 
 class LogProbHead(torch.nn.Linear):
@@ -202,8 +162,11 @@ class LearnerWorker:
         return self.options.zero_stage == 3
 
     # ----- weights ---------------------------------------------------------------------------
-    def _gathered_state(self, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
-        """The full HF state dict on rank 0 (on every rank when `everywhere`); ZeRO-3 gathers."""
+    def _gathered_state(
+        self, everywhere: bool = False, on_device: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """The full HF state dict on rank 0 (every rank when `everywhere`), on CPU unless
+        `on_device`; ZeRO-3 gathers (a collective: every rank must call it)."""
         import deepspeed
 
         params = list(self.policy.parameters())
@@ -217,9 +180,10 @@ class LearnerWorker:
             if not (everywhere or self.rank == 0):
                 return None
             # ZeRO-3's gathered tensors are freed on leaving the context: copy them; else views.
-            copy_out = gather or self.device.type != "cpu"
+            target = self.device if on_device else torch.device("cpu")
+            copy_out = gather or self.device != target
             state = {
-                k: v.detach().to("cpu", copy=True) if copy_out else v.detach()
+                k: v.detach().to(target, copy=True) if copy_out else v.detach()
                 for k, v in self.policy.lm.state_dict().items()
             }
         if getattr(self.hf_config, "tie_word_embeddings", False):
@@ -351,8 +315,8 @@ class LearnerWorker:
         self._stage = {"entry": entry, "params": params, "step": 0}
         return {"objective": name, **params}
 
-    def _encode_rows(self, rows: list[dict], max_len: int) -> list[tuple[list[int], int]]:
-        return [encode_row(self.tokenizer, r["prompt"], r["answer"], max_len) for r in rows]
+    def _encode(self, items: list[dict], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+        return [encode_item(self.tokenizer, it, max_len) for it in items]
 
     def _batch(self, encoded: list[tuple[list[int], int]]) -> TokenBatch:
         if not encoded:  # a rank with no rows still runs one forward (ZeRO-3 collectives); weight 0
@@ -381,9 +345,13 @@ class LearnerWorker:
         inputs = objectives.LossInputs(logprobs=logprobs[:split], mask=mask[:split], **extra)
         if retain:
             inputs.retain_logprobs, inputs.retain_mask = logprobs[split:], mask[split:]
-        if self.ref is not None and inputs.ref_logprobs is None:
+        if self.ref is not None and inputs.ref_logprobs is None:  # pi_ref: the forget rows only
+            ref_batch = self._batch(encoded) if retain else batch
             with torch.no_grad():
-                inputs.ref_logprobs = self._forward(self.ref, batch)[:split]
+                ref = self._forward(self.ref, ref_batch)
+            inputs.ref_logprobs = torch.nn.functional.pad(
+                ref, (0, logprobs.shape[1] - ref.shape[1])
+            )
         weight = local_n * self.world / max(global_n, 1)
         loss = entry.fn(inputs, **params) * weight
         lr = self.engine.lr_scheduler.get_last_lr()[0]
@@ -429,8 +397,8 @@ class LearnerWorker:
             raise ValueError(
                 f"objective '{entry.name}' weights a retain set but the stage has none"
             )
-        encoded = self._encode_rows(rows, max_len)
-        retain_enc = self._encode_rows(retain_rows, max_len) if use_retain else []
+        encoded = self._encode(rows, max_len)
+        retain_enc = self._encode(retain_rows, max_len) if use_retain else []
         plan = batch_indices(len(rows), batch_size, steps, seed)
         retain_plan = (
             batch_indices(len(retain_enc), batch_size, steps, seed + 1) if use_retain else None
@@ -456,13 +424,7 @@ class LearnerWorker:
         """
         if self._stage is None:
             raise RuntimeError("call begin_stage before step")
-        encoded = [
-            (
-                list(s["prompt_token_ids"]) + list(s["completion_token_ids"]),
-                len(s["prompt_token_ids"]),
-            )
-            for s in samples
-        ]
+        encoded = self._encode(samples)
         batch = self._batch(encoded)
         extra: dict[str, torch.Tensor] = {}
         if samples:
@@ -482,26 +444,23 @@ class LearnerWorker:
         extra = {k: v.to(self.device) for k, v in extra.items()}
         return self._update(encoded, [], len(samples), global_count, extra)
 
-    def logprobs(self, items: list[dict], temperature: float = 1.0) -> list[list[float]]:
-        """Per-token log-probs of each item's answer (`prompt`/`answer`) or completion (token ids)."""
-        encoded = [
-            (
-                list(it["prompt_token_ids"]) + list(it["completion_token_ids"]),
-                len(it["prompt_token_ids"]),
-            )
-            if "prompt_token_ids" in it
-            else encode_row(self.tokenizer, it["prompt"], it["answer"], 1 << 30)
-            for it in items
-        ]
+    def logprobs(
+        self, items: list[dict], temperature: float = 1.0, reference: bool = False
+    ) -> list[list[float]]:
+        """Per-token log-probs of each item's answer (`prompt`/`answer`) or completion (token ids);
+        under pi_ref (taken by `begin_stage`) when `reference`."""
+        encoded = self._encode(items)
         module = self.engine if self.engine is not None else self.policy
+        if reference:
+            if self.ref is None:
+                raise RuntimeError("no pi_ref: the stage's objective does not need one")
+            module = self.ref
         chunks = [
             encoded[i : i + LOGPROB_MICRO_BATCH]
             for i in range(0, len(encoded), LOGPROB_MICRO_BATCH)
         ]
         n_calls = len(chunks)
-        if (
-            self.zero3 and self.engine is not None
-        ):  # every rank must run the same number of forwards
+        if self.zero3 and self.engine is not None:  # ranks must run equally many forwards
             count = torch.tensor([n_calls])
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
             n_calls = int(count)
@@ -565,15 +524,14 @@ class LearnerGroup:
 
     def step(self, samples: list[dict]) -> dict[str, float]:
         """One RL optimizer step over `samples`, split across ranks; rank 0's metrics."""
-        import ray
+        return self.group.call_split("step", list(samples), len(samples), combine=first)
 
-        chunks = split_evenly(samples, self.options.ranks)
-        refs = [a.step.remote(c, len(samples)) for a, c in zip(self.group.actors, chunks)]
-        return ray.get(refs)[0]
-
-    def logprobs(self, items: list[dict], temperature: float = 1.0) -> list[list[float]]:
-        """Per-token log-probs of answers / completions, items split across ranks."""
-        return self.group.call_split("logprobs", list(items), temperature)
+    def logprobs(
+        self, items: list[dict], temperature: float = 1.0, reference: bool = False
+    ) -> list[list[float]]:
+        """Per-token log-probs of answers / completions (under pi_ref when `reference`), items
+        split across ranks."""
+        return self.group.call_split("logprobs", list(items), temperature, reference)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.group.call("state_dict")[0]

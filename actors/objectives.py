@@ -97,18 +97,35 @@ def simnpo(
     return with_retain(losses.simnpo_loss(x.logprobs, x.mask, beta=beta, delta=delta), x, alpha)
 
 
+# Hyper-parameters of the RL loop (stageflow.platform.rl) shared by every `rl_loop` objective:
+# completions per prompt G, sampling, optimizer updates per rollout batch, prompts per step
+# (null: the stage's batch_size), std division of the group advantages (false: "Dr GRPO"),
+# entropy bonus coefficient.
+RL_LOOP_PARAMS: dict[str, Any] = {
+    "group_size": 8,
+    "temperature": 1.0,
+    "max_new_tokens": 32,
+    "updates_per_batch": 1,
+    "prompts_per_step": None,
+    "scale_rewards": True,
+    "entropy_coef": 0.0,
+}
+
+
 @OBJECTIVES.register(
     "grpo",
     kinds=("grpo",),
-    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.0},
+    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.0, **RL_LOOP_PARAMS},
     needs_ref=False,
+    rl_loop=True,
 )
 def grpo(
-    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0
+    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, **loop: Any
 ) -> torch.Tensor:
     """GRPO: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta k3(pi_theta || pi_ref), token mean.
 
-    rho = pi_theta / pi_old per token; the k3 term needs `ref_logprobs` when beta > 0.
+    rho = pi_theta / pi_old per token; the k3 term needs `ref_logprobs` when beta > 0. `loop`:
+    the RL loop's parameters (RL_LOOP_PARAMS), used by stageflow.platform.rl, not by the loss.
     """
     if x.advantages is None:
         raise ValueError("grpo needs per-sequence or per-token advantages")
@@ -138,10 +155,51 @@ def resolve(name: str, overrides: dict[str, Any] | None = None) -> tuple[Entry, 
 
 def needs_ref(entry: Entry, params: dict[str, Any]) -> bool:
     """Whether pi_ref log-probs must be computed (NPO; GRPO with a KL coefficient)."""
-    return bool(entry.meta.get("needs_ref")) or (entry.name == "grpo" and params.get("beta", 0) > 0)
+    rl = entry.meta.get("rl_loop", False)
+    return bool(entry.meta.get("needs_ref")) or (rl and (params.get("beta") or 0) > 0)
 
 
 def uses_retain(entry: Entry, params: dict[str, Any]) -> bool:
     """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
     weight = entry.meta.get("retain_weight")
     return weight is not None and bool(params.get(weight))
+
+
+# ----- RL-based unlearning: the GRPO loop with an unlearning reward (stageflow.platform.rl) ------
+@OBJECTIVES.register(
+    "purge",
+    kinds=("unlearn",),
+    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.04, "forget_terms": None, **RL_LOOP_PARAMS},
+    needs_ref=False,
+    rl_loop=True,
+    default_rewards=lambda p: [
+        {"name": "no_forbidden_terms", "weight": 1.0, "params": {"terms": p["forget_terms"]}}
+    ],
+)
+def purge(
+    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.04, **loop: Any
+) -> torch.Tensor:
+    """PURGE: the GRPO loss on the forget prompts with r = 1[no forget term in the completion].
+
+    `forget_terms` null: the vocabulary is derived from the forget rows' answers.
+    """
+    return grpo(x, eps_low=eps_low, eps_high=eps_high, beta=beta)
+
+
+@OBJECTIVES.register(
+    "rule",
+    kinds=("unlearn",),
+    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.01, "answer_weight": 0.5, **RL_LOOP_PARAMS},
+    needs_ref=False,
+    rl_loop=True,
+    retain_prompts=True,
+    default_rewards=lambda p: [
+        {"name": "refusal_boundary", "weight": 1.0, "params": {"answer_weight": p["answer_weight"]}}
+    ],
+)
+def rule(
+    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.01, **loop: Any
+) -> torch.Tensor:
+    """RULE: the GRPO loss on forget prompts (r = 1[refusal]) and the stage's retain prompts
+    (r = (1 - answer_weight) 1[not refusal] + answer_weight 1[correct])."""
+    return grpo(x, eps_low=eps_low, eps_high=eps_high, beta=beta)

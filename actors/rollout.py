@@ -1,10 +1,10 @@
 """Rollout workers: one vLLM engine per Ray actor, generation with log-probs, in-place weight reload.
 
 The engine is created once per actor and reused across stages and trials: new weights are loaded
-into the running engine through `WeightReloadExtension` (a vLLM worker extension whose methods run
-inside vLLM's worker process via `llm.collective_rpc`). Tensors do not survive collective_rpc (they
-arrive as lists), so weights travel as safetensors bytes. The transformers `generate` backend
-exists only as an explicit choice (`backend: hf`); the worker reports which backend it runs.
+into the running engine through `weight_sync.WeightReloadExtension` (a vLLM worker extension
+whose methods run inside vLLM's worker process via `llm.collective_rpc`). The transformers
+`generate` backend exists only as an explicit choice (`backend: hf`); the worker reports which
+backend it runs (`info()`), so the run can record it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ from stageflow.platform.models import check_model_dir
 # vLLM-CPU attention kernels support only these head sizes (vllm/v1/attention/backends/cpu_attn.py).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 BACKENDS = ("vllm", "hf")
+COMMON_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Phi3ForCausalLM",
+}
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 # Config keys that may differ between two checkpoints served by one engine.
 _NON_ARCH_KEYS = {"torch_dtype", "dtype", "transformers_version", "_name_or_path", "architectures"}
@@ -49,10 +58,13 @@ class RolloutOptions:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'cuda' or 'cpu'; 'auto' picks cuda when a CUDA device is visible."""
+    """'cuda' or 'cpu'; 'auto' picks cuda when the Ray cluster (or this process) has a GPU."""
     if device == "auto":
+        import ray
         import torch
 
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            return "cuda"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ActorSetupError(f"resources.device: expected auto, cpu or cuda, got '{device}'")
@@ -71,6 +83,17 @@ def check_rollout_model(model_dir: str | Path, options: RolloutOptions, device: 
             f"rollout logprobs_mode: expected one of {LOGPROBS_MODES}, got '{options.logprobs_mode}'"
         )
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    if options.backend == "vllm":
+        unknown = [a for a in config.get("architectures") or [] if a not in COMMON_ARCHITECTURES]
+        if unknown:  # importing vLLM's registry costs seconds: only for uncommon architectures
+            from vllm import ModelRegistry
+
+            supported = set(ModelRegistry.get_supported_archs())
+            if not any(a in supported for a in config.get("architectures")):
+                raise ActorSetupError(
+                    f"model directory '{model_dir}': vLLM does not support its architecture "
+                    f"{', '.join(config['architectures'])} (use backend: hf)"
+                )
     if options.backend == "vllm" and device == "cpu":
         hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
         head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
@@ -104,66 +127,6 @@ def _read_weights_bytes(model_dir: str | Path) -> bytes:
     for f in files:
         merged.update(load_file(f))
     return save(merged)
-
-
-class WeightReloadExtension:
-    """Mixed into vLLM's worker (`worker_extension_cls`); its methods run via collective_rpc."""
-
-    def reload_from_bytes(self, payload: bytes) -> dict[str, float]:
-        """Load a safetensors payload into the running model in place; count and timings."""
-        from safetensors.torch import load
-
-        start = time.perf_counter()
-        weights = load(payload)
-        parsed = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
-        return {
-            "tensors": len(weights),
-            "parse_s": parsed - start,
-            "reload_s": time.perf_counter() - parsed,
-        }
-
-    def reload_from_shared(self, path: str) -> dict[str, float]:
-        """Reload from a shared-memory weight file (zero-copy views; see weight_sync)."""
-        from stageflow.actors.weight_sync import read_shared_weights
-
-        start = time.perf_counter()
-        weights = read_shared_weights(path)
-        mapped = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
-        return {
-            "tensors": len(weights),
-            "parse_s": mapped - start,
-            "reload_s": time.perf_counter() - mapped,
-        }
-
-    def process_id(self) -> int:
-        return os.getpid()
-
-    # GPU path (NCCL broadcast from learner rank 0). Needs CUDA; not exercised on CPU machines.
-    def init_weight_broadcast(self, master_address: str, master_port: int, rank: int, world: int):
-        """Join the learner-rooted broadcast group as `rank` (rollout workers take ranks 1..)."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        group = StatelessProcessGroup.create(
-            host=master_address, port=master_port, rank=rank, world_size=world
-        )
-        self._weight_comm = PyNcclCommunicator(group, device=self.device)  # type: ignore[attr-defined]
-
-    def receive_broadcast(
-        self, names: list[str], dtypes: list[str], shapes: list[list[int]]
-    ) -> int:
-        """Receive every tensor broadcast by learner rank 0, then reload them in place."""
-        import torch
-
-        received = []
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)  # type: ignore[attr-defined]
-            self._weight_comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
-            received.append((name, tensor))
-        self.reload_weights(weights_iterator=iter(received))  # type: ignore[attr-defined]
-        return len(received)
 
 
 ENGINE_STARTS = 0  # engines started in this process: a rollout actor should start exactly one
@@ -217,7 +180,7 @@ class RolloutWorker:
                 max_model_len=self.options.max_model_len,
                 gpu_memory_utilization=self.options.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(self.options.kv_cache_gib * 2**30),
-                worker_extension_cls="stageflow.actors.rollout.WeightReloadExtension",
+                worker_extension_cls="stageflow.actors.weight_sync.WeightReloadExtension",
                 logprobs_mode=self.options.logprobs_mode,
                 seed=self.seed,
                 enforce_eager=self.device == "cpu",

@@ -1,6 +1,8 @@
 """Weight sync learner -> rollout workers, after an optimizer step that needs fresh samples.
 
-`WeightSync(learner, rollout).sync()` picks the transport:
+The receiving side is `WeightReloadExtension`, mixed into vLLM's worker process
+(`LLM(worker_extension_cls=...)`) and called through `llm.collective_rpc`; every path ends in
+vLLM's in-place `reload_weights`. `WeightSync(learner, rollout).sync()` picks the transport:
 
 - `shm` (learner rank 0 and every rollout worker on one node): rank 0 copies the gathered weights
   (ZeRO-3 included) into a shared-memory file it keeps across syncs (a JSON header, then each
@@ -89,6 +91,64 @@ def release_shared_weights(path: str) -> None:
     _WRITERS.pop(path, None)
     if os.path.exists(path):
         os.unlink(path)
+
+
+class WeightReloadExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`); its methods run via collective_rpc."""
+
+    def reload_from_bytes(self, payload: bytes) -> dict[str, float]:
+        """Load a safetensors payload into the running model in place; count and timings."""
+        from safetensors.torch import load
+
+        start = time.perf_counter()
+        weights = load(payload)
+        parsed = time.perf_counter()
+        self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
+        return {
+            "tensors": len(weights),
+            "parse_s": parsed - start,
+            "reload_s": time.perf_counter() - parsed,
+        }
+
+    def reload_from_shared(self, path: str) -> dict[str, float]:
+        """Reload from a shared-memory weight file (zero-copy views; see weight_sync)."""
+        start = time.perf_counter()
+        weights = read_shared_weights(path)
+        mapped = time.perf_counter()
+        self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
+        return {
+            "tensors": len(weights),
+            "parse_s": mapped - start,
+            "reload_s": time.perf_counter() - mapped,
+        }
+
+    def process_id(self) -> int:
+        return os.getpid()
+
+    # GPU path (NCCL broadcast from learner rank 0). Needs CUDA; not exercised on CPU machines.
+    def init_weight_broadcast(self, master_address: str, master_port: int, rank: int, world: int):
+        """Join the learner-rooted broadcast group as `rank` (rollout workers take ranks 1..)."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(
+            host=master_address, port=master_port, rank=rank, world_size=world
+        )
+        self._weight_comm = PyNcclCommunicator(group, device=self.device)  # type: ignore[attr-defined]
+
+    def receive_broadcast(
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]]
+    ) -> int:
+        """Receive every tensor broadcast by learner rank 0, then reload them in place."""
+        import torch
+
+        received = []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)  # type: ignore[attr-defined]
+            self._weight_comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+            received.append((name, tensor))
+        self.reload_weights(weights_iterator=iter(received))  # type: ignore[attr-defined]
+        return len(received)
 
 
 class WeightSync:
@@ -180,13 +240,11 @@ def _learner_broadcast(worker: Any) -> None:
     """Runs in every learner rank (ZeRO-3 gathers are collective); rank 0 sends each tensor."""
     import torch
 
-    state = worker._gathered_state()
+    state = worker._gathered_state(on_device=True)
     if state is None:
         return
     for tensor in state.values():
-        worker._weight_comm.broadcast(
-            tensor.to(worker.device), src=0, stream=torch.cuda.current_stream()
-        )
+        worker._weight_comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
     torch.cuda.synchronize()
 
 

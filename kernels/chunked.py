@@ -18,9 +18,9 @@ import torch
 from stageflow.kernels.token_logprobs import TokenLogProbs, check_inputs, result_dtype
 
 # Logits elements per [token chunk, vocab block] buffer when the caller gives no chunk size:
-# 2**22 fp32 = 16 MiB, big enough for efficient matmuls, small enough to stay in cache-sized
-# pieces. See benchmarks/results/fused_logprob.md for the measurements behind the numbers.
-DEFAULT_CHUNK_ELEMENTS = 2**22
+# 2**25 fp32 = 128 MiB (1024 tokens x 32768 vocab). Smaller chunks make the matmuls slower on
+# CPU (see the chunk-size table of benchmarks/results/fused_logprob.md).
+DEFAULT_CHUNK_ELEMENTS = 2**25
 DEFAULT_VOCAB_BLOCK = 32768
 
 
@@ -124,10 +124,10 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             if precompute_dh:
                 mean_w[s:e] = run_w / run_sum
         logprobs = selected - lse
-        # The buffer still holds the last chunk's exp(z - m) (z - m with the entropy): the
-        # backward starts with that chunk and skips its recompute. A plain ctx attribute, not a
-        # saved tensor, because the backward overwrites it (a second backward recomputes).
-        keep_last = keep_last and vocab <= vocab_block and hidden.dtype == cdtype and n > 0
+        # The buffer still holds the last block of the last chunk as exp(z - m) (z - m with the
+        # entropy), m the final max: the backward starts there and skips that recompute. A plain
+        # ctx attribute, not a saved tensor: the backward overwrites it (a second one recomputes).
+        keep_last = keep_last and hidden.dtype == cdtype and n > 0
         ctx.kept = (buf, run_sum.log()) if keep_last else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, mean_w)
         ctx.temperature = temperature
@@ -170,6 +170,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         buf = kept[0] if kept is not None else hidden.new_empty(buf_size, dtype=cdtype)
         buf_p = hidden.new_empty(buf_size if use_ent else 0, dtype=cdtype)
         last_s = (n - 1) // token_chunk * token_chunk
+        last_v0 = (vocab - 1) // vocab_block * vocab_block
         for s in reversed(range(0, n, token_chunk)):  # the last chunk first (see `kept`)
             e = min(s + token_chunk, n)
             h_raw = hidden[s:e]
@@ -182,12 +183,12 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 r = -g_c
             rh = (r * h_raw).to(hidden.dtype) if (need_w or need_b) else None
             dh_acc = None
-            for v0 in range(0, vocab, vocab_block):
+            for v0 in reversed(range(0, vocab, vocab_block)):
                 v1 = min(v0 + vocab_block, vocab)
                 b_v = None if bias_scaled is None else bias_scaled[v0:v1]
                 is_p = False
-                if kept is not None and s == last_s:  # no recompute: log s from the forward
-                    mat = buf[: (e - s) * vocab].view(e - s, vocab)
+                if kept is not None and s == last_s and v0 == last_v0:  # kept: no recompute
+                    mat = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                     if ctx.with_entropy:
                         mat.sub_(kept[1])  # z - m - log s = log p
                     else:

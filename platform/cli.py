@@ -113,10 +113,19 @@ def run_and_summarise(spec, source: str, resume: bool) -> int:
     results = run_study(spec, source, resume=resume)
     storage = default_storage_dir(spec).absolute()
     print("\n" + trials_table(results) + "\n")
+    report = storage / "report" / "report.md"
+    if spec.unlearning and report.is_file():
+        print(report_summary(report) + "\n")
+        print(f"report:     {report} (and report.html)")
     print(f"study dir:  {storage}")
     print(f"MLflow:     {spec.tracking.uri or default_tracking_uri(storage)}")
     print(f"UI:         stageflow ui {storage}   (or: make ui)")
     return 0 if len(results) == len(expand(spec)) else 1
+
+
+def report_summary(report) -> str:
+    """The report's first table: each score's spread across orderings against seed noise."""
+    return "\n".join(report.read_text().split("## ")[1].splitlines()[1:]).strip()
 
 
 def load_study_dir(study_dir: str):
@@ -169,8 +178,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from stageflow.platform.submit import submit_study
     from stageflow.platform.validate import load_and_validate
 
-    load_and_validate(args.study, args.overrides)
-    job_id = submit_study(args.address, args.study, args.overrides)
+    spec = load_and_validate(args.study, args.overrides)
+    job_id = submit_study(args.address, args.study, args.overrides, spec)
     print(f"submitted {args.study} as Ray job {job_id}")
     print(f"follow it:  ray job logs --address {args.address} --follow {job_id}")
     return 0

@@ -18,6 +18,8 @@ from stageflow.actors.evaluator import EvalJob
 from stageflow.platform.config import StageSpec, StudySpec
 from stageflow.platform.expand import Trial, trial_spec
 from stageflow.platform.prefix_cache import PrefixCache, digest
+from stageflow.platform.rl import rl_summary as summarize_rl
+from stageflow.platform.rl import run_rl_stage, runs_rl_loop, stage_reward_range
 from stageflow.platform.tasks import materialize, read_jsonl
 
 
@@ -191,6 +193,7 @@ class TrialRunner:
         metrics = (
             self._evaluate_once(key, model_dir) if self.spec.evaluation.after_every_stage else {}
         )
+        metrics.update(meta.get("rl_summary") or {})  # an RL stage's stability, "rl/..."
         if claim is not None:
             self.call("log_metrics", meta["stage_run_id"], metrics, index)
             self.call("end_run", meta["stage_run_id"])
@@ -239,7 +242,20 @@ class TrialRunner:
             self.learner.load(parent_dir)
         rows = ctx.rows(stage.data)
         retain = ctx.rows(stage.retain) if stage.retain is not None else None
-        steps = self.learner.train_stage(stage, rows, retain, seed=stage_seed(key))
+        rl_summary = None
+        if runs_rl_loop(stage):  # GRPO and RL unlearning: sampled through the rollout service
+            steps = run_rl_stage(
+                self.learner,
+                ctx.rollout,
+                stage,
+                rows,
+                retain,
+                seed=stage_seed(key),
+                owner=self.trial.trial_id,
+            )
+            rl_summary = summarize_rl(steps, stage_reward_range(stage))
+        else:
+            steps = self.learner.train_stage(stage, rows, retain, seed=stage_seed(key))
         self.learner_key = key
         staging = self.cache.staging_dir(claim)
         self.learner.save(staging / "model")
@@ -253,6 +269,8 @@ class TrialRunner:
             "stage_run_id": run_id,
             "step_metrics": steps,
         }
+        if rl_summary is not None:
+            meta["rl_summary"] = rl_summary
         self.cache.commit(claim, staging, meta)
         return meta
 

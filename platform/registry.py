@@ -86,6 +86,7 @@ PLUGIN_MODULES = [
     "stageflow.platform.tasks",
     "stageflow.actors.metrics",
     "stageflow.actors.objectives",
+    "stageflow.actors.rewards",
 ]
 
 

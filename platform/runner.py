@@ -34,7 +34,9 @@ def needs_rollout(spec: StudySpec) -> bool:
         for s in spec.evaluation.sets.values()
         for m in s.metrics
     )
-    return generation or any(s.kind == "grpo" for s in spec.stages.values())
+    from stageflow.platform.rl import runs_rl_loop
+
+    return generation or any(s.kind == "grpo" or runs_rl_loop(s) for s in spec.stages.values())
 
 
 def trial_cpus(spec: StudySpec) -> list[dict[str, float]]:

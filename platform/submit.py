@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
+from stageflow.platform.config import StudySpec
 from stageflow.platform.study_file import StudyError
 
+AGENT_RETRIES = 24
+AGENT_RETRIES = 24
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", "build", "dist"]
 
 
-def submit_study(address: str, study: str, overrides: list[str]) -> str:
-    """Submit `stageflow run STUDY [overrides]`; returns the Ray job id."""
+def submit_study(address: str, study: str, overrides: list[str], spec: StudySpec) -> str:
+    """Submit `stageflow run STUDY [overrides]` as a Ray job; returns the job id."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     study_path = Path(study).absolute()
@@ -19,19 +24,37 @@ def submit_study(address: str, study: str, overrides: list[str]) -> str:
         raise StudyError(
             study,
             "study",
-            "expected a study file inside the current directory (it is the job's working dir)",
+            "expected a study file inside the current directory (it becomes the job's working dir)",
+        )
+    if not spec.storage_dir or not Path(spec.storage_dir).is_absolute():
+        raise StudyError(
+            study,
+            "storage_dir",
+            "a study run on a cluster needs an absolute storage_dir on a filesystem every node shares (e.g. storage_dir=/shared/runs/NAME)",
         )
     try:
         client = JobSubmissionClient(address)
+    except AuthenticationError:
+        raise StudyError(
+            "--address",
+            address,
+            "the cluster asks for a Ray auth token; expected RAY_AUTH_MODE=token with the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token",
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise StudyError(
             "--address",
             address,
             f"no Ray job server answers there ({str(err).splitlines()[0]}); expected http://HEAD:8265 of a running cluster",
         ) from None
-    entrypoint = shlex.join(
-        ["stageflow", "run", str(study_path.relative_to(Path.cwd())), *overrides]
-    )
-    return client.submit_job(
-        entrypoint=entrypoint, runtime_env={"working_dir": ".", "excludes": EXCLUDES}
-    )
+    relative = str(study_path.relative_to(Path.cwd()))
+    entrypoint = shlex.join(["python", "-m", "stageflow.platform.cli", "run", relative, *overrides])
+    for attempt in range(AGENT_RETRIES):
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint, runtime_env={"working_dir": ".", "excludes": EXCLUDES}
+            )
+        except RuntimeError as err:  # a head that just started has no job agent yet
+            if "No available agent" not in str(err) or attempt == AGENT_RETRIES - 1:
+                raise
+            time.sleep(5)
+    raise AssertionError("unreachable")

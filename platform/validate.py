@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from stageflow.actors.rewards import RewardConfigError, check_rewards
 from stageflow.platform.config import DataSpec, StageSpec, StudySpec
 from stageflow.platform.expand import apply_hparams, grid_points, parse_path
 from stageflow.platform.models import check_model_dir
@@ -21,6 +22,7 @@ from stageflow.platform.registry import (
     REWARDS,
     STAGE_KINDS,
     TASKS,
+    Entry,
     Registry,
     closest,
     load_plugins,
@@ -144,6 +146,7 @@ class _Validator:
                 self.fail(f"{key}.params.{param}", f"unknown parameter; {expected}")
         for i, reward in enumerate(stage.rewards):
             self.name_in(REWARDS, reward.name, f"{key}.rewards[{i}].name")
+        self.check_rl(key, stage, objective, entry)
         self.check_data(f"{key}.data", stage.data)
         if stage.retain is not None:
             self.check_data(f"{key}.retain", stage.retain)
@@ -159,6 +162,41 @@ class _Validator:
             self.fail(
                 f"{key}.schedule",
                 f"unknown schedule '{stage.schedule}'; expected one of {', '.join(SCHEDULES)}",
+            )
+
+    def check_rl(self, key: str, stage: StageSpec, objective: str, entry: Entry) -> None:
+        """An RL stage's rewards (parameters, gate thresholds) and its loop settings."""
+        try:
+            check_rewards(stage.rewards)
+        except RewardConfigError as err:
+            self.fail(f"{key}.{err.key}", err.problem)
+        if not entry.meta.get("rl_loop"):
+            if stage.rewards:
+                self.fail(
+                    f"{key}.rewards",
+                    f"objective '{objective}' does not use rewards; expected none (rewards drive RL objectives: {', '.join(n for n in OBJECTIVES.names() if OBJECTIVES[n].meta.get('rl_loop'))})",
+                )
+            return
+        if not stage.rewards and "default_rewards" not in entry.meta:
+            self.fail(
+                f"{key}.rewards",
+                f"a {stage.kind} stage needs at least one reward; expected a list of {{name, weight, params}} naming {', '.join(REWARDS.names())}",
+            )
+        params = {**entry.params, **stage.params}
+        group = params["group_size"]
+        if isinstance(group, bool) or not isinstance(group, int) or group < 2:
+            self.fail(
+                f"{key}.params.group_size",
+                f"GRPO compares completions of one prompt with each other; expected a group size of at least 2, got {group}",
+            )
+        for name in ("max_new_tokens", "updates_per_batch", "prompts_per_step", "temperature"):
+            self.positive(f"{key}.params.{name}", params[name])
+        for name in ("beta", "eps_low", "eps_high", "entropy_coef"):
+            self.positive(f"{key}.params.{name}", params[name], allow_zero=True)
+        if entry.meta.get("retain_prompts") and stage.retain is None:
+            self.fail(
+                f"{key}.retain",
+                f"objective '{objective}' also rewards answers on retain (boundary) prompts; expected a retain data set",
             )
 
     def check_data(self, key: str, data: DataSpec) -> None:

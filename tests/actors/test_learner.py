@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -32,6 +34,9 @@ def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
     retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
     gd = learner.train_stage({**cosine, "objective": "graddiff", "steps": 2}, qa_rows, retain)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in gd)
+    npo_retain = {**cosine, "objective": "npo", "lr": 1e-3, "steps": 1, "params": {"alpha": 1.0}}
+    first = learner.train_stage(npo_retain, qa_rows, retain)[0]["loss"]
+    assert first > 20 * torch.log(torch.tensor(2.0)).item()  # NPO at pi = pi_ref, plus NLL_r
 
 
 def test_rl_step_hook(learner, actor_model_dir):
@@ -43,10 +48,15 @@ def test_rl_step_hook(learner, actor_model_dir):
         for a in (1.0, -1.0, 0.5)
     ]
     old = learner.logprobs(samples)
+    ref = learner.logprobs(samples, reference=True)
+    for r, o in zip(ref, old):  # pi_ref is the policy at stage start
+        torch.testing.assert_close(torch.tensor(r), torch.tensor(o), atol=1e-6, rtol=0)
     for sample, lp in zip(samples, old):
         sample["old_logprobs"] = lp
     metrics = learner.step(samples)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+    assert learner.logprobs(samples, reference=True) == ref  # frozen
+    assert learner.logprobs(samples) != old
 
 
 def test_save_loads_in_transformers(learner, actor_model_dir, qa_rows, tmp_path):
@@ -109,6 +119,9 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
         raise AssertionError("an actor group was created")
 
     head16 = build_tiny_model(tmp_path / "head16", TinyModelSpec(hidden_size=64, num_heads=4))
+    alien = build_tiny_model(tmp_path / "alien", TinyModelSpec(hidden_size=64, num_heads=2))
+    config = json.loads((alien / "config.json").read_text())
+    (alien / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchLM"]}))
     monkeypatch.setattr(group_module.ActorGroup, "__init__", no_actors)
     cases = [
         (lambda: LearnerGroup(actor_model_dir, {"zero_stage": 4}), "ZeRO stage 4 is out of range"),
@@ -124,6 +137,7 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
         ),
         (lambda: RolloutGroup(tmp_path, {}), "config.json"),
         (lambda: RolloutGroup(head16, {}, device="cpu"), "head sizes"),
+        (lambda: RolloutGroup(alien, {}, device="cpu"), "does not support its architecture"),
         (lambda: RolloutGroup(actor_model_dir, {"workers": 99}), "rollout.workers"),
     ]
     for make, message in cases:

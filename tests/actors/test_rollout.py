@@ -40,11 +40,13 @@ def _scaled_model(src, dst, scale: float):
     return dst
 
 
-def test_two_stages_reuse_one_engine(rollout, actor_model_dir, tmp_path):
+def test_two_stages_reuse_one_engine(rollout, learner, actor_model_dir, qa_rows, tmp_path):
     before = rollout.info()[0]
     seq, n_prompt = [1, 30, 31, 32, 33, 34, 35], 2
     stage_a = _scaled_model(actor_model_dir, tmp_path / "a", 1.1)
-    stage_b = _scaled_model(actor_model_dir, tmp_path / "b", 0.9)
+    learner.load(actor_model_dir)  # stage b: a checkpoint the learner wrote after training
+    learner.train_stage({"kind": "sft", "lr": 1e-2, "batch_size": 4, "steps": 2}, qa_rows)
+    stage_b = learner.save(tmp_path / "b")
     scores = []
     for model_dir in (stage_a, stage_b, actor_model_dir):
         rollout.load_model(model_dir)

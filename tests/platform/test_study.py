@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,3 +238,99 @@ def test_resources_that_cannot_fit(tmp_path, ray_cluster, capsys):
         and "expected fewer ranks or a larger cluster" in err
     )
     assert not (tmp_path / "toobig").exists()
+
+
+@pytest.mark.slow
+def test_submit_runs_the_study_as_a_ray_job(tmp_path):
+    """A real Ray head with its job server on loopback; the study runs as a Ray job."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="sfray")  # short: Ray's unix socket paths must fit 107 bytes
+    import secrets
+
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, **auth}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    gcs, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=(tmp_path / "head.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        job_dir = tmp_path / "job"
+        storage = tmp_path / "submitted"
+        short_study(job_dir.parent, "job_study", ["a", "b"])
+        job_dir.mkdir()
+        (tmp_path / "job_study.yaml").rename(job_dir / "study.yaml")
+        address = f"http://127.0.0.1:{dashboard}"
+        os.environ.update(auth)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                time.sleep(2)
+        cli = [
+            sys.executable,
+            "-m",
+            "stageflow.platform.cli",
+            "submit",
+            "study.yaml",
+            f"storage_dir={storage}",
+            "--address",
+            address,
+        ]
+        done = subprocess.run(
+            cli, cwd=job_dir, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        job_id = done.stdout.split("Ray job ")[1].split()[0]
+        client = JobSubmissionClient(address)
+        deadline = time.time() + 600
+        while (
+            client.get_job_status(job_id)
+            not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+            and time.time() < deadline
+        ):
+            time.sleep(2)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[
+            -3000:
+        ]
+        assert len(list((storage / "trials").glob("*.json"))) == 2
+    finally:
+        for key in auth:
+            os.environ.pop(key, None)
+        os.killpg(
+            head.pid, signal.SIGTERM
+        )  # this head only: never `ray stop`, which ends every Ray
+        head.wait(timeout=60)
+
+
+def test_submit_needs_an_absolute_storage_dir(capsys):
+    assert main(["submit", "studies/quickstart.yaml", "--address", "http://127.0.0.1:9"]) == 2
+    assert (
+        "storage_dir: a study run on a cluster needs an absolute storage_dir"
+        in capsys.readouterr().err
+    )

@@ -1,0 +1,366 @@
+"""Rewards for RL stages, registered by name in `REWARDS` (what a stage's `rewards:` lists).
+
+A reward is a function of one sampled completion (`Sample`: its text, its prompt's row, the
+row's task, whether the prompt came from the stage's `data` or its `retain` set) and its
+parameters, returning a float. Registry metadata: `params` (parameters with defaults),
+`range` ((low, high), or a function of the parameters), optional `prepare` (fills parameters
+derived from the stage's rows) and `check` (problems with parameter values, for validation).
+A stage's reward is R = sum_i weight_i * r_i over its list (`StageReward`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, is_dataclass
+from typing import Any
+
+from stageflow.platform.registry import REWARDS, closest
+from stageflow.platform.tasks import check_answer
+from stageflow.platform.tasks.math import extract_answer
+from stageflow.platform.tasks.refusal import is_refusal
+
+Range = tuple[float, float]
+SPEC_KEYS = ("name", "weight", "params")
+STOPWORDS = {
+    "about", "after", "answer", "been", "does", "from", "have", "into", "like", "more",
+    "that", "than", "them", "then", "there", "they", "this", "were", "what", "when",
+    "where", "which", "will", "with", "your",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled completion as rewards see it. `role`: "data" (the stage's data, e.g. the
+    forget set of an unlearn stage) or "retain" (its retain / boundary prompts)."""
+
+    completion: str
+    row: dict[str, Any]
+    task: str | None = None
+    role: str = "data"
+    num_tokens: int | None = None
+
+    @property
+    def row_task(self) -> str | None:
+        return self.row.get("task") or self.task
+
+
+class RewardConfigError(ValueError):
+    """A reward list that cannot work: `key` (relative to the stage) and one-sentence `problem`."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def as_spec(spec: Any) -> tuple[str, float, dict[str, Any]]:
+    """(name, weight, params) of a RewardSpec, a dict or an OmegaConf node."""
+    if is_dataclass(spec):
+        return spec.name, float(spec.weight), dict(spec.params or {})
+    spec = dict(spec)
+    return spec["name"], float(spec.get("weight", 1.0)), dict(spec.get("params") or {})
+
+
+def resolve_params(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reward's declared defaults updated by `params` (unknown names raise ValueError)."""
+    entry = REWARDS[name]
+    unknown = sorted(set(params or {}) - set(entry.params))
+    if unknown:
+        raise ValueError(f"reward '{name}' has no parameter {', '.join(unknown)}")
+    return {**entry.params, **(params or {})}
+
+
+def reward_range(name: str, params: dict[str, Any] | None = None) -> Range:
+    """(low, high) of reward `name` with `params`."""
+    declared = REWARDS[name].meta["range"]
+    return declared(resolve_params(name, params)) if callable(declared) else tuple(declared)
+
+
+def weighted_range(specs: Sequence[Any]) -> Range:
+    """Range of sum_i w_i r_i."""
+    low = high = 0.0
+    for spec in specs:
+        name, weight, params = as_spec(spec)
+        a, b = (weight * v for v in reward_range(name, params))
+        low, high = low + min(a, b), high + max(a, b)
+    return low, high
+
+
+def score(spec: Any, x: Sample) -> float:
+    """The unweighted value of one reward spec on `x`."""
+    name, _, params = as_spec(spec)
+    return float(REWARDS[name].fn(x, **resolve_params(name, params)))
+
+
+def prepare(spec: Any, rows: Sequence[dict]) -> dict[str, Any]:
+    """The spec as a dict with parameters derived from the stage's rows filled in."""
+    name, weight, params = as_spec(spec)
+    params = resolve_params(name, params)
+    hook = REWARDS[name].meta.get("prepare")
+    return {"name": name, "weight": weight, "params": hook(params, rows) if hook else params}
+
+
+class StageReward:
+    """R = sum_i weight_i * r_i over a stage's reward specs; also each term, for metrics."""
+
+    def __init__(self, specs: Sequence[Any], rows: Sequence[dict] = ()):
+        if not specs:
+            raise ValueError("an RL stage needs at least one reward")
+        self.specs = [prepare(s, rows) for s in specs]
+        self.range = weighted_range(self.specs)
+        names = [s["name"] for s in self.specs]
+        self.names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+    def __call__(self, x: Sample) -> tuple[float, dict[str, float]]:
+        """(R, {reward name: unweighted value}); a gated reward also reports each level's
+        ungated value as "<name>.<level>" (e.g. the outcome's accuracy)."""
+        terms = {n: score(s, x) for n, s in zip(self.names, self.specs)}
+        total = sum(s["weight"] * terms[n] for n, s in zip(self.names, self.specs))
+        for n, s in zip(self.names, self.specs):
+            if s["name"] == "gated":
+                levels = s["params"]["levels"]
+                names = [lv["name"] for lv in levels]
+                for i, level in enumerate(levels):
+                    label = (
+                        level["name"] if names.count(level["name"]) == 1 else f"{level['name']}{i}"
+                    )
+                    terms[f"{n}.{label}"] = score({k: level[k] for k in SPEC_KEYS}, x)
+        return total, terms
+
+
+# ----- the rewards ------------------------------------------------------------------------------
+@REWARDS.register("math_correct", params={}, range=(0.0, 1.0))
+def math_correct(x: Sample) -> float:
+    """r = 1[extract_answer(y) == target]: the rule-checked integer answer (else the row's task rule)."""
+    if "target" in x.row:
+        return float(extract_answer(x.completion) == x.row["target"])
+    if x.row_task is None:
+        raise ValueError("math_correct needs rows with a 'target' or a task with an answer checker")
+    return float(check_answer(x.row_task, x.row, x.completion))
+
+
+def _pattern_problem(params: dict[str, Any]) -> tuple[str, str] | None:
+    try:
+        re.compile(params["pattern"])
+    except (re.error, TypeError) as err:
+        return "pattern", f"'{params['pattern']}' is not a regular expression ({err})"
+    return None
+
+
+@REWARDS.register(
+    "format", params={"pattern": r"The answer is -?\d+\."}, range=(0.0, 1.0), check=_pattern_problem
+)
+def answer_format(x: Sample, pattern: str = r"The answer is -?\d+\.") -> float:
+    """r = 1[the completion contains a match of `pattern`] (default: "The answer is N.")."""
+    return float(re.search(pattern, x.completion) is not None)
+
+
+@REWARDS.register(
+    "length",
+    params={"free_tokens": 24, "coef": 0.02, "cap": 1.0},
+    range=lambda p: (-abs(p["cap"]), 0.0),
+)
+def length(x: Sample, free_tokens: int = 24, coef: float = 0.02, cap: float = 1.0) -> float:
+    """r = -min(cap, coef * max(0, |y| - free_tokens)), |y| in tokens (characters when unknown)."""
+    size = x.num_tokens if x.num_tokens is not None else len(x.completion)
+    return -min(abs(cap), coef * max(0, size - free_tokens))
+
+
+def forget_terms(rows: Sequence[dict]) -> list[str]:
+    """A forget vocabulary from the forget rows: each row's `value` when it has one (facts),
+    else the answer's words of 4+ letters that are not in its prompt nor common words."""
+    terms: dict[str, None] = {}
+    for row in rows:
+        if row.get("value"):
+            terms[str(row["value"]).lower()] = None
+            continue
+        prompt = set(re.findall(r"[a-z]+", row.get("prompt", "").lower()))
+        for word in re.findall(r"[a-z]+", row.get("answer", "").lower()):
+            if len(word) >= 4 and word not in prompt and word not in STOPWORDS:
+                terms[word] = None
+    return list(terms)
+
+
+def _terms_pattern(terms: Sequence[str]) -> re.Pattern[str]:
+    return re.compile(r"\b(?:" + "|".join(re.escape(t) for t in terms) + r")\b", re.IGNORECASE)
+
+
+def _with_forget_terms(params: dict[str, Any], rows: Sequence[dict]) -> dict[str, Any]:
+    terms = list(params["terms"] or forget_terms(rows))
+    if not terms:
+        raise ValueError("no_forbidden_terms: no terms given and none could be derived from rows")
+    return {**params, "terms": terms}
+
+
+@REWARDS.register(
+    "no_forbidden_terms", params={"terms": None}, range=(0.0, 1.0), prepare=_with_forget_terms
+)
+def no_forbidden_terms(x: Sample, terms: Sequence[str] | None = None) -> float:
+    """PURGE: r = 1 if the completion contains no term of the forget vocabulary (whole words,
+    any case), else 0. `terms` null: derived from the forget rows (`forget_terms`)."""
+    if not terms:
+        raise ValueError("no_forbidden_terms needs terms (set them or let the stage derive them)")
+    return float(_terms_pattern(terms).search(x.completion) is None)
+
+
+def contains_forbidden(text: str, terms: Sequence[str]) -> bool:
+    """Whether `text` contains a term of `terms` (the complement of `no_forbidden_terms`)."""
+    return _terms_pattern(terms).search(text) is not None
+
+
+def answer_correct(x: Sample) -> bool:
+    """The row's task rule, else the first line equals the row's answer."""
+    if x.row_task is not None:
+        return check_answer(x.row_task, x.row, x.completion)
+    return x.completion.strip().split("\n")[0].strip() == str(x.row.get("answer", "")).strip()
+
+
+@REWARDS.register("refusal_boundary", params={"answer_weight": 0.5}, range=(0.0, 1.0))
+def refusal_boundary(x: Sample, answer_weight: float = 0.5) -> float:
+    """RULE: forget queries (role data) r = 1[refusal]; retain / boundary queries (role retain)
+    r = (1 - answer_weight) * 1[not refusal] + answer_weight * 1[correct] (0.5 + 0.5)."""
+    refused = is_refusal(x.completion)
+    if x.role != "retain":
+        return float(refused)
+    if refused:
+        return 0.0
+    return (1.0 - answer_weight) + answer_weight * float(answer_correct(x))
+
+
+# ----- gated rewards (G-RA) ---------------------------------------------------------------------
+def gated_levels(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The priority-ranked levels [{name, weight, params, gate}] of a gated reward's params.
+
+    The G-RA form {outcome, steps, threshold} is the levels [outcome (gate = threshold),
+    step_1, ..., step_n] (steps have no gate of their own).
+    """
+    if params.get("levels"):
+        return [{"gate": None, **dict(level)} for level in params["levels"]]
+    if not params.get("outcome"):
+        return []
+    return [{**dict(params["outcome"]), "gate": params["threshold"]}] + [
+        {**dict(step), "gate": None} for step in params.get("steps") or []
+    ]
+
+
+def _gated_range(params: dict[str, Any]) -> Range:
+    low = high = 0.0
+    for i, level in enumerate(gated_levels(params)):
+        a, b = weighted_range([{k: level[k] for k in SPEC_KEYS if k in level}])
+        low, high = low + (a if i == 0 else min(0.0, a)), high + (b if i == 0 else max(0.0, b))
+    return low, high
+
+
+def _gated_prepare(params: dict[str, Any], rows: Sequence[dict]) -> dict[str, Any]:
+    levels = []
+    for level in gated_levels(params):
+        spec = prepare({k: level[k] for k in SPEC_KEYS if k in level}, rows)
+        levels.append({**spec, "gate": level.get("gate")})
+    return {"outcome": None, "steps": [], "threshold": params["threshold"], "levels": levels}
+
+
+def _gated_problem(params: dict[str, Any]) -> tuple[str, str] | None:
+    if (params.get("levels") is None) == (params.get("outcome") is None):
+        return "params", "expected either 'outcome' (with 'steps' and 'threshold') or 'levels'"
+    if params.get("levels") is not None and not params["levels"]:
+        return "levels", "expected at least one level {name, weight, params, gate}"
+    if params.get("levels"):
+        allowed = (*SPEC_KEYS, "gate")
+        items = [(f"levels[{i}]", lv) for i, lv in enumerate(params["levels"])]
+    else:
+        allowed = SPEC_KEYS
+        items = [("outcome", params["outcome"])]
+        items += [(f"steps[{i}]", st) for i, st in enumerate(params.get("steps") or [])]
+    for key, item in items:
+        if not hasattr(item, "keys"):
+            return key, "expected a reward {name, weight, params}"
+        extra = sorted(set(item.keys()) - set(allowed))
+        if extra:
+            return f"{key}.{extra[0]}", f"unknown key; expected {', '.join(allowed)}"
+        problem = spec_problem({k: item[k] for k in SPEC_KEYS if k in item})
+        if problem:
+            return f"{key}.{problem[0]}" if problem[0] else key, problem[1]
+    for i, level in enumerate(gated_levels(params)):
+        gate = level.get("gate")
+        if gate is None:
+            continue
+        low, high = reward_range(level["name"], level.get("params"))
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not low <= gate <= high:
+            grra = not params.get("levels")
+            return ("threshold" if grra else f"levels[{i}].gate"), (
+                f"gate threshold {gate} is outside the range [{low:g}, {high:g}] of the gated "
+                f"{'outcome reward' if grra else 'reward'} '{level['name']}'; "
+                f"expected a value in [{low:g}, {high:g}]"
+            )
+    return None
+
+
+@REWARDS.register(
+    "gated",
+    params={"outcome": None, "steps": [], "threshold": 1.0, "levels": None},
+    range=_gated_range,
+    prepare=_gated_prepare,
+    check=_gated_problem,
+)
+def gated(
+    x: Sample,
+    outcome: Any = None,
+    steps: Sequence[Any] = (),
+    threshold: float = 1.0,
+    levels: Sequence[Any] | None = None,
+) -> float:
+    """G-RA: R = r_outcome + 1[r_outcome >= threshold] * sum_t w_t r_step_t (weights apply).
+
+    Priority-ranked form (`levels`, highest priority first, each {name, weight, params, gate}):
+    R = sum_k w_k r_k * prod_{j<k} 1[r_j >= gate_j]; a level without a gate always passes.
+    """
+    params = {"outcome": outcome, "steps": steps, "threshold": threshold, "levels": levels}
+    total, open_ = 0.0, True
+    for level in gated_levels(params):
+        if not open_:
+            break
+        value = score({k: level[k] for k in SPEC_KEYS if k in level}, x)
+        total += float(level.get("weight", 1.0)) * value
+        gate = level.get("gate")
+        open_ = gate is None or value >= gate
+    return total
+
+
+# ----- validation -------------------------------------------------------------------------------
+def spec_problem(spec: Any) -> tuple[str, str] | None:
+    """(key relative to the spec, problem) for the first thing wrong with one reward spec."""
+    if not is_dataclass(spec):
+        if not hasattr(spec, "keys"):
+            return "", "expected a reward {name, weight, params}"
+        extra = sorted(set(spec.keys()) - set(SPEC_KEYS))
+        if extra:
+            return extra[0], f"unknown key; expected {', '.join(SPEC_KEYS)}"
+        if "name" not in spec:
+            return "name", "a reward needs a name; " + REWARDS.expected()
+    name, _, params = as_spec(spec)
+    if name not in REWARDS:
+        return "name", f"unknown reward '{name}'; {REWARDS.expected(name)}"
+    entry = REWARDS[name]
+    for param in params:
+        if param not in entry.params:
+            hint = closest(param, list(entry.params))
+            expected = (
+                f"did you mean '{hint}'?"
+                if hint
+                else f"reward '{name}' takes {', '.join(entry.params) or 'no parameters'}"
+            )
+            return f"params.{param}", f"unknown parameter; {expected}"
+    check = entry.meta.get("check")
+    problem = check(resolve_params(name, params)) if check else None
+    if problem:
+        return f"params.{problem[0]}" if problem[0] != "params" else "params", problem[1]
+    return None
+
+
+def check_rewards(specs: Sequence[Any]) -> None:
+    """Raise RewardConfigError("rewards[i]...", problem) for the first bad spec of a stage."""
+    for i, spec in enumerate(specs):
+        problem = spec_problem(spec)
+        if problem:
+            key = f"rewards[{i}]" + (f".{problem[0]}" if problem[0] else "")
+            raise RewardConfigError(key, problem[1])

@@ -1,0 +1,312 @@
+"""The RL stage loop (GRPO), driven from the trial pipeline for objectives marked `rl_loop`.
+
+Per step: a batch of prompts, G completions each from the study's rollout service (under the
+trial's lease, so no other trial's weights interleave), rewards (`actors/rewards.py`),
+group-normalised advantages, pi_old (and pi_ref) log-probs of the sampled completions from the
+learner, `updates_per_batch` clipped-ratio optimizer steps against pi_old, then the new
+weights go to the rollout workers before the next batch. Used by `grpo` stages and by the RL
+unlearning objectives `purge` and `rule` (REFERENCES.md, "RL objectives").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from stageflow.actors.batching import batch_indices, stage_steps, stage_value
+from stageflow.actors.rewards import Sample, StageReward, weighted_range
+from stageflow.platform.registry import OBJECTIVES, STAGE_KINDS, Entry
+
+LEASE_POLL_S = 2.0
+
+
+def objective_of(stage: Any) -> str | None:
+    """The stage's objective name (the kind's default when the stage names none)."""
+    name = stage_value(stage, "objective")
+    kind = stage_value(stage, "kind")
+    if name is None and kind in STAGE_KINDS:
+        name = STAGE_KINDS[kind].meta.get("default_objective")
+    return name
+
+
+def runs_rl_loop(stage: Any) -> bool:
+    """Whether the stage's objective is trained by this module's loop (its entry says `rl_loop`)."""
+    name = objective_of(stage)
+    return name in OBJECTIVES and bool(OBJECTIVES[name].meta.get("rl_loop"))
+
+
+def reward_specs(stage: Any, entry: Entry, params: dict[str, Any]) -> list[Any]:
+    """The stage's `rewards`, else the objective's default rewards (purge, rule), else []."""
+    rewards = list(stage_value(stage, "rewards") or [])
+    if rewards or "default_rewards" not in entry.meta:
+        return rewards
+    return entry.meta["default_rewards"](params)
+
+
+def stage_reward_range(stage: Any) -> tuple[float, float]:
+    """(low, high) of the stage's total reward R."""
+    from stageflow.actors.objectives import resolve
+
+    entry, params = resolve(objective_of(stage), dict(stage_value(stage, "params") or {}))
+    return weighted_range(reward_specs(stage, entry, params))
+
+
+def group_advantages(
+    rewards: Sequence[float], group_size: int, scale: bool = True, eps: float = 1e-6
+) -> list[float]:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of `group_size` consecutive
+    completions (std unbiased; `scale=False`: A_i = r_i - mean_g r, "Dr GRPO")."""
+    if group_size < 2 or len(rewards) % group_size:
+        raise ValueError(f"expected groups of {group_size} >= 2 completions, got {len(rewards)}")
+    out: list[float] = []
+    for start in range(0, len(rewards), group_size):
+        group = [float(r) for r in rewards[start : start + group_size]]
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+        out += [(r - mean) / (std + eps) if scale else r - mean for r in group]
+    return out
+
+
+def k3(logprob: float, ref_logprob: float) -> float:
+    """k3 estimate of KL(pi || pi_ref) at one token: exp(q) - q - 1, q = log pi_ref - log pi."""
+    q = ref_logprob - logprob
+    return math.exp(q) - q - 1.0
+
+
+class RolloutLease:
+    """`with RolloutLease(service, owner):` holds the service's lease, waiting while another
+    trial's RL stage holds it; released on exit."""
+
+    def __init__(self, service: Any, owner: str, timeout_s: float | None = None):
+        self.service, self.owner, self.timeout_s = service, owner, timeout_s
+
+    def __enter__(self) -> RolloutLease:
+        import ray
+
+        start = time.monotonic()
+        while not ray.get(self.service.acquire.remote(self.owner)):
+            if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
+                holder = ray.get(self.service.holder.remote())
+                raise TimeoutError(f"rollout service still leased by '{holder}'")
+            time.sleep(LEASE_POLL_S)
+        return self
+
+    def __exit__(self, exc_type: Any, *_: object) -> None:
+        import ray
+
+        try:
+            ray.get(self.service.release.remote(self.owner))
+        except Exception:
+            if exc_type is None:  # never mask the error that ended the stage
+                raise
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _std(values: Sequence[float]) -> float:
+    mean = _mean(values)
+    return math.sqrt(_mean([(v - mean) ** 2 for v in values])) if values else float("nan")
+
+
+def run_rl_stage(
+    learner: Any,
+    rollout: Any,
+    stage: Any,
+    rows: list[dict],
+    retain_rows: list[dict] | None = None,
+    *,
+    seed: int = 0,
+    owner: str = "rl",
+) -> list[dict[str, float]]:
+    """Train one RL stage (the GRPO loop); per-step metrics in order, like `train_stage`.
+
+    Forget / data prompts come from `rows`; objectives with `retain_prompts` (rule) fill half
+    of each step's prompts from `retain_rows`. Steps: the stage's `steps`, else its epochs
+    over `rows` at `prompts_per_step` prompts per step.
+    """
+    from stageflow.actors.objectives import resolve
+
+    if rollout is None:
+        raise ValueError("an RL stage needs the study's rollout service, but none was started")
+    if not rows:
+        raise ValueError("an RL stage got no prompts")
+    entry, params = resolve(objective_of(stage), dict(stage_value(stage, "params") or {}))
+    per_step = int(params["prompts_per_step"] or stage_value(stage, "batch_size", 8))
+    retain = list(retain_rows or []) if entry.meta.get("retain_prompts") else []
+    n_retain = per_step // 2 if retain else 0
+    steps = stage_steps(
+        {
+            "steps": stage_value(stage, "steps"),
+            "epochs": stage_value(stage, "epochs"),
+            "batch_size": per_step,
+        },
+        len(rows),
+    )
+    plan = batch_indices(len(rows), per_step - n_retain, steps, seed)
+    retain_plan = batch_indices(len(retain), n_retain, steps, seed + 1) if retain else None
+    loop = GRPOLoop(
+        learner,
+        rollout,
+        owner,
+        stage,
+        params,
+        StageReward(reward_specs(stage, entry, params), rows),
+    )
+    learner.begin_stage(stage, steps * loop.updates)
+    metrics: list[dict[str, float]] = []
+    with RolloutLease(rollout, owner):
+        loop.sync_weights()
+        for step in range(steps):
+            batch = [(rows[i], "data") for i in plan[step]]
+            batch += [(retain[i], "retain") for i in (retain_plan[step] if retain else [])]
+            metrics.append(loop.step(batch, seed=(seed + 7919 * step) % 2**31))
+    return metrics
+
+
+class GRPOLoop:
+    """One RL stage's state between steps: learner, leased rollout service, reward, settings."""
+
+    def __init__(
+        self,
+        learner: Any,
+        rollout: Any,
+        owner: str,
+        stage: Any,
+        params: dict[str, Any],
+        reward: StageReward,
+    ):
+        self.learner, self.rollout, self.owner = learner, rollout, owner
+        self.params, self.reward = params, reward
+        self.tasks = {
+            role: stage_value(stage_value(stage, role), "task") for role in ("data", "retain")
+        }
+        self.group_size = int(params["group_size"])
+        self.updates = int(params["updates_per_batch"])
+        self.sampling = {
+            "n": self.group_size,
+            "temperature": float(params["temperature"]),
+            "max_tokens": int(params["max_new_tokens"]),
+        }
+        self.use_ref = (params.get("beta") or 0) > 0
+
+    def sync_weights(self) -> float:
+        """Learner rank 0's weights into every rollout worker (through the object store)."""
+        import ray
+
+        start = time.perf_counter()
+        payload = [self.learner.weights_payload_ref()]  # a list: the service never fetches it
+        ray.get(self.rollout.load_weights.remote(self.owner, payload))
+        return time.perf_counter() - start
+
+    def sample(self, batch: list[tuple[dict, str]], seed: int) -> tuple[list, list, list]:
+        """G completions per prompt: (samples, rewards R, per-reward terms), prompt-major."""
+        import ray
+
+        prompts = [row["prompt"] for row, _ in batch]
+        out = ray.get(
+            self.rollout.generate.remote(
+                None, prompts, owner=self.owner, seed=seed, **self.sampling
+            )
+        )
+        samples, rewards, terms = [], [], []
+        for i, (row, role) in enumerate(batch):
+            for text, ids, lps in zip(out["texts"][i], out["token_ids"][i], out["logprobs"][i]):
+                value, parts = self.reward(Sample(text, row, self.tasks[role], role, len(ids)))
+                rewards.append(value)
+                terms.append(parts)
+                samples.append(
+                    {
+                        "prompt_token_ids": out["prompt_token_ids"][i],
+                        "completion_token_ids": list(ids),
+                        "sampled_logprobs": list(lps),
+                    }
+                )
+        return samples, rewards, terms
+
+    def step(self, batch: list[tuple[dict, str]], seed: int) -> dict[str, float]:
+        """Sample, score, advantages, pi_old / pi_ref log-probs, updates, weight sync."""
+        start = time.perf_counter()
+        samples, rewards, terms = self.sample(batch, seed)
+        gen_s = time.perf_counter() - start
+        p = self.params
+        advantages = group_advantages(rewards, self.group_size, scale=bool(p["scale_rewards"]))
+        items = [{k: s[k] for k in ("prompt_token_ids", "completion_token_ids")} for s in samples]
+        old = self.learner.logprobs(items)
+        ref = self.learner.logprobs(items, reference=True) if self.use_ref else None
+        coef = float(p["entropy_coef"])
+        for i, item in enumerate(items):
+            item["old_logprobs"] = old[i]
+            if ref is not None:
+                item["ref_logprobs"] = ref[i]
+            if coef:  # entropy bonus as a per-token advantage term: coef * (-log pi_old(y_t))
+                item["advantages"] = [advantages[i] - coef * lp for lp in old[i]]
+            else:
+                item["advantage"] = advantages[i]
+        learn_start = time.perf_counter()
+        low, high = 1.0 - float(p["eps_low"]), 1.0 + float(p["eps_high"])
+        clipped, updates = [], []
+        for update in range(self.updates):
+            if update:  # pi_theta has moved off pi_old: share of tokens the clip holds
+                now = self.learner.logprobs(items)
+                ratios = [math.exp(a - b) for n, o in zip(now, old) for a, b in zip(n, o)]
+                clipped.append(_mean([float(not low <= r <= high) for r in ratios]))
+            updates.append(self.learner.step(items))
+        learn_s = time.perf_counter() - learn_start
+        sync_s = self.sync_weights()
+        n_tokens = sum(len(s["completion_token_ids"]) for s in samples)
+        G = self.group_size
+        groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]
+        result = {
+            "reward_mean": _mean(rewards),
+            "reward_std": _std(rewards),
+            "flat_group_frac": _mean([float(max(g) == min(g)) for g in groups]),
+            **{f"reward/{k}": _mean([t[k] for t in terms]) for k in terms[0]},
+            "entropy": _mean([-lp for o in old for lp in o]),
+            "clip_frac": _mean(clipped) if clipped else 0.0,
+            "completion_len": n_tokens / len(samples),
+            "loss": _mean([u["loss"] for u in updates]),
+            "grad_norm": updates[-1]["grad_norm"],
+            "lr": updates[-1]["lr"],
+            "tokens_per_s": _mean([u["tokens_per_s"] for u in updates]),
+            "gen_tokens_per_s": n_tokens / max(gen_s, 1e-9),
+            "gen_s": gen_s,
+            "learn_s": learn_s,
+            "sync_s": sync_s,
+            "step_time_s": time.perf_counter() - start,
+        }
+        if ref is not None:
+            result["kl"] = _mean([k3(a, b) for o, r in zip(old, ref) for a, b in zip(o, r)])
+        if self.sampling["temperature"] == 1.0:  # rollout vs learner log-probs, same tokens
+            gaps = [
+                abs(a - b) for s, o in zip(samples, old) for a, b in zip(s["sampled_logprobs"], o)
+            ]
+            result["logprob_gap"] = _mean(gaps)
+        return result
+
+
+def rl_summary(steps: Sequence[dict[str, float]], reward_range: tuple[float, float]) -> dict:
+    """Stability of one RL stage, for the per-ordering report ("rl/<name>" trial metrics).
+
+    reward_start / reward_final: mean step reward over the first / last quarter of the steps;
+    reward_std: mean within-step spread of R; reward_jitter: std of the step means over the
+    last half; collapsed: 1 when the final quarter is below the best quarter-long window by
+    more than 10% of the reward's range.
+    """
+    means = [s["reward_mean"] for s in steps]
+    if not means:
+        return {}
+    window = max(1, len(means) // 4)
+    best = max(_mean(means[i : i + window]) for i in range(len(means) - window + 1))
+    final = _mean(means[-window:])
+    width = reward_range[1] - reward_range[0]
+    return {
+        "rl/reward_start": _mean(means[:window]),
+        "rl/reward_final": final,
+        "rl/reward_std": _mean([s["reward_std"] for s in steps]),
+        "rl/reward_jitter": _std(means[len(means) // 2 :]),
+        "rl/collapsed": float(final < best - 0.1 * width),
+    }
