@@ -18,7 +18,11 @@ def test_cluster_yaml_matches_rays_schema():
     assert config["provider"]["type"] == "local"
     validate_config(prepare_config(copy.deepcopy(config)))
     assert any("make setup" in c for c in config["setup_commands"])
-    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+    assert all(
+        "--dashboard-host=127.0.0.1" in c
+        for c in config["head_start_ray_commands"]
+        if "--head" in c
+    )
 
 
 def test_schema_rejects_a_typo():

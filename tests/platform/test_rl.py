@@ -270,6 +270,36 @@ def test_lease_keeps_trials_apart_and_evaluation_working(service, learner, tiny_
 GRPO_ROW = {"prompt": "Q: 1\nA:", "answer": " 7."}
 
 
+def test_dr_grpo_with_entropy_bonus_and_kl_runs(service, learner, tiny_model_dir):
+    import math
+
+    from stageflow.platform.rl import run_rl_stage
+
+    learner.load(tiny_model_dir)
+    stage = StageSpec(
+        kind="grpo",
+        data=DataSpec(task="math"),
+        steps=2,
+        lr=1e-4,
+        params={
+            "group_size": 4,
+            "prompts_per_step": 4,
+            "max_new_tokens": 8,
+            "scale_rewards": False,
+            "entropy_coef": 0.01,  # per-token advantages
+            "beta": 0.05,
+            "updates_per_batch": 2,
+        },
+        rewards=[RewardSpec("length", 1.0, {"free_tokens": 4, "coef": 0.1})],
+    )
+    rows = generate("math", 3, 16)["train"]
+    steps = run_rl_stage(learner, service, stage, rows, seed=0, owner="dr")
+    assert len(steps) == 2
+    for s in steps:
+        assert all(math.isfinite(s[k]) for k in ("loss", "kl", "entropy", "reward_mean"))
+        assert s["kl"] >= 0 and s["entropy"] > 0 and s["reward/length"] <= 0
+
+
 @pytest.mark.slow
 def test_grpo_raises_the_math_reward(service, learner, tiny_model_dir, tmp_path):
     """After a math SFT, 20 GRPO steps raise the mean math reward on their prompts."""
