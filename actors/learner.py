@@ -36,7 +36,8 @@ from stageflow.actors.batching import (
     stage_value,
 )
 from stageflow.actors.group import ActorGroup, ActorSetupError, check_fits, first
-from stageflow.kernels.logprob import per_token_logprobs
+from stageflow.actors.policy import PolicyModule
+from stageflow.kernels.peak_memory import PeakMemory
 from stageflow.platform.models import check_model_dir
 
 LOGPROB_MICRO_BATCH = 32
@@ -75,46 +76,27 @@ def check_learner(model_dir: str | Path, options: LearnerOptions, cpus_per_actor
     check_fits("learner.ranks", options.ranks, cpus_per_actor)
 
 
-class LogProbHead(torch.nn.Linear):
-    """The LM head; called with targets it returns per-token log-probs (fused kernel).
+STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's CPU op builds in about a minute; an older lock is orphaned
 
-    Going through the head's own `__call__` keeps ZeRO-3's parameter gathering hooks in charge.
+
+def release_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch-extension build locks older than `max_age_s`, and return them.
+
+    A build killed midway leaves its `lock` file behind; every later build of the same op
+    (DeepSpeed's CPU comm op, at a learner's first start) would then wait on it forever.
     """
+    from torch.utils.cpp_extension import get_default_build_root
 
-    impl = "fused"
-
-    def forward(self, hidden, targets=None, mask=None, temperature: float = 1.0):  # type: ignore[override]
-        if targets is None:
-            return super().forward(hidden)
-        out = per_token_logprobs(
-            hidden,
-            self.weight,
-            targets,
-            mask,
-            bias=self.bias,
-            temperature=temperature,
-            impl=self.impl,
-        )
-        return out.logprobs.float()
-
-
-class PolicyModule(torch.nn.Module):
-    """A causal LM whose forward returns per-token log-probs of the targets [B, T-1]."""
-
-    def __init__(self, lm: torch.nn.Module, impl: str = "fused"):
-        super().__init__()
-        if type(lm.lm_head) is not torch.nn.Linear:
-            raise ActorSetupError(f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}")
-        lm.lm_head.__class__ = LogProbHead
-        lm.lm_head.impl = impl
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask, mask, temperature: float = 1.0):
-        base = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.lm.lm_head(
-            hidden.last_hidden_state[:, :-1], input_ids[:, 1:], mask, temperature
-        )
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # its build finished meanwhile
+            pass
+    return removed
 
 
 class LearnerWorker:
@@ -131,6 +113,8 @@ class LearnerWorker:
         import deepspeed
         from transformers import AutoTokenizer
 
+        for lock in release_stale_build_locks():
+            print(f"learner: removed the stale build lock {lock} (an interrupted op build)")
         backend = "nccl" if self.device_kind == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
         self.rank = torch.distributed.get_rank()
@@ -339,6 +323,7 @@ class LearnerWorker:
         batch = self._batch(encoded + retain)
         split = len(encoded) or 1  # an empty share runs the one-row dummy batch of `_batch`
         start = time.perf_counter()
+        peak = PeakMemory(self.device).start()
         self.engine.train()
         logprobs = self._forward(self.engine, batch)
         mask = batch.mask.to(self.device)
@@ -361,6 +346,7 @@ class LearnerWorker:
             grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
             own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
+        peak_mib = peak.stop()
         elapsed = time.perf_counter() - start
         totals = torch.tensor(
             [
@@ -377,6 +363,7 @@ class LearnerWorker:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": float(totals[1]) / elapsed,
             "step_time_s": elapsed,
+            "peak_mem_mib": peak_mib,
         }
 
     def train_stage(

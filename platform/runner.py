@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from stageflow.actors.rollout_service import SERVICE_NAME, start_rollout_service
 from stageflow.platform.config import StudySpec
 from stageflow.platform.expand import Trial, expand
 from stageflow.platform.models import ensure_tiny_model
@@ -189,11 +190,8 @@ def run_study(
 ) -> list[tuple[Trial, dict[str, float]]]:
     """Run (or resume) every trial of a validated study; returns (trial, final metrics) pairs."""
     import ray
-    from ray import tune
 
     from stageflow.actors.evaluator import Evaluator
-    from stageflow.actors.rollout_service import start_rollout_service
-    from stageflow.platform.progress import ProgressPrinter
 
     trials = expand(spec)
     init_ray(spec, source)
@@ -203,60 +201,74 @@ def run_study(
 
     experiment = spec.tracking.experiment or spec.name
     uri = spec.tracking.uri or default_tracking_uri(storage)
+    # the driver holds every shared actor's handle (a named actor without one is collected)
+    # and ends them explicitly when the study ends, also when it fails: a traceback kept by
+    # the caller would otherwise keep the handles, the engines and their CPUs alive
     tracker = start_tracker(uri, experiment, str(storage / "artifacts"))
-    study_run = ray.get(tracker.find_run.remote(kind="study", storage_dir=str(storage))) or ray.get(
-        tracker.start_run.remote(
-            spec.name,
-            tags={"stageflow.kind": "study", "stageflow.storage_dir": storage},
-            params=spec_to_dict(spec),
-        )
-    )
-    ray.get(tracker.log_text.remote(study_run, spec_to_yaml(spec), "study.yaml"))
-    # the driver keeps every shared actor's handle: a named actor without one is collected
     evaluator = ray.remote(num_cpus=0)(Evaluator)
     evaluator = evaluator.options(
         name=f"{EVALUATOR_NAME}-{experiment}", namespace=NAMESPACE, get_if_exists=True
     ).remote()
-    rollout_name = None
-    if needs_rollout(spec):
-        rollout_name = f"stageflow-rollout-{experiment}"
-        service = start_rollout_service(
-            base_model,
-            spec.rollout,
-            spec.resources.device,
-            spec.resources.cpus_per_actor,
-            experiment,
-        )
-        info = ray.get(service.info.remote())
-        ray.get(
-            tracker.set_tags.remote(
-                study_run,
-                {
-                    "stageflow.rollout.backend": info[0].get("backend"),
-                    "stageflow.rollout.workers": len(info),
-                },
+    service = None
+    try:
+        study_run = ray.get(
+            tracker.find_run.remote(kind="study", storage_dir=str(storage))
+        ) or ray.get(
+            tracker.start_run.remote(
+                spec.name,
+                tags={"stageflow.kind": "study", "stageflow.storage_dir": storage},
+                params=spec_to_dict(spec),
             )
         )
+        ray.get(tracker.log_text.remote(study_run, spec_to_yaml(spec), "study.yaml"))
+        if needs_rollout(spec):
+            service = start_rollout_service(
+                base_model,
+                spec.rollout,
+                spec.resources.device,
+                spec.resources.cpus_per_actor,
+                experiment,
+            )
+            info = ray.get(service.info.remote())
+            tags = {
+                "stageflow.rollout.backend": info[0].get("backend"),
+                "stageflow.rollout.workers": len(info),
+            }
+            ray.get(tracker.set_tags.remote(study_run, tags))
+        shared = {
+            "spec": spec,
+            "storage": str(storage),
+            "base_model": str(base_model),
+            "base_key": model_identity(base_model),
+            "tracker": f"{TRACKER_NAME}-{experiment}",
+            "evaluator": f"{EVALUATOR_NAME}-{experiment}",
+            "rollout": f"{SERVICE_NAME}-{experiment}" if service else None,
+            "study_run_id": study_run,
+        }
+        return fit_and_report(spec, trials, shared, concurrent, resume, tracker)
+    finally:
+        stop_shared_actors(tracker, evaluator, service)
 
-    shared = {
-        "spec": spec,
-        "storage": str(storage),
-        "base_model": str(base_model),
-        "base_key": model_identity(base_model),
-        "tracker": f"{TRACKER_NAME}-{experiment}",
-        "evaluator": f"{EVALUATOR_NAME}-{experiment}",
-        "rollout": rollout_name,
-        "study_run_id": study_run,
-    }
+
+def fit_and_report(
+    spec: StudySpec, trials: list[Trial], shared: dict, concurrent: int, resume: bool, tracker
+) -> list[tuple[Trial, dict[str, float]]]:
+    """Run the Tune experiment, then log the table, analysis and report to the study run."""
+    import ray
+    from ray import tune
+
+    from stageflow.platform.progress import ProgressPrinter
+    from stageflow.platform.report import trials_table
+
+    storage, study_run = Path(shared["storage"]), shared["study_run_id"]
     resources = tune.PlacementGroupFactory(trial_cpus(spec))
     fn = tune.with_resources(tune.with_parameters(trainable_entry, shared=shared), resources)
     tune_path = storage / TUNE_DIR
-    progress = ProgressPrinter(len(trials))
     run_config = tune.RunConfig(
         name=TUNE_DIR,
         storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=2),
-        callbacks=[progress],
+        callbacks=[ProgressPrinter(len(trials))],
         verbose=0,
     )
     if resume and tune.Tuner.can_restore(str(tune_path)):
@@ -272,10 +284,7 @@ def run_study(
         )
     tuner.fit()
     results = read_results(storage, trials)
-    from stageflow.platform.report import trials_table
-
-    table = trials_table(results)
-    ray.get(tracker.log_text.remote(study_run, table + "\n", "results.md"))
+    ray.get(tracker.log_text.remote(study_run, trials_table(results) + "\n", "results.md"))
     analysis, files = write_analysis(spec, storage, trials)
     for name, path in files.items():
         folder = str(Path("report", name).parent)
@@ -294,6 +303,20 @@ def run_study(
             f"{failed} of {len(trials)} trials did not finish; see {tune_path} and `stageflow resume {storage}`"
         )
     return results
+
+
+def stop_shared_actors(tracker, evaluator, service) -> None:
+    """End the study's shared actors; the rollout service first shuts its engines down."""
+    import ray
+
+    if service is not None:
+        try:
+            ray.get(service.shutdown.remote(), timeout=120)
+        except Exception:  # the actors are killed below either way
+            pass
+    for actor in (service, evaluator, tracker):
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
 
 
 def trainable_entry(config: dict, shared: dict) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 from stageflow.platform.config import StudySpec
 from stageflow.platform.study_file import StudyError
 
-AGENT_RETRIES = 24
-AGENT_RETRIES = 24
+AGENT_RETRIES = 24  # 5 s apart: a head that just started has no job agent for a while
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", "build", "dist"]
 
 

@@ -144,3 +144,74 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
         with pytest.raises(ActorSetupError, match=message) as err:
             make()
         assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_model_dir(tmp_path_factory):
+    """A 1-layer model with a 32768-token LM head over the char tokenizer (the ids above the
+    tokenizer's are never targets, but every one is in the softmax): N x V logits are large."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stageflow.platform.models import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=32768,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models") / "wide-vocab"
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_fused_and_naive_kernels_same_losses_fused_less_memory(ray_cluster, wide_vocab_model_dir):
+    """The same seeded SFT stage under `kernels: fused` and `naive`: equal losses; about 2000
+    answer tokens x 32768 vocab per step, so naive's full logits dominate its peak memory."""
+    from stageflow.actors.learner import LearnerGroup
+
+    rows = [{"prompt": f"Q{i}: ", "answer": "stageflow " * 25} for i in range(16)]
+    stage = {"kind": "sft", "lr": 1e-3, "batch_size": 8, "steps": 3, "max_len": 300}
+    runs = {}
+    for kernels in ("fused", "naive"):
+        group = LearnerGroup(
+            wide_vocab_model_dir, {"ranks": 1, "zero_stage": 0, "kernels": kernels}
+        )
+        try:
+            runs[kernels] = group.train_stage(stage, rows, seed=0)
+        finally:
+            group.shutdown()
+    fused, naive = ([m["loss"] for m in runs[k]] for k in ("fused", "naive"))
+    assert fused == pytest.approx(naive, rel=1e-4)
+    assert fused[-1] < fused[0]
+    peak = {k: max(m["peak_mem_mib"] for m in runs[k]) for k in runs}
+    print(f"losses fused {fused} naive {naive}; peak MiB {peak}")
+    assert peak["naive"] > 300  # the full fp32 logits alone are 2000 x 32768 x 4 B = 250 MiB
+    assert peak["fused"] < 0.5 * peak["naive"]
+
+
+def test_stale_build_locks_are_released(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from stageflow.actors.learner import STALE_BUILD_LOCK_S, release_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, building = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, building):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert release_stale_build_locks() == [stale]
+    assert not stale.exists() and building.exists()  # a build in progress keeps its lock

@@ -97,7 +97,7 @@ def test_policy_head_matches_transformers_logits(actor_model_dir, impl):
     from transformers import AutoModelForCausalLM
 
     from stageflow.actors.batching import collate
-    from stageflow.actors.learner import PolicyModule
+    from stageflow.actors.policy import PolicyModule
 
     lm = AutoModelForCausalLM.from_pretrained(actor_model_dir)
     batch = collate([[1, 10, 11, 12, 13, 14], [1, 20, 21]], [2, 2], pad_id=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from stageflow.platform.cli import main
 from stageflow.platform.prefix_cache import PrefixCache
-from stageflow.platform.tracking import default_tracking_uri
+from stageflow.platform.runner import EVALUATOR_NAME
+from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
 ONE_STEP = {"steps": 1, "batch_size": 4, "lr": 1e-3}
@@ -80,15 +82,27 @@ def check_prefix_counts(tmp_path, name, stages, trials, trainings, capsys):
     assert f"{trials} of {trials}" not in capsys.readouterr().out  # nothing reported unfinished
 
 
+def wait_until_gone(ray, actor_name: str, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            ray.get_actor(actor_name, namespace=NAMESPACE)
+        except ValueError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster, capsys):
     check_prefix_counts(tmp_path, "perm3", ["a", "b", "c"], trials=6, trainings=15, capsys=capsys)
-    out = capsys.readouterr()
+    for name in (TRACKER_NAME, EVALUATOR_NAME):  # the study's shared actors ended with it
+        assert wait_until_gone(ray_cluster, f"{name}-perm3")
+    capsys.readouterr()
     storage = tmp_path / "perm3"
     assert main(["status", str(storage)]) == 0
     assert "6 of 6 trials done" in capsys.readouterr().out
     assert main(["report", str(storage)]) == 0
     assert "| a>b>c" in capsys.readouterr().out
-    del out
 
 
 @pytest.mark.slow

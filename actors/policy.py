@@ -1,0 +1,54 @@
+"""The learner's policy: a causal LM whose LM head returns per-token log-probs of the targets.
+
+The head runs the fused log-prob kernel (`kernels: fused`) or the naive full-logits path
+(`kernels: naive`), so with `fused` the N x V logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stageflow.actors.group import ActorSetupError
+from stageflow.kernels.logprob import per_token_logprobs
+
+
+class LogProbHead(torch.nn.Linear):
+    """The LM head; called with targets it returns per-token log-probs (fused kernel).
+
+    Going through the head's own `__call__` keeps ZeRO-3's parameter gathering hooks in charge.
+    """
+
+    impl = "fused"
+
+    def forward(self, hidden, targets=None, mask=None, temperature: float = 1.0):  # type: ignore[override]
+        if targets is None:
+            return super().forward(hidden)
+        out = per_token_logprobs(
+            hidden,
+            self.weight,
+            targets,
+            mask,
+            bias=self.bias,
+            temperature=temperature,
+            impl=self.impl,
+        )
+        return out.logprobs.float()
+
+
+class PolicyModule(torch.nn.Module):
+    """A causal LM whose forward returns per-token log-probs of the targets [B, T-1]."""
+
+    def __init__(self, lm: torch.nn.Module, impl: str = "fused"):
+        super().__init__()
+        if type(lm.lm_head) is not torch.nn.Linear:
+            raise ActorSetupError(f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}")
+        lm.lm_head.__class__ = LogProbHead
+        lm.lm_head.impl = impl
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, mask, temperature: float = 1.0):
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.lm.lm_head(
+            hidden.last_hidden_state[:, :-1], input_ids[:, 1:], mask, temperature
+        )
