@@ -1,8 +1,5 @@
-"""Fault tests of the study engine that have not yet been seen passing in this form.
-
-Not collected by pytest (the file name does not start with test_): move them back into
-test_study.py once they pass on an idle machine. They use the helpers of test_study.py.
-"""
+"""Faults of the study engine: the driver killed and resumed, a learner killed mid-stage, and
+a study submitted as a Ray job to a real head with token auth (helpers from test_study.py)."""
 
 from __future__ import annotations
 
@@ -105,7 +102,7 @@ def test_a_trial_whose_learner_dies_is_retried_from_its_last_checkpoint(
                 for info in actors().values():
                     if info["ActorClassName"] == "LearnerWorker" and info["State"] == "ALIVE":
                         os.kill(info["Pid"], signal.SIGKILL)  # the learner's process dies mid-stage
-                        killed.append(info["Pid"])
+                        killed.append(time.time())
                         return
             time.sleep(0.2)
 
@@ -114,8 +111,11 @@ def test_a_trial_whose_learner_dies_is_retried_from_its_last_checkpoint(
     assert main(["run", str(path)]) == 0
     killer.join()
     assert killed, "the learner was never seen alive during stage b"
-    trained = PrefixCache(tmp_path / "fault" / "prefixes").trained()
-    assert sorted(m["stage"] for m in trained) == ["a", "b"]  # a was not trained again
+    cache = PrefixCache(tmp_path / "fault" / "prefixes")
+    trained = {m["stage"]: m["key"] for m in cache.trained()}
+    assert sorted(trained) == ["a", "b"]  # a was not trained again
+    b_done = (cache.entry(trained["b"]) / "meta.json").stat().st_mtime
+    assert b_done > killed[0]  # b finished after its learner died: the trial was retried
     runs = runs_by_kind(tmp_path / "fault", "fault")
     assert len(runs["trial"]) == 1 and runs["trial"][0].info.status == "FINISHED"
     assert len(runs["stage"]) == 2
@@ -182,6 +182,12 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
             "--address",
             address,
         ]
+        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+        refused = subprocess.run(
+            cli, cwd=job_dir, env=no_token, capture_output=True, text=True, timeout=300
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "RAY_AUTH_MODE=token" in refused.stderr and not storage.exists()
         done = subprocess.run(
             cli, cwd=job_dir, env=env, capture_output=True, text=True, timeout=300
         )
