@@ -139,6 +139,17 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
             return s.getsockname()[1]
 
     gcs, dashboard = free_port(), free_port()
+    # every fixed default port gets a free one: the session's own Ray already holds them
+    agent_ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
     head = subprocess.Popen(
         [
             ray_bin,
@@ -150,6 +161,7 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
             "--dashboard-host=127.0.0.1",
             "--num-cpus=4",
             "--include-dashboard=true",
+            *agent_ports,
         ],
         env=env,
         stdout=(tmp_path / "head.log").open("w"),
