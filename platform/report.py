@@ -8,11 +8,12 @@ from pathlib import Path
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table; floats with 4 significant digits."""
+    """A markdown table; floats with 4 significant digits, "n/a" where a value is undefined
+    (a seed std over one seed, a metric a model was not evaluated on)."""
 
     def cell(value: object) -> str:
         if isinstance(value, float):
-            return "nan" if math.isnan(value) else f"{value:.4g}"
+            return "n/a" if math.isnan(value) else f"{value:.4g}"
         return str(value)
 
     text = [[cell(v) for v in row] for row in rows]
