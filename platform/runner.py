@@ -18,7 +18,7 @@ from stageflow.actors.rollout_service import SERVICE_NAME, start_rollout_service
 from stageflow.platform.config import StudySpec
 from stageflow.platform.expand import Trial, expand
 from stageflow.platform.models import ensure_tiny_model
-from stageflow.platform.prefix_cache import PrefixCache, model_identity
+from stageflow.platform.prefix_cache import PrefixCache, digest, model_identity
 from stageflow.platform.registry import METRICS, load_plugins
 from stageflow.platform.study_file import StudyError, spec_to_dict, spec_to_yaml
 from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri, start_tracker
@@ -185,6 +185,12 @@ def trainable(config: dict) -> None:
     tune.report({**result["metrics"], "done": True})
 
 
+def shared_actor_suffix(experiment: str, storage: Path) -> str:
+    """The suffix of a study's shared actor names: two studies never share an actor, even
+    with the same experiment name on one cluster."""
+    return f"{experiment}-{digest(str(storage))[:8]}"
+
+
 def run_study(
     spec: StudySpec, source: str, resume: bool = False
 ) -> list[tuple[Trial, dict[str, float]]]:
@@ -201,13 +207,14 @@ def run_study(
 
     experiment = spec.tracking.experiment or spec.name
     uri = spec.tracking.uri or default_tracking_uri(storage)
+    study_id = shared_actor_suffix(experiment, storage)
     # the driver holds every shared actor's handle (a named actor without one is collected)
     # and ends them explicitly when the study ends, also when it fails: a traceback kept by
     # the caller would otherwise keep the handles, the engines and their CPUs alive
-    tracker = start_tracker(uri, experiment, str(storage / "artifacts"))
+    tracker = start_tracker(uri, experiment, str(storage / "artifacts"), study_id)
     evaluator = ray.remote(num_cpus=0)(Evaluator)
     evaluator = evaluator.options(
-        name=f"{EVALUATOR_NAME}-{experiment}", namespace=NAMESPACE, get_if_exists=True
+        name=f"{EVALUATOR_NAME}-{study_id}", namespace=NAMESPACE, get_if_exists=True
     ).remote()
     service = None
     try:
@@ -227,7 +234,7 @@ def run_study(
                 spec.rollout,
                 spec.resources.device,
                 spec.resources.cpus_per_actor,
-                experiment,
+                study_id,
             )
             info = ray.get(service.info.remote())
             tags = {
@@ -240,9 +247,9 @@ def run_study(
             "storage": str(storage),
             "base_model": str(base_model),
             "base_key": model_identity(base_model),
-            "tracker": f"{TRACKER_NAME}-{experiment}",
-            "evaluator": f"{EVALUATOR_NAME}-{experiment}",
-            "rollout": f"{SERVICE_NAME}-{experiment}" if service else None,
+            "tracker": f"{TRACKER_NAME}-{study_id}",
+            "evaluator": f"{EVALUATOR_NAME}-{study_id}",
+            "rollout": f"{SERVICE_NAME}-{study_id}" if service else None,
             "study_run_id": study_run,
         }
         return fit_and_report(spec, trials, shared, concurrent, resume, tracker)

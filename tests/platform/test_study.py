@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from stageflow.platform.cli import main
 from stageflow.platform.prefix_cache import PrefixCache
-from stageflow.platform.runner import EVALUATOR_NAME
+from stageflow.platform.runner import EVALUATOR_NAME, shared_actor_suffix
 from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
@@ -95,8 +95,10 @@ def wait_until_gone(ray, actor_name: str, timeout: float = 30.0) -> bool:
 
 def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster, capsys):
     check_prefix_counts(tmp_path, "perm3", ["a", "b", "c"], trials=6, trainings=15, capsys=capsys)
+    suffix = shared_actor_suffix("perm3", tmp_path / "perm3")
+    assert suffix != shared_actor_suffix("perm3", tmp_path / "elsewhere")
     for name in (TRACKER_NAME, EVALUATOR_NAME):  # the study's shared actors ended with it
-        assert wait_until_gone(ray_cluster, f"{name}-perm3")
+        assert wait_until_gone(ray_cluster, f"{name}-{suffix}")
     capsys.readouterr()
     storage = tmp_path / "perm3"
     assert main(["status", str(storage)]) == 0
