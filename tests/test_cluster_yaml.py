@@ -23,6 +23,13 @@ def test_cluster_yaml_matches_rays_schema():
         for c in config["head_start_ray_commands"]
         if "--head" in c
     )
+    starts = [c for k in ("head", "worker") for c in config[f"{k}_start_ray_commands"]]
+    # a submitted job runs `python` from the PATH Ray started with: stageflow's environment
+    assert all(
+        c.startswith("export PATH=$HOME/stageflow/.venv/bin:$PATH && ")
+        for c in starts
+        if "ray start" in c
+    )
 
 
 def test_schema_rejects_a_typo():

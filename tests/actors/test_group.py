@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import ray
 from ray import cloudpickle
+from ray.exceptions import RayActorError
 
 from stageflow.actors.group import ActorGroup, ActorSetupError, split_evenly
 
@@ -39,6 +41,19 @@ class Echo:
         return None if pg is None else pg.id.hex()
 
 
+def kill(actor, timeout_s: float = 60.0) -> None:
+    """ray.kill, then wait until the actor is really gone (the kill lands asynchronously)."""
+    ray.kill(actor)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except RayActorError:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the killed actor still answers")
+
+
 def test_split_evenly_keeps_order_and_sizes():
     assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
     assert split_evenly([1], 3) == [[1], [], []]
@@ -67,7 +82,7 @@ def test_dead_rank_is_replaced(ray_cluster):
     )
     try:
         old = group.call("pid")
-        ray.kill(group.actors[1])
+        kill(group.actors[1])
         assert group.call_split("double", [1, 2]) == [2, 4]  # retried after replacement
         new = group.call("pid")
         assert new[0] == old[0] and new[1] != old[1]
@@ -79,7 +94,7 @@ def test_dead_rank_is_replaced(ray_cluster):
 def test_distributed_group_refuses_single_rank_replacement(ray_cluster):
     group = ActorGroup(Echo, 2, num_cpus=0.5, distributed=True, name="echo")
     try:
-        ray.kill(group.actors[0])
+        kill(group.actors[0])
         with pytest.raises(RuntimeError, match="restarted as a whole"):
             group.replace_dead()
     finally:

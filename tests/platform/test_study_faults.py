@@ -130,7 +130,9 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
     import secrets
 
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, **auth}
+    # a job's `python` is the first on the head's PATH: this environment's, as cluster.yaml does
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PATH": path, **auth}
     ray_bin = str(Path(sys.executable).parent / "ray")
 
     def free_port() -> int:
