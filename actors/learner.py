@@ -243,9 +243,7 @@ class LearnerWorker:
         """New optimizer (if `reset_optimizer_per_stage`), new LR schedule, pi_ref when needed."""
         import deepspeed
 
-        name = stage_value(stage, "objective") or {"sft": "sft", "grpo": "grpo"}.get(
-            stage_value(stage, "kind")
-        )
+        name = objectives.objective_of(stage)
         if name is None:
             raise ValueError(f"a {stage_value(stage, 'kind')} stage needs an objective")
         entry, params = objectives.resolve(name, dict(stage_value(stage, "params") or {}))

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from stageflow.actors.batching import stage_value
 from stageflow.kernels import losses
-from stageflow.platform.registry import OBJECTIVES, Entry
+from stageflow.platform.registry import OBJECTIVES, STAGE_KINDS, Entry
 
 
 @dataclass
@@ -151,6 +152,15 @@ def resolve(name: str, overrides: dict[str, Any] | None = None) -> tuple[Entry, 
             f"it takes {', '.join(entry.params) or 'none'}"
         )
     return entry, {**entry.params, **(overrides or {})}
+
+
+def objective_of(stage: Any) -> str | None:
+    """The stage's objective name (the kind's default when the stage names none)."""
+    name = stage_value(stage, "objective")
+    kind = stage_value(stage, "kind")
+    if name is None and kind in STAGE_KINDS:
+        name = STAGE_KINDS[kind].meta.get("default_objective")
+    return name
 
 
 def needs_ref(entry: Entry, params: dict[str, Any]) -> bool:

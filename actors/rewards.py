@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
 from typing import Any
 
-from stageflow.platform.registry import REWARDS, closest
+from stageflow.platform.registry import REWARDS
 from stageflow.platform.tasks import check_answer
 from stageflow.platform.tasks.math import extract_answer
 from stageflow.platform.tasks.refusal import is_refusal
@@ -340,17 +340,10 @@ def spec_problem(spec: Any) -> tuple[str, str] | None:
     name, _, params = as_spec(spec)
     if name not in REWARDS:
         return "name", f"unknown reward '{name}'; {REWARDS.expected(name)}"
-    entry = REWARDS[name]
-    for param in params:
-        if param not in entry.params:
-            hint = closest(param, list(entry.params))
-            expected = (
-                f"did you mean '{hint}'?"
-                if hint
-                else f"reward '{name}' takes {', '.join(entry.params) or 'no parameters'}"
-            )
-            return f"params.{param}", f"unknown parameter; {expected}"
-    check = entry.meta.get("check")
+    unknown = REWARDS.unknown_param(name, params)
+    if unknown:
+        return f"params.{unknown[0]}", unknown[1]
+    check = REWARDS[name].meta.get("check")
     problem = check(resolve_params(name, params)) if check else None
     if problem:
         return f"params.{problem[0]}" if problem[0] != "params" else "params", problem[1]

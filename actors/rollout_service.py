@@ -111,13 +111,14 @@ class RolloutService:
 
 
 def start_rollout_service(
-    model_dir: str | Path, spec: Any, device: str, cpus_per_actor: float, study: str
+    model_dir: str | Path, spec: Any, device: str, cpus_per_actor: float, name: str
 ):
+    """The study's rollout service as the Ray actor `name`."""
     import ray
 
     from stageflow.platform.tracking import NAMESPACE
 
     actor = ray.remote(num_cpus=0, max_concurrency=1)(RolloutService)
-    return actor.options(
-        name=f"{SERVICE_NAME}-{study}", namespace=NAMESPACE, get_if_exists=True
-    ).remote(str(model_dir), spec, device, cpus_per_actor)
+    return actor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
+        str(model_dir), spec, device, cpus_per_actor
+    )

@@ -100,26 +100,21 @@ class WeightReloadExtension:
         """Load a safetensors payload into the running model in place; count and timings."""
         from safetensors.torch import load
 
+        return self._timed_reload(load, payload)
+
+    def reload_from_shared(self, path: str) -> dict[str, float]:
+        """Reload from a shared-memory weight file (zero-copy views; see weight_sync)."""
+        return self._timed_reload(read_shared_weights, path)
+
+    def _timed_reload(self, read: Any, source: Any) -> dict[str, float]:
         start = time.perf_counter()
-        weights = load(payload)
+        weights = read(source)
         parsed = time.perf_counter()
         self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
         return {
             "tensors": len(weights),
             "parse_s": parsed - start,
             "reload_s": time.perf_counter() - parsed,
-        }
-
-    def reload_from_shared(self, path: str) -> dict[str, float]:
-        """Reload from a shared-memory weight file (zero-copy views; see weight_sync)."""
-        start = time.perf_counter()
-        weights = read_shared_weights(path)
-        mapped = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
-        return {
-            "tensors": len(weights),
-            "parse_s": mapped - start,
-            "reload_s": time.perf_counter() - mapped,
         }
 
     def process_id(self) -> int:

@@ -7,7 +7,7 @@ the study validator looks names up here, so a registered name is valid everywher
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,20 @@ class Registry:
         text = "expected one of " + ", ".join(self.names())
         hint = closest(name, self.names()) if name else None
         return f"did you mean '{hint}'? ({text})" if hint else text
+
+    def unknown_param(self, name: str, params: Iterable[str]) -> tuple[str, str] | None:
+        """(param, problem) for the first of `params` that entry `name` does not take, or None."""
+        declared = list(self[name].params)
+        for param in params:
+            if param not in declared:
+                hint = closest(param, declared)
+                expected = (
+                    f"did you mean '{hint}'?"
+                    if hint
+                    else f"{self.what} '{name}' takes {', '.join(declared) or 'no parameters'}"
+                )
+                return param, f"unknown parameter; {expected}"
+        return None
 
 
 def closest(name: str, candidates: list[str]) -> str | None:

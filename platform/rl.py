@@ -16,19 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from stageflow.actors.batching import batch_indices, stage_steps, stage_value
+from stageflow.actors.objectives import objective_of
 from stageflow.actors.rewards import Sample, StageReward, weighted_range
-from stageflow.platform.registry import OBJECTIVES, STAGE_KINDS, Entry
+from stageflow.platform.registry import OBJECTIVES, Entry
 
 LEASE_POLL_S = 2.0
-
-
-def objective_of(stage: Any) -> str | None:
-    """The stage's objective name (the kind's default when the stage names none)."""
-    name = stage_value(stage, "objective")
-    kind = stage_value(stage, "kind")
-    if name is None and kind in STAGE_KINDS:
-        name = STAGE_KINDS[kind].meta.get("default_objective")
-    return name
 
 
 def runs_rl_loop(stage: Any) -> bool:

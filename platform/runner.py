@@ -37,7 +37,7 @@ def needs_rollout(spec: StudySpec) -> bool:
     )
     from stageflow.platform.rl import runs_rl_loop
 
-    return generation or any(s.kind == "grpo" or runs_rl_loop(s) for s in spec.stages.values())
+    return generation or any(runs_rl_loop(s) for s in spec.stages.values())
 
 
 def trial_cpus(spec: StudySpec) -> list[dict[str, float]]:
@@ -207,14 +207,19 @@ def run_study(
 
     experiment = spec.tracking.experiment or spec.name
     uri = spec.tracking.uri or default_tracking_uri(storage)
-    study_id = shared_actor_suffix(experiment, storage)
+    suffix = shared_actor_suffix(experiment, storage)
+    names = {
+        "tracker": f"{TRACKER_NAME}-{suffix}",
+        "evaluator": f"{EVALUATOR_NAME}-{suffix}",
+        "rollout": f"{SERVICE_NAME}-{suffix}" if needs_rollout(spec) else None,
+    }
     # the driver holds every shared actor's handle (a named actor without one is collected)
     # and ends them explicitly when the study ends, also when it fails: a traceback kept by
     # the caller would otherwise keep the handles, the engines and their CPUs alive
-    tracker = start_tracker(uri, experiment, str(storage / "artifacts"), study_id)
+    tracker = start_tracker(uri, experiment, str(storage / "artifacts"), names["tracker"])
     evaluator = ray.remote(num_cpus=0)(Evaluator)
     evaluator = evaluator.options(
-        name=f"{EVALUATOR_NAME}-{study_id}", namespace=NAMESPACE, get_if_exists=True
+        name=names["evaluator"], namespace=NAMESPACE, get_if_exists=True
     ).remote()
     service = None
     try:
@@ -228,13 +233,13 @@ def run_study(
             )
         )
         ray.get(tracker.log_text.remote(study_run, spec_to_yaml(spec), "study.yaml"))
-        if needs_rollout(spec):
+        if names["rollout"]:
             service = start_rollout_service(
                 base_model,
                 spec.rollout,
                 spec.resources.device,
                 spec.resources.cpus_per_actor,
-                study_id,
+                names["rollout"],
             )
             info = ray.get(service.info.remote())
             tags = {
@@ -247,9 +252,7 @@ def run_study(
             "storage": str(storage),
             "base_model": str(base_model),
             "base_key": model_identity(base_model),
-            "tracker": f"{TRACKER_NAME}-{study_id}",
-            "evaluator": f"{EVALUATOR_NAME}-{study_id}",
-            "rollout": f"{SERVICE_NAME}-{study_id}" if service else None,
+            **names,
             "study_run_id": study_run,
         }
         return fit_and_report(spec, trials, shared, concurrent, resume, tracker)

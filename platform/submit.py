@@ -47,13 +47,12 @@ def submit_study(address: str, study: str, overrides: list[str], spec: StudySpec
         ) from None
     relative = str(study_path.relative_to(Path.cwd()))
     entrypoint = shlex.join(["python", "-m", "stageflow.platform.cli", "run", relative, *overrides])
-    for attempt in range(AGENT_RETRIES):
+    runtime_env = {"working_dir": ".", "excludes": EXCLUDES}
+    for _ in range(AGENT_RETRIES - 1):
         try:
-            return client.submit_job(
-                entrypoint=entrypoint, runtime_env={"working_dir": ".", "excludes": EXCLUDES}
-            )
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as err:  # a head that just started has no job agent yet
-            if "No available agent" not in str(err) or attempt == AGENT_RETRIES - 1:
+            if "No available agent" not in str(err):
                 raise
             time.sleep(5)
-    raise AssertionError("unreachable")
+    return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)

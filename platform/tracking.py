@@ -129,17 +129,14 @@ def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def start_tracker(
-    tracking_uri: str, experiment: str, artifact_dir: str | None = None, study_id: str = ""
-):
-    """The study's single tracker as a Ray actor named after `study_id` (every trial logs
-    through it)."""
+def start_tracker(tracking_uri: str, experiment: str, artifact_dir: str | None, name: str):
+    """The study's single tracker as the Ray actor `name` (every trial logs through it)."""
     import ray
 
     actor = ray.remote(num_cpus=0, max_concurrency=1)(Tracker)
-    return actor.options(
-        name=f"{TRACKER_NAME}-{study_id or experiment}", namespace=NAMESPACE, get_if_exists=True
-    ).remote(tracking_uri, experiment, artifact_dir)
+    return actor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
+        tracking_uri, experiment, artifact_dir
+    )
 
 
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:

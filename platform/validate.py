@@ -135,17 +135,9 @@ class _Validator:
                 f"{key}.objective",
                 f"objective '{objective}' does not run in a {stage.kind} stage (it runs in: {', '.join(entry.meta.get('kinds', ()))})",
             )
-        for param in stage.params:
-            if param not in entry.params:
-                hint = closest(param, list(entry.params))
-                expected = (
-                    f"did you mean '{hint}'?"
-                    if hint
-                    else f"objective '{objective}' takes {', '.join(entry.params) or 'no parameters'}"
-                )
-                self.fail(f"{key}.params.{param}", f"unknown parameter; {expected}")
-        for i, reward in enumerate(stage.rewards):
-            self.name_in(REWARDS, reward.name, f"{key}.rewards[{i}].name")
+        unknown = OBJECTIVES.unknown_param(objective, stage.params)
+        if unknown:
+            self.fail(f"{key}.params.{unknown[0]}", unknown[1])
         self.check_rl(key, stage, objective, entry)
         self.check_data(f"{key}.data", stage.data)
         if stage.retain is not None:
