@@ -107,13 +107,6 @@ def completion_values(per_target: torch.Tensor, batch: TokenBatch) -> list[list[
     return out
 
 
-def stage_value(stage: Any, key: str, default: Any = None) -> Any:
-    """A field of a StageSpec given as a dataclass, a dict or an OmegaConf node."""
-    if isinstance(stage, dict):
-        return stage.get(key, default)
-    return getattr(stage, key, default)
-
-
 def lr_multiplier(step: int, total: int, schedule: str, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to 0 at `total`."""
     if warmup and step < warmup:
@@ -141,9 +134,8 @@ def batch_indices(n_rows: int, batch_size: int, steps: int, seed: int) -> list[l
     return out
 
 
-def stage_steps(stage: Any, n_rows: int) -> int:
+def stage_steps(steps: int | None, epochs: float | None, batch_size: int, n_rows: int) -> int:
     """`steps` when given, else ceil(epochs x rows / batch_size) (one epoch by default)."""
-    if stage_value(stage, "steps"):
-        return int(stage_value(stage, "steps"))
-    epochs = stage_value(stage, "epochs") or 1.0
-    return max(1, math.ceil(epochs * n_rows / int(stage_value(stage, "batch_size", 8))))
+    if steps:
+        return int(steps)
+    return max(1, math.ceil((epochs or 1.0) * n_rows / batch_size))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,12 +26,11 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from stageflow.platform.config import StudyError
+
 PLACEMENT_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 600.0  # a vLLM engine start takes 25-30 s here, more on a busy machine
-
-
-class ActorSetupError(ValueError):
-    """A configuration that cannot start, found before any actor is created (one sentence)."""
+RESTARTS = 3  # restarts of a lost rank (and retries of its calls) before a call fails
 
 
 def available_cpus() -> float:
@@ -42,14 +43,16 @@ def available_cpus() -> float:
 
 
 def check_fits(what: str, ranks: int, cpus_per_actor: float) -> None:
-    """Raise ActorSetupError when `ranks` actors of `cpus_per_actor` CPUs cannot all be placed."""
+    """Raise StudyError when `ranks` actors of `cpus_per_actor` CPUs cannot all be placed."""
     if ranks < 1:
-        raise ActorSetupError(f"{what}: expected at least 1 rank, got {ranks}")
+        raise StudyError("", what, f"expected at least 1 rank, got {ranks}")
     have = available_cpus()
     if ranks * cpus_per_actor > have:
-        raise ActorSetupError(
-            f"{what}: {ranks} ranks x {cpus_per_actor:g} CPUs need {ranks * cpus_per_actor:g} "
-            f"CPUs but the cluster (or trial placement group) has {have:g}"
+        raise StudyError(
+            "",
+            what,
+            f"{ranks} ranks x {cpus_per_actor:g} CPUs need {ranks * cpus_per_actor:g} "
+            f"CPUs but the cluster (or trial placement group) has {have:g}",
         )
 
 
@@ -101,7 +104,12 @@ class ActorGroup:
     library switches such as VLLM_* variables). With `distributed=True` the group sets the
     torch.distributed variables in every rank after start; the class initialises its process
     group itself (e.g. in a `setup` method). `on_replace(group, rank)` runs after a dead rank was
-    replaced, to restore its state (e.g. reload the latest weights).
+    replaced, to restore its state. `resources`: custom Ray resources of each rank. Inside an
+    enclosing placement group `bundles` names the bundle of each rank (default: any bundle).
+    `actor_name` (namespace, prefix): rank r is the named actor `<prefix>-<r>` in that
+    namespace (others find it by name).
+    Ranks of a group that is not distributed are restartable: Ray restarts one lost with its
+    node and retries its calls (they must be safe to repeat).
     """
 
     def __init__(
@@ -117,6 +125,9 @@ class ActorGroup:
         env: dict[str, str] | None = None,
         name: str = "group",
         on_replace: Callable[[ActorGroup, int], None] | None = None,
+        resources: dict[str, float] | None = None,
+        bundles: list[int] | None = None,
+        actor_name: tuple[str, str] | None = None,
     ):
         check_fits(name, num_ranks, num_cpus)
         self.name = name
@@ -125,6 +136,9 @@ class ActorGroup:
         self.on_replace = on_replace
         self._args, self._kwargs = tuple(args), dict(kwargs or {})
         self._num_cpus, self._num_gpus = num_cpus, num_gpus
+        self._resources, self._bundles = dict(resources or {}), bundles
+        self.namespace, prefix = actor_name or (None, None)
+        self.actor_names = [f"{prefix}-{rank}" for rank in range(num_ranks)] if prefix else None
         self._env = dict(env or {})
         self._remote_cls = ray.remote(cls)
         self._pg, self._owns_pg = self._reserve()
@@ -136,10 +150,12 @@ class ActorGroup:
                 timeout=START_TIMEOUT_S,
             )
             if pending:
-                raise ActorSetupError(
-                    f"{name}: {len(pending)} of {num_ranks} actors did not start within "
+                raise StudyError(
+                    "",
+                    name,
+                    f"{len(pending)} of {num_ranks} actors did not start within "
                     f"{START_TIMEOUT_S:.0f} s (not enough free resources in the cluster or the "
-                    "trial's placement group?)"
+                    "trial's placement group?)",
                 )
             ray.get(ready)  # raises the constructor's error, if any
             if distributed:
@@ -154,31 +170,39 @@ class ActorGroup:
         current = get_current_placement_group()
         if current is not None:
             return current, False
-        bundle: dict[str, float] = {"CPU": self._num_cpus}
+        bundle: dict[str, float] = {"CPU": self._num_cpus, **self._resources}
         if self._num_gpus:
             bundle["GPU"] = self._num_gpus
         pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
         ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             remove_placement_group(pg)
-            raise ActorSetupError(
-                f"{self.name}: could not reserve {self.num_ranks} x {bundle} within "
-                f"{PLACEMENT_TIMEOUT_S:.0f} s (other actors hold the cluster's resources)"
+            raise StudyError(
+                "",
+                self.name,
+                f"could not reserve {self.num_ranks} x {bundle} within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s (other actors hold the cluster's resources)",
             )
         return pg, True
 
     def _create(self, rank: int) -> Any:
+        index = rank if self._owns_pg else (self._bundles[rank] if self._bundles else -1)
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=self._pg,
-            placement_group_bundle_index=rank if self._owns_pg else -1,
+            placement_group_bundle_index=index,
             placement_group_capture_child_tasks=True,
         )
         options: dict[str, Any] = {
             "num_cpus": self._num_cpus,
             "num_gpus": self._num_gpus,
+            "resources": self._resources,
             "scheduling_strategy": strategy,
-            "name": None,
+            "name": self.actor_names[rank] if self.actor_names else None,
         }
+        if self.actor_names:
+            options["namespace"] = self.namespace
+        if not self.distributed:  # a lost node: Ray restarts the rank and retries its calls
+            options.update(max_restarts=RESTARTS, max_task_retries=RESTARTS)
         if self._env:
             options["runtime_env"] = {"env_vars": self._env}
         return self._remote_cls.options(**options).remote(*self._args, **self._kwargs)
@@ -288,3 +312,70 @@ class ActorGroup:
         if self._owns_pg:
             remove_placement_group(self._pg)
             self._owns_pg = False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'cuda' or 'cpu'; 'auto' picks cuda when the Ray cluster (or this process) has a GPU."""
+    if device == "auto":
+        import torch
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            return "cuda"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a group's ranks run: the device, CPUs and GPU share of each rank, custom Ray
+    resources, and inside an enclosing placement group the bundle of each rank."""
+
+    device: str = "auto"
+    cpus: float = 1.0
+    gpus: float = 1.0  # share of a GPU per rank, on a CUDA device
+    resources: dict[str, float] = field(default_factory=dict)
+    bundles: list[int] | None = None
+
+
+class ModelGroup:
+    """Ranks of one actor class that each start from a model directory (learner ranks,
+    rollout engines): `worker(model_dir, spec, device, seed)` per rank, in one ActorGroup."""
+
+    worker: type
+    name = "group"
+    distributed = False
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        spec: Any,
+        placement: Placement | None = None,
+        seed: int = 0,
+        actor_name: tuple[str, str] | None = None,
+    ):
+        placement = placement or Placement()
+        self.spec, self.device = spec, resolve_device(placement.device)
+        self.check(model_dir, placement.cpus)
+        self.group = ActorGroup(
+            self.worker,
+            self.ranks,
+            args=(str(model_dir), spec, self.device, seed),
+            num_cpus=placement.cpus,
+            num_gpus=placement.gpus if self.device == "cuda" else 0.0,
+            resources=placement.resources,
+            bundles=placement.bundles,
+            distributed=self.distributed,
+            name=self.name,
+            actor_name=actor_name,
+        )
+
+    @property
+    def ranks(self) -> int:
+        raise NotImplementedError
+
+    def check(self, model_dir: str | Path, cpus: float) -> None:
+        """Raise StudyError (one sentence) when the ranks could not start."""
+
+    @property
+    def actors(self) -> list[Any]:
+        return self.group.actors

@@ -1,4 +1,5 @@
-"""Evaluation metrics, registered by name (REFERENCES.md, open-unlearning conventions).
+"""Evaluation metrics, registered by name (docs/formulas.md#evaluation-metrics, open-unlearning
+conventions).
 
 A metric reduces per-example statistics to one number. `needs="loglik"` metrics read
 teacher-forced answer statistics (`AnswerStats`); `needs="generation"` metrics read the

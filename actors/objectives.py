@@ -3,10 +3,9 @@
 Each objective is one function of `LossInputs` (per-token log-probs [B, T] of the stage's batch
 under pi_theta, its answer mask, and when needed pi_ref's log-probs and a retain batch's
 log-probs) and its hyper-parameters, returning a scalar loss. The formulas live in
-`stageflow.kernels.losses`; the notation is REFERENCES.md's (log pi(y|x) summed over answer
-tokens, |y| the answer length). Registry metadata: `kinds` (stage kinds that accept the
-objective), `params` (hyper-parameters with defaults), `needs_ref` (pi_ref log-probs required),
-`retain_weight` (the parameter that weights the retain-set NLL, when the objective has one).
+`stageflow.kernels.losses`; the notation is docs/formulas.md's (log pi(y|x) summed over answer
+tokens, |y| the answer length). Each entry is a `registry.Objective`: the stage kinds that
+accept it, its hyper-parameters with defaults, whether it needs pi_ref or a retain set.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from typing import Any
 
 import torch
 
-from stageflow.actors.batching import stage_value
 from stageflow.kernels import losses
-from stageflow.platform.registry import OBJECTIVES, STAGE_KINDS, Entry
+from stageflow.platform.registry import OBJECTIVES
 
 
 @dataclass
@@ -46,37 +44,25 @@ def with_retain(loss: torch.Tensor, x: LossInputs, alpha: float) -> torch.Tensor
     return loss + alpha * retain_nll(x) if alpha else loss
 
 
-@OBJECTIVES.register("sft", kinds=("sft",), params={}, needs_ref=False)
+@OBJECTIVES.register("sft", kinds=("sft",))
 def sft(x: LossInputs) -> torch.Tensor:
     """Supervised fine-tuning: NLL = -sum_t m_t log pi(y_t|x, y_<t) / sum_t m_t (token mean)."""
     return losses.nll_loss(x.logprobs, x.mask)
 
 
-@OBJECTIVES.register("ga", kinds=("unlearn",), params={}, needs_ref=False)
+@OBJECTIVES.register("ga", kinds=("unlearn",))
 def ga(x: LossInputs) -> torch.Tensor:
     """Gradient ascent on the forget set: loss = + log pi_theta(y|x) per token (= -NLL)."""
     return losses.ga_loss(x.logprobs, x.mask)
 
 
-@OBJECTIVES.register(
-    "graddiff",
-    kinds=("unlearn",),
-    params={"gamma": 1.0, "alpha": 1.0},
-    needs_ref=False,
-    retain_weight="alpha",
-)
+@OBJECTIVES.register("graddiff", kinds=("unlearn",), retain_weight="alpha")
 def graddiff(x: LossInputs, gamma: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
     """GradDiff: gamma * (-NLL_f) + alpha * NLL_r."""
     return with_retain(gamma * losses.ga_loss(x.logprobs, x.mask), x, alpha)
 
 
-@OBJECTIVES.register(
-    "npo",
-    kinds=("unlearn",),
-    params={"beta": 0.1, "alpha": 0.0},
-    needs_ref=True,
-    retain_weight="alpha",
-)
+@OBJECTIVES.register("npo", kinds=("unlearn",), needs_ref=True, retain_weight="alpha")
 def npo(x: LossInputs, beta: float = 0.1, alpha: float = 0.0) -> torch.Tensor:
     """NPO: mean -(2/beta) log sigmoid(-beta (log pi_theta(y|x) - log pi_ref(y|x))) + alpha NLL_r."""
     if x.ref_logprobs is None:
@@ -84,13 +70,7 @@ def npo(x: LossInputs, beta: float = 0.1, alpha: float = 0.0) -> torch.Tensor:
     return with_retain(losses.npo_loss(x.logprobs, x.ref_logprobs, x.mask, beta=beta), x, alpha)
 
 
-@OBJECTIVES.register(
-    "simnpo",
-    kinds=("unlearn",),
-    params={"beta": 4.5, "delta": 0.0, "alpha": 0.0},
-    needs_ref=False,
-    retain_weight="alpha",
-)
+@OBJECTIVES.register("simnpo", kinds=("unlearn",), retain_weight="alpha")
 def simnpo(
     x: LossInputs, beta: float = 4.5, delta: float = 0.0, alpha: float = 0.0
 ) -> torch.Tensor:
@@ -113,13 +93,7 @@ RL_LOOP_PARAMS: dict[str, Any] = {
 }
 
 
-@OBJECTIVES.register(
-    "grpo",
-    kinds=("grpo",),
-    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.0, **RL_LOOP_PARAMS},
-    needs_ref=False,
-    rl_loop=True,
-)
+@OBJECTIVES.register("grpo", kinds=("grpo",), extra_params=RL_LOOP_PARAMS, rl_loop=True)
 def grpo(
     x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, **loop: Any
 ) -> torch.Tensor:
@@ -142,74 +116,40 @@ def grpo(
     )
 
 
-def resolve(name: str, overrides: dict[str, Any] | None = None) -> tuple[Entry, dict[str, Any]]:
-    """The registry entry of `name` and its parameters (defaults updated by `overrides`)."""
-    entry = OBJECTIVES[name]
-    unknown = set(overrides or {}) - set(entry.params)
-    if unknown:
-        raise ValueError(
-            f"objective '{name}' has no parameter {', '.join(sorted(unknown))}; "
-            f"it takes {', '.join(entry.params) or 'none'}"
-        )
-    return entry, {**entry.params, **(overrides or {})}
-
-
-def objective_of(stage: Any) -> str | None:
-    """The stage's objective name (the kind's default when the stage names none)."""
-    name = stage_value(stage, "objective")
-    kind = stage_value(stage, "kind")
-    if name is None and kind in STAGE_KINDS:
-        name = STAGE_KINDS[kind].meta.get("default_objective")
-    return name
-
-
-def needs_ref(entry: Entry, params: dict[str, Any]) -> bool:
-    """Whether pi_ref log-probs must be computed (NPO; GRPO with a KL coefficient)."""
-    rl = entry.meta.get("rl_loop", False)
-    return bool(entry.meta.get("needs_ref")) or (rl and (params.get("beta") or 0) > 0)
-
-
-def uses_retain(entry: Entry, params: dict[str, Any]) -> bool:
-    """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
-    weight = entry.meta.get("retain_weight")
-    return weight is not None and bool(params.get(weight))
-
-
 # ----- RL-based unlearning: the GRPO loop with an unlearning reward (stageflow.platform.rl) ------
-@OBJECTIVES.register(
+def register_rl_unlearning(name: str, doc: str, beta: float, **entry: Any) -> None:
+    """An `unlearn` objective trained by the RL loop with the GRPO loss and its own rewards."""
+
+    def loss(
+        x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = beta, **_: Any
+    ) -> torch.Tensor:
+        return grpo(x, eps_low=eps_low, eps_high=eps_high, beta=beta)
+
+    loss.__name__, loss.__doc__ = name, doc
+    extra = {**entry.pop("params"), **RL_LOOP_PARAMS}
+    OBJECTIVES.register(name, kinds=("unlearn",), extra_params=extra, rl_loop=True, **entry)(loss)
+
+
+register_rl_unlearning(
     "purge",
-    kinds=("unlearn",),
-    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.04, "forget_terms": None, **RL_LOOP_PARAMS},
-    needs_ref=False,
-    rl_loop=True,
+    """PURGE: the GRPO loss on the forget prompts with r = 1[no forget term in the completion].
+
+    `forget_terms` null: the vocabulary is derived from the forget rows' answers.
+    """,
+    beta=0.04,
+    params={"forget_terms": None},
     default_rewards=lambda p: [
         {"name": "no_forbidden_terms", "weight": 1.0, "params": {"terms": p["forget_terms"]}}
     ],
 )
-def purge(
-    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.04, **loop: Any
-) -> torch.Tensor:
-    """PURGE: the GRPO loss on the forget prompts with r = 1[no forget term in the completion].
-
-    `forget_terms` null: the vocabulary is derived from the forget rows' answers.
-    """
-    return grpo(x, eps_low=eps_low, eps_high=eps_high, beta=beta)
-
-
-@OBJECTIVES.register(
+register_rl_unlearning(
     "rule",
-    kinds=("unlearn",),
-    params={"eps_low": 0.2, "eps_high": 0.2, "beta": 0.01, "answer_weight": 0.5, **RL_LOOP_PARAMS},
-    needs_ref=False,
-    rl_loop=True,
+    """RULE: the GRPO loss on forget prompts (r = 1[refusal]) and the stage's retain prompts
+    (r = (1 - answer_weight) 1[not refusal] + answer_weight 1[correct]).""",
+    beta=0.01,
+    params={"answer_weight": 0.5},
     retain_prompts=True,
     default_rewards=lambda p: [
         {"name": "refusal_boundary", "weight": 1.0, "params": {"answer_weight": p["answer_weight"]}}
     ],
 )
-def rule(
-    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.01, **loop: Any
-) -> torch.Tensor:
-    """RULE: the GRPO loss on forget prompts (r = 1[refusal]) and the stage's retain prompts
-    (r = (1 - answer_weight) 1[not refusal] + answer_weight 1[correct])."""
-    return grpo(x, eps_low=eps_low, eps_high=eps_high, beta=beta)

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from stageflow.actors.group import ActorSetupError
 from stageflow.kernels.logprob import per_token_logprobs
+from stageflow.platform.config import StudyError
 
 
 class LogProbHead(torch.nn.Linear):
-    """The LM head; called with targets it returns per-token log-probs (fused kernel).
+    """The LM head; called with targets it returns per-token log-probs (fused kernel), and with
+    `with_argmax` also whether each target is the argmax (evaluation).
 
     Going through the head's own `__call__` keeps ZeRO-3's parameter gathering hooks in charge.
     """
 
     impl = "fused"
 
-    def forward(self, hidden, targets=None, mask=None, temperature: float = 1.0):  # type: ignore[override]
+    def forward(self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False):  # type: ignore[override]
         if targets is None:
             return super().forward(hidden)
         out = per_token_logprobs(
@@ -30,9 +31,10 @@ class LogProbHead(torch.nn.Linear):
             mask,
             bias=self.bias,
             temperature=temperature,
+            with_argmax=with_argmax,
             impl=self.impl,
         )
-        return out.logprobs.float()
+        return (out.logprobs.float(), out.is_argmax) if with_argmax else out.logprobs.float()
 
 
 class PolicyModule(torch.nn.Module):
@@ -41,14 +43,16 @@ class PolicyModule(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, impl: str = "fused"):
         super().__init__()
         if type(lm.lm_head) is not torch.nn.Linear:
-            raise ActorSetupError(f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}")
+            raise StudyError(
+                "", "model", f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}"
+            )
         lm.lm_head.__class__ = LogProbHead
         lm.lm_head.impl = impl
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, mask, temperature: float = 1.0):
+    def forward(self, input_ids, attention_mask, mask, temperature=1.0, with_argmax=False):
         base = getattr(self.lm, self.lm.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self.lm.lm_head(
-            hidden.last_hidden_state[:, :-1], input_ids[:, 1:], mask, temperature
+            hidden.last_hidden_state[:, :-1], input_ids[:, 1:], mask, temperature, with_argmax
         )

@@ -2,10 +2,11 @@
 
 A reward is a function of one sampled completion (`Sample`: its text, its prompt's row, the
 row's task, whether the prompt came from the stage's `data` or its `retain` set) and its
-parameters, returning a float. Registry metadata: `params` (parameters with defaults),
-`range` ((low, high), or a function of the parameters), optional `prepare` (fills parameters
-derived from the stage's rows) and `check` (problems with parameter values, for validation).
-A stage's reward is R = sum_i weight_i * r_i over its list (`StageReward`).
+parameters, returning a float, or a `Scored` value with named parts (a composite reward such
+as `gated` reports each of its levels). Each entry is a `registry.Reward`: parameters with
+defaults, the range, optional `prepare` (parameters derived from the stage's rows) and
+`check` (problems with parameter values, for validation). A stage's reward is
+R = sum_i weight_i * r_i over its list (`StageReward`); see docs/formulas.md#rl-objectives.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from stageflow.platform.registry import REWARDS
+from stageflow.platform.config import StudyError
+from stageflow.platform.registry import REWARDS, Range
 from stageflow.platform.tasks import check_answer
 from stageflow.platform.tasks.math import extract_answer
 from stageflow.platform.tasks.refusal import is_refusal
 
-Range = tuple[float, float]
 SPEC_KEYS = ("name", "weight", "params")
 STOPWORDS = {
     "about", "after", "answer", "been", "does", "from", "have", "into", "like", "more",
@@ -45,12 +46,11 @@ class Sample:
         return self.row.get("task") or self.task
 
 
-class RewardConfigError(ValueError):
-    """A reward list that cannot work: `key` (relative to the stage) and one-sentence `problem`."""
+class Scored(NamedTuple):
+    """A composite reward's value and its named parts (reported as "<reward>.<part>")."""
 
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key}: {problem}")
-        self.key, self.problem = key, problem
+    value: float
+    parts: dict[str, float]
 
 
 def as_spec(spec: Any) -> tuple[str, float, dict[str, Any]]:
@@ -72,7 +72,7 @@ def resolve_params(name: str, params: dict[str, Any] | None = None) -> dict[str,
 
 def reward_range(name: str, params: dict[str, Any] | None = None) -> Range:
     """(low, high) of reward `name` with `params`."""
-    declared = REWARDS[name].meta["range"]
+    declared = REWARDS[name].range
     return declared(resolve_params(name, params)) if callable(declared) else tuple(declared)
 
 
@@ -86,17 +86,23 @@ def weighted_range(specs: Sequence[Any]) -> Range:
     return low, high
 
 
+def scored(spec: Any, x: Sample) -> Scored:
+    """The unweighted value of one reward spec on `x`, with its parts (none for most rewards)."""
+    name, _, params = as_spec(spec)
+    value = REWARDS[name].fn(x, **resolve_params(name, params))
+    return value if isinstance(value, Scored) else Scored(float(value), {})
+
+
 def score(spec: Any, x: Sample) -> float:
     """The unweighted value of one reward spec on `x`."""
-    name, _, params = as_spec(spec)
-    return float(REWARDS[name].fn(x, **resolve_params(name, params)))
+    return scored(spec, x).value
 
 
 def prepare(spec: Any, rows: Sequence[dict]) -> dict[str, Any]:
     """The spec as a dict with parameters derived from the stage's rows filled in."""
     name, weight, params = as_spec(spec)
     params = resolve_params(name, params)
-    hook = REWARDS[name].meta.get("prepare")
+    hook = REWARDS[name].prepare
     return {"name": name, "weight": weight, "params": hook(params, rows) if hook else params}
 
 
@@ -112,24 +118,19 @@ class StageReward:
         self.names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
 
     def __call__(self, x: Sample) -> tuple[float, dict[str, float]]:
-        """(R, {reward name: unweighted value}); a gated reward also reports each level's
-        ungated value as "<name>.<level>" (e.g. the outcome's accuracy)."""
-        terms = {n: score(s, x) for n, s in zip(self.names, self.specs)}
-        total = sum(s["weight"] * terms[n] for n, s in zip(self.names, self.specs))
+        """(R, {reward name: unweighted value}); a composite reward also reports its parts as
+        "<name>.<part>" (e.g. a gated reward's outcome accuracy, ungated)."""
+        total, terms = 0.0, {}
         for n, s in zip(self.names, self.specs):
-            if s["name"] == "gated":
-                levels = s["params"]["levels"]
-                names = [lv["name"] for lv in levels]
-                for i, level in enumerate(levels):
-                    label = (
-                        level["name"] if names.count(level["name"]) == 1 else f"{level['name']}{i}"
-                    )
-                    terms[f"{n}.{label}"] = score({k: level[k] for k in SPEC_KEYS}, x)
+            value, parts = scored(s, x)
+            total += s["weight"] * value
+            terms[n] = value
+            terms.update({f"{n}.{part}": v for part, v in parts.items()})
         return total, terms
 
 
 # ----- the rewards ------------------------------------------------------------------------------
-@REWARDS.register("math_correct", params={}, range=(0.0, 1.0))
+@REWARDS.register("math_correct", range=(0.0, 1.0))
 def math_correct(x: Sample) -> float:
     """r = 1[extract_answer(y) == target]: the rule-checked integer answer (else the row's task rule)."""
     if "target" in x.row:
@@ -147,19 +148,13 @@ def _pattern_problem(params: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-@REWARDS.register(
-    "format", params={"pattern": r"The answer is -?\d+\."}, range=(0.0, 1.0), check=_pattern_problem
-)
+@REWARDS.register("format", range=(0.0, 1.0), check=_pattern_problem)
 def answer_format(x: Sample, pattern: str = r"The answer is -?\d+\.") -> float:
     """r = 1[the completion contains a match of `pattern`] (default: "The answer is N.")."""
     return float(re.search(pattern, x.completion) is not None)
 
 
-@REWARDS.register(
-    "length",
-    params={"free_tokens": 24, "coef": 0.02, "cap": 1.0},
-    range=lambda p: (-abs(p["cap"]), 0.0),
-)
+@REWARDS.register("length", range=lambda p: (-abs(p["cap"]), 0.0))
 def length(x: Sample, free_tokens: int = 24, coef: float = 0.02, cap: float = 1.0) -> float:
     """r = -min(cap, coef * max(0, |y| - free_tokens)), |y| in tokens (characters when unknown)."""
     size = x.num_tokens if x.num_tokens is not None else len(x.completion)
@@ -192,9 +187,7 @@ def _with_forget_terms(params: dict[str, Any], rows: Sequence[dict]) -> dict[str
     return {**params, "terms": terms}
 
 
-@REWARDS.register(
-    "no_forbidden_terms", params={"terms": None}, range=(0.0, 1.0), prepare=_with_forget_terms
-)
+@REWARDS.register("no_forbidden_terms", range=(0.0, 1.0), prepare=_with_forget_terms)
 def no_forbidden_terms(x: Sample, terms: Sequence[str] | None = None) -> float:
     """PURGE: r = 1 if the completion contains no term of the forget vocabulary (whole words,
     any case), else 0. `terms` null: derived from the forget rows (`forget_terms`)."""
@@ -215,7 +208,7 @@ def answer_correct(x: Sample) -> bool:
     return x.completion.strip().split("\n")[0].strip() == str(x.row.get("answer", "")).strip()
 
 
-@REWARDS.register("refusal_boundary", params={"answer_weight": 0.5}, range=(0.0, 1.0))
+@REWARDS.register("refusal_boundary", range=(0.0, 1.0))
 def refusal_boundary(x: Sample, answer_weight: float = 0.5) -> float:
     """RULE: forget queries (role data) r = 1[refusal]; retain / boundary queries (role retain)
     r = (1 - answer_weight) * 1[not refusal] + answer_weight * 1[correct] (0.5 + 0.5)."""
@@ -297,7 +290,6 @@ def _gated_problem(params: dict[str, Any]) -> tuple[str, str] | None:
 
 @REWARDS.register(
     "gated",
-    params={"outcome": None, "steps": [], "threshold": 1.0, "levels": None},
     range=_gated_range,
     prepare=_gated_prepare,
     check=_gated_problem,
@@ -308,22 +300,25 @@ def gated(
     steps: Sequence[Any] = (),
     threshold: float = 1.0,
     levels: Sequence[Any] | None = None,
-) -> float:
+) -> Scored:
     """G-RA: R = r_outcome + 1[r_outcome >= threshold] * sum_t w_t r_step_t (weights apply).
 
     Priority-ranked form (`levels`, highest priority first, each {name, weight, params, gate}):
     R = sum_k w_k r_k * prod_{j<k} 1[r_j >= gate_j]; a level without a gate always passes.
+    Its parts are every level's ungated value, named after the level's reward.
     """
     params = {"outcome": outcome, "steps": steps, "threshold": threshold, "levels": levels}
-    total, open_ = 0.0, True
-    for level in gated_levels(params):
-        if not open_:
-            break
+    total, open_, parts = 0.0, True, {}
+    chosen = gated_levels(params)
+    names = [level["name"] for level in chosen]
+    for i, level in enumerate(chosen):
         value = score({k: level[k] for k in SPEC_KEYS if k in level}, x)
-        total += float(level.get("weight", 1.0)) * value
+        parts[level["name"] if names.count(level["name"]) == 1 else f"{level['name']}{i}"] = value
+        if open_:
+            total += float(level.get("weight", 1.0)) * value
         gate = level.get("gate")
-        open_ = gate is None or value >= gate
-    return total
+        open_ = open_ and (gate is None or value >= gate)
+    return Scored(total, parts)
 
 
 # ----- validation -------------------------------------------------------------------------------
@@ -343,7 +338,7 @@ def spec_problem(spec: Any) -> tuple[str, str] | None:
     unknown = REWARDS.unknown_param(name, params)
     if unknown:
         return f"params.{unknown[0]}", unknown[1]
-    check = REWARDS[name].meta.get("check")
+    check = REWARDS[name].check
     problem = check(resolve_params(name, params)) if check else None
     if problem:
         return f"params.{problem[0]}" if problem[0] != "params" else "params", problem[1]
@@ -351,9 +346,9 @@ def spec_problem(spec: Any) -> tuple[str, str] | None:
 
 
 def check_rewards(specs: Sequence[Any]) -> None:
-    """Raise RewardConfigError("rewards[i]...", problem) for the first bad spec of a stage."""
+    """Raise StudyError("rewards[i]...", problem) for the first bad spec of a stage."""
     for i, spec in enumerate(specs):
         problem = spec_problem(spec)
         if problem:
             key = f"rewards[{i}]" + (f".{problem[0]}" if problem[0] else "")
-            raise RewardConfigError(key, problem[1])
+            raise StudyError("", key, problem[1])

@@ -1,20 +1,21 @@
-"""Weight sync learner -> rollout workers, after an optimizer step that needs fresh samples.
+"""How a learner's weights reach the rollout engines: one path for every placement.
 
-The receiving side is `WeightReloadExtension`, mixed into vLLM's worker process
-(`LLM(worker_extension_cls=...)`) and called through `llm.collective_rpc`; every path ends in
-vLLM's in-place `reload_weights`. `WeightSync(learner, rollout).sync()` picks the transport:
+The learner publishes its current weights as a `Weights` handle (a tag naming the version,
+and where to read it); an engine asked to generate with a handle loads it first unless it
+already serves that tag (`RolloutWorker.serve`). `WeightSync` picks the transport per
+placement (`rollout.weight_sync: auto`):
 
-- `shm` (learner rank 0 and every rollout worker on one node): rank 0 copies the gathered weights
+- `shm` (learner rank 0 and every engine on one host): rank 0 copies the gathered weights
   (ZeRO-3 included) into a shared-memory file it keeps across syncs (a JSON header, then each
-  tensor's raw bytes, 64-byte aligned); each worker's vLLM extension maps the file and hands
+  tensor's raw bytes, 64-byte aligned); the engine's vLLM extension maps the file and hands
   zero-copy views to vLLM's in-place `reload_weights`. One copy on each side.
-- `object_store` (any placement): rank 0 serialises to safetensors bytes, which go through the Ray
-  object store straight to every worker (never through the driver); vLLM's worker process parses
-  and reloads them. Tensors do not survive `collective_rpc` (they arrive as lists): bytes do.
-- GPU (`NcclWeightSync`): rank 0 and every vLLM worker join one NCCL group (vLLM's
-  StatelessProcessGroup + PyNcclCommunicator); rank 0 broadcasts each tensor into GPU buffers on
-  the vLLM side, which reloads them in place. Needs CUDA on both sides; not exercised on CPU-only
-  machines (its test is marked `gpu`).
+- `object_store` (engines on other hosts): rank 0 serialises to safetensors bytes, which go
+  through the Ray object store straight to each engine (never through the driver).
+- `nccl` (a trial's own engines on GPUs): rank 0 broadcasts each tensor into the engines over
+  an NCCL group (vLLM's StatelessProcessGroup + PyNcclCommunicator); CUDA only, its test is
+  marked `gpu`.
+A checkpoint directory (`Weights.of_dir`) is the fourth source: what an engine loads for a
+prefix no learner of the trial holds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -32,8 +34,29 @@ from stageflow.actors.group import free_address, node_address
 
 SHM_DIR = "/dev/shm"
 ALIGN = 64
-TRANSPORTS = ("auto", "shm", "object_store")
 _WRITERS: dict[str, torch.Tensor] = {}  # path -> this process's shared mapping of it
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One version of a model's weights as an engine loads it.
+
+    `tag` names the content (a prefix key, or `<owner>/v<n>` during an RL stage): an engine
+    serving the tag already does nothing. Sources, first usable wins: `shm_path` (on `host`),
+    `payload` ([ObjectRef] of safetensors bytes; a list so Ray passes the ref, not the bytes),
+    `model_dir` (a checkpoint every node reads), `pushed` (broadcast into the engines already).
+    """
+
+    tag: str
+    model_dir: str | None = None
+    shm_path: str | None = None
+    host: str | None = None
+    payload: list | None = None
+    pushed: bool = False
+
+    @classmethod
+    def of_dir(cls, model_dir: str | os.PathLike, tag: str | None = None) -> Weights:
+        return cls(tag=tag or f"dir:{model_dir}", model_dir=str(model_dir))
 
 
 def _align(n: int) -> int:
@@ -135,8 +158,6 @@ class WeightReloadExtension:
         self, names: list[str], dtypes: list[str], shapes: list[list[int]]
     ) -> int:
         """Receive every tensor broadcast by learner rank 0, then reload them in place."""
-        import torch
-
         received = []
         for name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)  # type: ignore[attr-defined]
@@ -146,43 +167,63 @@ class WeightReloadExtension:
         return len(received)
 
 
-class WeightSync:
-    """Learner -> rollout weight sync, reusing its shared-memory file across syncs.
+def resolve_transport(transport: str, learner_host: str, engine_hosts: list[str], device: str):
+    """The transport `auto` stands for: nccl between GPUs, shm on one host, else object_store."""
+    if transport != "auto":
+        return transport
+    if device == "cuda":
+        return "nccl"
+    same_host = all(h == learner_host for h in engine_hosts)
+    return "shm" if same_host and os.path.isdir(SHM_DIR) else "object_store"
 
-    transport: `auto` (shm when learner rank 0 and every rollout worker share a node and
-    /dev/shm exists, else object_store), `shm` or `object_store`. `close()` deletes the file.
+
+class WeightSync:
+    """Learner -> rollout engines. `publish()` makes the learner's current weights loadable and
+    returns their `Weights`; `sync()` also has every engine load them now (timings).
+
+    `rollout`: a `RolloutGroup` (a trial's own engines, or any group), or the shared pool's
+    client; each tells its engines' `hosts()`. `close()` deletes the shared-memory file.
     """
 
-    def __init__(self, learner: Any, rollout: Any, transport: str = "auto"):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got '{transport}'")
+    def __init__(self, learner: Any, rollout: Any, transport: str = "auto", owner: str = ""):
         self.learner, self.rollout = learner, rollout
-        if transport == "auto":
-            leader = ray.get(learner.group.actors[0].__ray_call__.remote(node_address))
-            nodes = ray.get([w.__ray_call__.remote(node_address) for w in rollout.actors])
-            same_node = all(n == leader for n in nodes)
-            transport = "shm" if same_node and os.path.isdir(SHM_DIR) else "object_store"
-        self.transport = transport
+        self.leader = learner.group.actors[0]
+        self.learner_host = ray.get(self.leader.__ray_call__.remote(node_address))
+        nccl_ok = hasattr(rollout, "actors") and learner.device == "cuda"
+        device = learner.device if nccl_ok else "cpu"
+        self.transport = resolve_transport(transport, self.learner_host, rollout.hosts(), device)
+        self.owner = owner or uuid.uuid4().hex[:8]
         self.path = os.path.join(SHM_DIR, f"stageflow-weights-{uuid.uuid4().hex[:12]}")
+        self.nccl: NcclWeightSync | None = None
+        self.versions = 0
 
-    def sync(self) -> dict[str, float]:
-        """Copy the learner's current weights into every rollout worker; size and timings."""
-        start = time.perf_counter()
+    def publish(self, tag: str | None = None) -> Weights:
+        """The learner's current weights, tagged `tag` (default: the next version of `owner`)."""
+        self.versions += 1
+        tag = tag or f"{self.owner}/v{self.versions}"
         if self.transport == "shm":
             self.learner.group.call("write_shared_weights", self.path)
-            gathered = time.perf_counter()
-            loaded = self.rollout.load_shared_weights(self.path)
-        else:
-            payload = self.learner.weights_payload_ref()
-            gathered = time.perf_counter()
-            loaded = self.rollout.load_weights(payload)
+            return Weights(tag, shm_path=self.path, host=self.learner_host)
+        if self.transport == "nccl":
+            if self.nccl is None:
+                self.nccl = NcclWeightSync(self.learner, self.rollout)
+            self.nccl.sync(tag)
+            return Weights(tag, pushed=True)
+        return Weights(tag, payload=[self.learner.weights_payload_ref()])
+
+    def sync(self) -> dict[str, float]:
+        """Publish and have every engine load the weights now; size and timings."""
+        start = time.perf_counter()
+        weights = self.publish()
+        gathered = time.perf_counter()
+        loaded = self.rollout.serve(weights)
         done = time.perf_counter()
-        slowest = max(loaded, key=lambda r: r["seconds"])
+        slowest = max(loaded, key=lambda r: r.get("seconds", 0.0))
         return {
-            "bytes": float(slowest["bytes"]),
-            "tensors": float(slowest["tensors"]),
+            "bytes": float(slowest.get("bytes", 0.0)),
+            "tensors": float(slowest.get("tensors", 0.0)),
             "gather_write_s": gathered - start,  # rank 0: gather (ZeRO-3) + serialise / copy
-            "transfer_reload_s": done - gathered,  # to the workers, into their engines
+            "transfer_reload_s": done - gathered,  # to the engines, into them
             "engine_read_s": slowest.get("parse_s", 0.0),  # in vLLM's worker: bytes -> tensors
             "engine_reload_s": slowest.get("reload_s", 0.0),  # in vLLM's worker: reload_weights
             "total_s": done - start,
@@ -191,20 +232,14 @@ class WeightSync:
     def close(self) -> None:
         """Delete the shared-memory file (through learner rank 0, which holds its mapping)."""
         if self.transport == "shm":
-            ray.get(self.learner.group.actors[0].__ray_call__.remote(_release, self.path))
+            try:
+                ray.get(self.leader.__ray_call__.remote(_release, self.path))
+            except ray.exceptions.RayActorError:  # rank 0 is gone: remove the file here
+                release_shared_weights(self.path)
 
 
 def _release(_worker: Any, path: str) -> None:
     release_shared_weights(path)
-
-
-def sync_weights(learner: Any, rollout: Any, transport: str = "object_store") -> dict[str, float]:
-    """One-off sync; keep a `WeightSync` to reuse its shared-memory file across syncs."""
-    sync = WeightSync(learner, rollout, transport)
-    try:
-        return sync.sync()
-    finally:
-        sync.close()
 
 
 # ----- GPU: NCCL broadcast from learner rank 0 -----------------------------------------------
@@ -220,7 +255,7 @@ def _learner_open(worker: Any, address: str, port: int, world: int) -> None:
 
 
 def _learner_metadata(worker: Any) -> tuple[list[str], list[str], list[list[int]]] | None:
-    state = worker._gathered_state()
+    state = worker.gathered_state()
     if state is None:
         return None
     names = list(state)
@@ -233,9 +268,7 @@ def _learner_metadata(worker: Any) -> tuple[list[str], list[str], list[list[int]
 
 def _learner_broadcast(worker: Any) -> None:
     """Runs in every learner rank (ZeRO-3 gathers are collective); rank 0 sends each tensor."""
-    import torch
-
-    state = worker._gathered_state(on_device=True)
+    state = worker.gathered_state(on_device=True)
     if state is None:
         return
     for tensor in state.values():
@@ -243,13 +276,8 @@ def _learner_broadcast(worker: Any) -> None:
     torch.cuda.synchronize()
 
 
-def _rollout_rpc(worker: Any, method: str, *args: Any) -> Any:
-    """Runs in a rollout actor: call a WeightReloadExtension method in vLLM's worker process."""
-    return worker.llm.collective_rpc(method, args=args)[0]
-
-
 class NcclWeightSync:
-    """Learner rank 0 broadcasts weights to every rollout worker over NCCL (CUDA only)."""
+    """Learner rank 0 broadcasts weights to every engine of a `RolloutGroup` over NCCL (CUDA)."""
 
     def __init__(self, learner: Any, rollout: Any):
         self.learner, self.rollout = learner, rollout
@@ -260,23 +288,19 @@ class NcclWeightSync:
             a.__ray_call__.remote(_learner_open, address, port, world) for a in learner.group.actors
         ]
         refs += [
-            w.__ray_call__.remote(
-                _rollout_rpc, "init_weight_broadcast", address, port, i + 1, world
-            )
+            w.rpc.remote("init_weight_broadcast", address, port, i + 1, world)
             for i, w in enumerate(rollout.actors)
         ]
         ray.get(refs)
         metas = ray.get([a.__ray_call__.remote(_learner_metadata) for a in learner.group.actors])
         self.names, self.dtypes, self.shapes = metas[0]
 
-    def sync(self) -> float:
-        """Broadcast the current weights; returns the seconds it took."""
+    def sync(self, tag: str = "nccl") -> float:
+        """Broadcast the current weights, served as `tag` afterwards; the seconds it took."""
         start = time.perf_counter()
         refs = [a.__ray_call__.remote(_learner_broadcast) for a in self.learner.group.actors]
         refs += [
-            w.__ray_call__.remote(
-                _rollout_rpc, "receive_broadcast", self.names, self.dtypes, self.shapes
-            )
+            w.rpc.remote("receive_broadcast", self.names, self.dtypes, self.shapes, tag=tag)
             for w in self.rollout.actors
         ]
         ray.get(refs)

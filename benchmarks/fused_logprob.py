@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import results_io
 
 
 def _setup(cfg: dict):
@@ -93,7 +93,7 @@ def timing_worker(cfg: dict) -> dict:
         order = range(len(variants)) if rep % 2 == 0 else reversed(range(len(variants)))
         for i in order:
             times[i].append(list(_step(torch, h, w, y, variants[i])))
-    return {"times": times, "loadavg": os.getloadavg()[0]}
+    return {"times": times, "loadavg": results_io.load_average()}
 
 
 def run_worker(kind: str, cfg: dict) -> dict:
@@ -117,7 +117,7 @@ def measure(shape: dict, variants: list[dict], rounds: int, reps: int) -> list[d
     peaks: list[list[float]] = [[] for _ in variants]
     times: list[list[list[float]]] = [[] for _ in variants]
     ratios: list[list[float]] = [[] for _ in variants]
-    loads, method = [os.getloadavg()[0]], ""
+    loads, method = [results_io.load_average()], ""
     naive_of = {
         i: next(
             j
@@ -317,7 +317,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed calls per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small shapes, one round")
-    parser.add_argument("--out", default=str(RESULTS / "fused_logprob"))
+    parser.add_argument("--out", default=str(results_io.RESULTS / "fused_logprob"))
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -353,12 +353,11 @@ def main() -> None:
         "load_min": min(loads),
         "load_max": max(loads),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
-    payload = {"command": command, "meta": meta, "args": settings}
-    out.with_suffix(".json").write_text(json.dumps({**payload, "results": results}, indent=1))
-    out.with_suffix(".md").write_text(markdown(args, results, command, meta))
-    print(out.with_suffix(".md").read_text())
+    md = markdown(args, results, command, meta)
+    results_io.write_results(
+        out.name, command, meta, results, md, extra={"args": settings}, directory=out.parent
+    )
 
 
 if __name__ == "__main__":

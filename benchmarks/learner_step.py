@@ -18,18 +18,24 @@ fp32, AdamW (torch), fused log-prob kernel. tokens/s = global batch tokens / ste
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
-import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import results_io
+
 SIZES = {
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
     "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
 }
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
 
 
 def rows(n: int, seq: int) -> list[dict]:
@@ -41,18 +47,16 @@ def rows(n: int, seq: int) -> list[dict]:
     ]
 
 
-def measure(model_dir: Path, ranks: int, zero: int, args) -> dict:
+def measure(model_dir: Path, ranks: int, zero: int, args: argparse.Namespace) -> dict:
+    from stageflow.actors.group import Placement
     from stageflow.actors.learner import LearnerGroup
+    from stageflow.platform.config import LearnerSpec, StageSpec
 
-    group = LearnerGroup(model_dir, {"ranks": ranks, "zero_stage": zero}, device="cpu")
+    spec = LearnerSpec(ranks=ranks, zero_stage=zero)
+    group = LearnerGroup(model_dir, spec, Placement(device="cpu"))
     try:
-        stage = {
-            "kind": "sft",
-            "lr": 1e-4,
-            "batch_size": args.batch,
-            "steps": args.warmup + args.steps,
-            "max_len": args.seq,
-        }
+        steps = args.warmup + args.steps
+        stage = StageSpec(kind="sft", lr=1e-4, batch_size=args.batch, steps=steps, max_len=args.seq)
         metrics = group.train_stage(stage, rows(4 * args.batch, args.seq))[args.warmup :]
     finally:
         group.shutdown()
@@ -65,54 +69,13 @@ def measure(model_dir: Path, ranks: int, zero: int, args) -> dict:
     }
 
 
-def markdown(results: list[dict], command: str, meta: dict) -> str:
-    out = [
-        "# Learner step time: DeepSpeed ZeRO stage x ranks (CPU, gloo)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Global batch {meta['batch']} x {meta['seq']} tokens, fp32, AdamW; median over "
-        f"{meta['steps']} steps after {meta['warmup']} warm-up steps; each rank is a Ray actor "
-        f"with 1 CPU (1 torch thread) on a {meta['cpus']}-core machine shared with other work "
-        f"(1-min load average {meta['load_average_1m_start_end'][0]:.1f} at the start, "
-        f"{meta['load_average_1m_start_end'][1]:.1f} at the end).",
-        "",
-        "| model | params | ZeRO | ranks | step ms (median) | step ms (min) | tokens/s | vs 1 rank |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in results:
-        out.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['zero_stage']} | {r['ranks']} "
-            f"| {r['step_s'] * 1e3:.1f} | {r['min_step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} "
-            f"| {r['speedup_vs_1_rank']:.2f} |"
-        )
-    return "\n".join(out) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
-    args = parser.parse_args()
+def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every model size x ZeRO stage x ranks, then each one's speedup over its 1-rank run."""
     sizes = {"tiny": SIZES["tiny"]} if args.quick else SIZES
-    if args.quick:
-        args.steps = 3
-    import ray
-
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
-
-    load_start = os.getloadavg()[0]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size, dims in sizes.items():
-            model_dir = build_tiny_model(Path(tmp) / size, TinyModelSpec(**dims))
-            from safetensors.torch import load_file
-
-            params = sum(t.numel() for t in load_file(model_dir / "model.safetensors").values())
+    with results_io.local_ray(num_cpus=2):
+        for size, model_dir in results_io.tiny_models(sizes):
+            params = results_io.param_count(model_dir)
             for zero in (0, 1, 2, 3):
                 for ranks in (1, 2):
                     r = {"model": size, "params": params, "zero_stage": zero, "ranks": ranks}
@@ -122,7 +85,6 @@ def main() -> None:
                         f"{size} ZeRO-{zero} ranks={ranks}: {r['step_s'] * 1e3:.1f} ms/step",
                         flush=True,
                     )
-    ray.shutdown()
     for r in results:
         one = next(
             x
@@ -130,18 +92,37 @@ def main() -> None:
             if x["model"] == r["model"] and x["zero_stage"] == r["zero_stage"] and x["ranks"] == 1
         )
         r["speedup_vs_1_rank"] = r["tokens_per_s"] / one["tokens_per_s"]
-    command = "python benchmarks/learner_step.py" + (" --quick" if args.quick else "")
-    meta = {k: getattr(args, k) for k in ("batch", "seq", "warmup", "steps")}
-    meta["cpus"] = os.cpu_count()
-    meta["load_average_1m_start_end"] = [load_start, os.getloadavg()[0]]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "learner_step"
-    out.with_suffix(".json").write_text(
-        json.dumps({"command": command, "meta": meta, "results": results}, indent=1)
-    )
-    out.with_suffix(".md").write_text(markdown(results, command, meta))
-    print(out.with_suffix(".md").read_text())
+    return results, {}
 
+
+def intro(meta: dict) -> str:
+    return (
+        f"Global batch {meta['batch']} x {meta['seq']} tokens, fp32, AdamW; median over "
+        f"{meta['steps']} steps after {meta['warmup']} warm-up steps; each rank is a Ray actor "
+        f"with 1 CPU (1 torch thread) on a {meta['cpus']}-core machine shared with other work "
+        f"({results_io.load_phrase(meta)})."
+    )
+
+
+BENCHMARK = results_io.Benchmark(
+    name="learner_step",
+    doc=__doc__,
+    arguments=arguments,
+    quick={"steps": 3},
+    measure=measure_all,
+    title="Learner step time: DeepSpeed ZeRO stage x ranks (CPU, gloo)",
+    intro=intro,
+    columns=[
+        ("model", "left", lambda r: r["model"]),
+        ("params", "right", lambda r: f"{r['params'] / 1e6:.1f}M"),
+        ("ZeRO", "right", lambda r: r["zero_stage"]),
+        ("ranks", "right", lambda r: r["ranks"]),
+        ("step ms (median)", "right", lambda r: f"{r['step_s'] * 1e3:.1f}"),
+        ("step ms (min)", "right", lambda r: f"{r['min_step_s'] * 1e3:.1f}"),
+        ("tokens/s", "right", lambda r: f"{r['tokens_per_s']:.0f}"),
+        ("vs 1 rank", "right", lambda r: f"{r['speedup_vs_1_rank']:.2f}"),
+    ],
+)
 
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

@@ -25,15 +25,23 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import results_io
+
 SIZES = {
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
     "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
 }
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
 
 
 def worker(cfg: dict) -> dict:
@@ -41,15 +49,16 @@ def worker(cfg: dict) -> dict:
     import torch
 
     from stageflow.actors.rollout import RolloutWorker
+    from stageflow.platform.config import RolloutSpec
 
     torch.set_num_threads(cfg["threads"])
-    options = {
-        "backend": cfg["backend"],
-        "dtype": cfg["dtype"],
-        "max_model_len": 256,
-        "kv_cache_gib": 1.0,
-        "gpu_memory_utilization": 0.3,
-    }
+    options = RolloutSpec(
+        backend=cfg["backend"],
+        dtype=cfg["dtype"],
+        max_model_len=256,
+        kv_cache_gib=1.0,
+        gpu_memory_utilization=0.3,
+    )
     start = time.perf_counter()
     rollout = RolloutWorker(cfg["model_dir"], options, device="cpu", seed=0)
     startup = time.perf_counter() - start
@@ -75,6 +84,7 @@ def worker(cfg: dict) -> dict:
 
 
 def run_worker(cfg: dict) -> dict:
+    """worker(cfg), run in a fresh `python benchmarks/rollout_throughput.py --worker CFG`."""
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(cfg)],
@@ -88,92 +98,60 @@ def run_worker(cfg: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def markdown(rows: list[dict], command: str, meta: dict) -> str:
-    out = [
-        "# Rollout throughput: vLLM vs transformers generate",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Workload: {meta['prompts']} prompts x {meta['n']} samples x {meta['tokens']} new tokens "
-        f"(EOS ignored), temperature 1.0, top_p 1.0; median of {meta['reps']} timed calls after "
-        f"a warm-up. Machine: {meta['cpus']} CPU cores, no GPU, shared with other work (1-min "
-        f"load average {meta['load_average_1m_start_end'][0]:.1f} at the start, "
-        f"{meta['load_average_1m_start_end'][1]:.1f} at the end); {meta['engine']}, torch "
-        f"{meta['torch']} ({meta['threads']} threads for transformers).",
-        "",
-        "| model | params | dtype | vLLM tok/s | HF tok/s | vLLM / HF | vLLM start s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['vllm_tokens_per_s']:.0f} "
-            f"| {r['hf_tokens_per_s']:.0f} | {r['vllm_over_hf']:.2f} | {r['vllm_startup_s']:.0f} |"
-        )
-    return "\n".join(out) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="small smoke run")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
-    if args.quick:
-        args.prompts, args.n, args.tokens, args.reps = 8, 2, 16, 1
+def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Both backends on every model size and dtype, each measurement in a fresh subprocess."""
     import torch
     import vllm
 
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    rows = []
+    for size, model_dir in results_io.tiny_models(SIZES):
+        params = results_io.param_count(model_dir)
+        for dtype in ("float32", "bfloat16"):
+            row = {"model": size, "params": params, "dtype": dtype}
+            for backend in ("vllm", "hf"):
+                cfg = {
+                    "backend": backend,
+                    "dtype": dtype,
+                    "model_dir": str(model_dir),
+                    **{k: getattr(args, k) for k in ("prompts", "n", "tokens", "reps", "threads")},
+                }
+                result = run_worker(cfg)
+                row.update({f"{backend}_{k}": v for k, v in result.items() if k != "engine"})
+                print(f"{size} {dtype} {backend}: {result['tokens_per_s']:.0f} tok/s", flush=True)
+            row["vllm_over_hf"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
+            rows.append(row)
+    return rows, {"engine": f"vllm {vllm.__version__}", "torch": torch.__version__}
 
-    rows, load_start = [], os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        for size, dims in SIZES.items():
-            model_dir = build_tiny_model(Path(tmp) / size, TinyModelSpec(**dims))
-            from safetensors.torch import load_file
 
-            params = sum(t.numel() for t in load_file(model_dir / "model.safetensors").values())
-            for dtype in ("float32", "bfloat16"):
-                row = {"model": size, "params": params, "dtype": dtype}
-                for backend in ("vllm", "hf"):
-                    cfg = {
-                        "backend": backend,
-                        "dtype": dtype,
-                        "model_dir": str(model_dir),
-                        **{
-                            k: getattr(args, k)
-                            for k in ("prompts", "n", "tokens", "reps", "threads")
-                        },
-                    }
-                    result = run_worker(cfg)
-                    row.update({f"{backend}_{k}": v for k, v in result.items() if k != "engine"})
-                    print(
-                        f"{size} {dtype} {backend}: {result['tokens_per_s']:.0f} tok/s", flush=True
-                    )
-                row["vllm_over_hf"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
-                rows.append(row)
-    command = "python benchmarks/rollout_throughput.py" + (" --quick" if args.quick else "")
-    meta = {
-        **{k: getattr(args, k) for k in ("prompts", "n", "tokens", "reps", "threads")},
-        "cpus": os.cpu_count(),
-        "engine": f"vllm {vllm.__version__}",
-        "torch": torch.__version__,
-        "load_average_1m_start_end": [load_start, os.getloadavg()[0]],
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "rollout_throughput"
-    out.with_suffix(".json").write_text(
-        json.dumps({"command": command, "meta": meta, "results": rows}, indent=1)
+def intro(meta: dict) -> str:
+    return (
+        f"Workload: {meta['prompts']} prompts x {meta['n']} samples x {meta['tokens']} new tokens "
+        f"(EOS ignored), temperature 1.0, top_p 1.0; median of {meta['reps']} timed calls after "
+        f"a warm-up. Machine: {meta['cpus']} CPU cores, no GPU, shared with other work "
+        f"({results_io.load_phrase(meta)}); {meta['engine']}, torch "
+        f"{meta['torch']} ({meta['threads']} threads for transformers)."
     )
-    out.with_suffix(".md").write_text(markdown(rows, command, meta))
-    print(out.with_suffix(".md").read_text())
 
+
+BENCHMARK = results_io.Benchmark(
+    name="rollout_throughput",
+    doc=__doc__,
+    arguments=arguments,
+    quick={"prompts": 8, "n": 2, "tokens": 16, "reps": 1},
+    measure=measure_all,
+    worker=worker,
+    title="Rollout throughput: vLLM vs transformers generate",
+    intro=intro,
+    columns=[
+        ("model", "left", lambda r: r["model"]),
+        ("params", "right", lambda r: f"{r['params'] / 1e6:.1f}M"),
+        ("dtype", "left", lambda r: r["dtype"]),
+        ("vLLM tok/s", "right", lambda r: f"{r['vllm_tokens_per_s']:.0f}"),
+        ("HF tok/s", "right", lambda r: f"{r['hf_tokens_per_s']:.0f}"),
+        ("vLLM / HF", "right", lambda r: f"{r['vllm_over_hf']:.2f}"),
+        ("vLLM start s", "right", lambda r: f"{r['vllm_startup_s']:.0f}"),
+    ],
+)
 
 if __name__ == "__main__":
-    main()
+    BENCHMARK.main()

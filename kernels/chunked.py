@@ -3,19 +3,28 @@
 Forward: for each chunk of tokens, and each block of the vocabulary, compute the block's logits
 z = (h_c @ W_v.T + b_v) / T and fold them into an online log-sum-exp (running max m, sum
 s = sum exp(z - m) and, for the entropy, t = sum exp(z - m) * (z - m)); pick the target's logit.
-lse = m + log s, log-prob = z_y - lse, entropy = log s - t / s. Only lse (and the entropy) per
-token are saved. Backward recomputes each block's logits, turns them into the logit gradient in
-place and accumulates dh, dW and db; at most one [chunk, vocab block] buffer (two with the
-entropy) is alive at a time, never N x V. When W is frozen (LoRA) and no entropy is asked for,
-the forward also accumulates E_p[W] = p @ W per token (online, like flash attention's output),
-so the backward is dh = g (W_y - E_p[W]) / T with no matmul: two matmuls in all, as naive.
+lse = m + log s, log-prob = z_y - lse, entropy = log s - t / s, is_argmax = z_y >= m (final m).
+Only lse (and the entropy) per token are saved. Backward recomputes each block's logits, turns
+them into the logit gradient in place and accumulates dh, dW and db; at most one [chunk, vocab
+block] buffer (two with the entropy) is alive at a time, never N x V. When W is frozen (LoRA) and
+no entropy is asked for, the forward also accumulates E_p[W] = p @ W per token (online, like
+flash attention's output), so the backward is dh = g (W_y - E_p[W]) / T with no matmul: two
+matmuls in all, as naive.
 """
 
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
-from stageflow.kernels.token_logprobs import TokenLogProbs, check_inputs, result_dtype
+from stageflow.kernels.token_logprobs import (
+    LogProbOptions,
+    Options,
+    Tensor,
+    TokenLogProbs,
+    check_inputs,
+    result_dtype,
+)
 
 # Logits elements per [token chunk, vocab block] buffer when the caller gives no chunk size:
 # 2**25 fp32 = 128 MiB (1024 tokens x 32768 vocab). Smaller chunks make the matmuls slower on
@@ -61,11 +70,12 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         targets: torch.Tensor,
         temperature: float,
         with_entropy: bool,
+        with_argmax: bool,
         token_chunk: int,
         vocab_block: int,
         precompute_dh: bool,
         keep_last: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
         cdtype = result_dtype(hidden.dtype)
         inv_t = 1.0 / temperature
@@ -74,6 +84,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         lse = hidden.new_empty(n, dtype=cdtype)
         selected = hidden.new_empty(n, dtype=cdtype)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdtype)
+        is_argmax = hidden.new_empty(n if with_argmax else 0, dtype=torch.bool)
         # E_p[W] per token (softmax-weighted mean of W's rows): then dh = g (W_y - E_p[W]) / T
         # needs no matmul in the backward (used when W is frozen and there is no entropy).
         mean_w = hidden.new_empty((n, hidden.shape[1]) if precompute_dh else (0,), dtype=cdtype)
@@ -123,6 +134,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 entropy[s:e] = (run_sum.log() - run_t / run_sum).squeeze(1)
             if precompute_dh:
                 mean_w[s:e] = run_w / run_sum
+            if with_argmax:  # the target's logit against the final max of the same logits
+                is_argmax[s:e] = (sel >= m).squeeze(1)
         logprobs = selected - lse
         # The buffer still holds the last block of the last chunk as exp(z - m) (z - m with the
         # entropy), m the final max: the backward starts there and skips that recompute. A plain
@@ -136,10 +149,16 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         ctx.vocab_block = vocab_block
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
+        ctx.mark_non_differentiable(is_argmax)
+        return logprobs, entropy, is_argmax
 
     @staticmethod
-    def backward(ctx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None):
+    def backward(
+        ctx,
+        grad_logprobs: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+        grad_is_argmax: torch.Tensor | None,  # unused: is_argmax is non-differentiable
+    ):
         """Gradient of the logits: dz = g (onehot(y) - p) - g_ent p (log p + H), times 1/T.
 
         It is applied as dz = r * M + g * onehot(y), where M is a [chunk, block] matrix and r a
@@ -159,7 +178,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         g_ent = grad_entropy.to(cdtype) * inv_t if use_ent else None
         if mean_w.numel() and not (use_ent or need_w or need_b):  # frozen W: no matmul left
             dh = (g.unsqueeze(1) * (weight[targets].to(cdtype) - mean_w)).to(hidden.dtype)
-            return (dh if need_h else None), *[None] * 9
+            return (dh if need_h else None), *[None] * 10
         bias_scaled = None if bias is None else bias * inv_t
         acc_dtype = result_dtype(weight.dtype)
         dh = torch.empty_like(hidden) if need_h else None
@@ -223,29 +242,28 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 db.index_add_(0, y_c, g_c.squeeze(1).to(db.dtype))
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, *[None] * 7
+        return dh, dw, db, *[None] * 8
 
 
 def chunked_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
+    hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """Per-token log-probs (and entropy) of logits (h @ W.T + b) / T without N x V logits.
+    """Per-token log-probs (and entropy, argmax flag) of logits (h @ W.T + b) / T, no N x V logits.
 
     `chunk_size` tokens and `vocab_chunk_size` vocabulary rows per block (defaults:
     `default_chunk_sizes`). Gradients flow to hidden, weight and bias.
     """
-    check_inputs(hidden, weight, targets, bias, temperature)
+    o = Options.of("chunked_token_logprobs", options, ("chunk_size", "vocab_chunk_size"))
+    check_inputs(hidden, weight, targets, o)
+    bias, temperature, with_entropy, with_argmax = (
+        o.bias,
+        o.temperature,
+        o.with_entropy,
+        o.with_argmax,
+    )
     auto_tokens, auto_vocab = default_chunk_sizes(hidden.shape[0], weight.shape[0])
-    token_chunk = chunk_size or auto_tokens
-    vocab_block = vocab_chunk_size or auto_vocab
+    token_chunk = o.chunk_size or auto_tokens
+    vocab_block = o.vocab_chunk_size or auto_vocab
     if token_chunk < 1 or vocab_block < 1:
         raise ValueError(f"chunk sizes must be >= 1; got {token_chunk} and {vocab_block}")
     # W frozen (e.g. LoRA), no entropy: one matmul moves from the backward's recompute to the
@@ -261,8 +279,10 @@ def chunked_token_logprobs(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     keep_last = needs_grad and not precompute_dh and not torch.compiler.is_compiling()
-    logprobs, entropy = ChunkedTokenLogProbs.apply(
-        hidden, weight, bias, targets, temperature, with_entropy, token_chunk, vocab_block,
-        precompute_dh, keep_last,
+    logprobs, entropy, is_argmax = ChunkedTokenLogProbs.apply(
+        hidden, weight, bias, targets, temperature, with_entropy, with_argmax, token_chunk,
+        vocab_block, precompute_dh, keep_last,
     )  # fmt: skip
-    return TokenLogProbs(logprobs, entropy if with_entropy else None)
+    return TokenLogProbs(
+        logprobs, entropy if with_entropy else None, is_argmax if with_argmax else None
+    )

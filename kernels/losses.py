@@ -1,4 +1,5 @@
-"""Training losses as cheap functions of per-token log-probs (notation of REFERENCES.md).
+"""Training losses as cheap functions of per-token log-probs (notation of
+docs/formulas.md#notation).
 
 Every function takes per-token tensors [B, T] and a mask [B, T] (1 on answer tokens, 0 on the
 prompt and padding), so it works with the fused or the naive log-probs of

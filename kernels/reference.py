@@ -8,56 +8,50 @@ benchmark and the learner's `kernels: naive` switch). Both materialise the N x V
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
-from stageflow.kernels.token_logprobs import TokenLogProbs, check_inputs, result_dtype
+from stageflow.kernels.token_logprobs import (
+    LogProbOptions,
+    Options,
+    Tensor,
+    TokenLogProbs,
+    check_inputs,
+    result_dtype,
+)
 
 
 def naive_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    compute_dtype: torch.dtype | None = None,
+    hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """log softmax((h @ W.T + b) / T)[target] per token (and entropy), by autograd on full logits.
+    """log softmax((h @ W.T + b) / T)[target] per token (and entropy, argmax flag), on full logits.
 
     `compute_dtype` is the dtype of the logits and of the results (default: the input dtype,
     fp32 for half inputs); gradients flow back to the inputs in their own dtype.
     """
-    check_inputs(hidden, weight, targets, bias, temperature)
-    dtype = compute_dtype or result_dtype(hidden.dtype)
+    o = Options.of("naive_token_logprobs", options, ("compute_dtype",))
+    check_inputs(hidden, weight, targets, o)
+    bias, temperature = o.bias, o.temperature
+    dtype = o.compute_dtype or result_dtype(hidden.dtype)
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
+    index = targets.long().unsqueeze(-1)
+    logprobs = logp_all.gather(-1, index).squeeze(-1)
+    entropy = is_argmax = None
+    if o.with_entropy:
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return TokenLogProbs(logprobs, entropy)
+    if o.with_argmax:  # target logit >= row max: ties count as argmax
+        z = logits.detach()
+        is_argmax = z.gather(-1, index).squeeze(-1) >= z.amax(-1)
+    return TokenLogProbs(logprobs, entropy, is_argmax)
 
 
 def reference_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
+    hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """Float64 ground truth of the fused kernels (same formula as `naive_token_logprobs`)."""
-    return naive_token_logprobs(
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        temperature=temperature,
-        with_entropy=with_entropy,
-        compute_dtype=torch.float64,
-    )
+    """Float64 ground truth of the fused kernels: `naive_token_logprobs` in float64."""
+    o = Options.of("reference_token_logprobs", options)
+    return naive_token_logprobs(hidden, weight, targets, compute_dtype=torch.float64, **o.head())

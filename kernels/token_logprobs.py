@@ -1,21 +1,76 @@
-"""What every log-prob implementation returns, and the input checks they share."""
+"""What every log-prob implementation takes, returns and checks.
+
+Every entry point and implementation is `fn(hidden, weight, targets, **options)`: the keywords
+are `LogProbOptions` (typed for editors and type checkers), their defaults and checks live
+once in `Options`, and each function names which of the non-head keywords it takes.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 
+Tensor = torch.Tensor
+HEAD = ("bias", "temperature", "with_entropy", "with_argmax")
+
+
+class LogProbOptions(TypedDict, total=False):
+    """bias [V] or None; temperature T > 0 (logits / T); with_entropy, with_argmax: the extra
+    outputs; impl (entry points); chunk_size (tokens per chunk), vocab_chunk_size (chunked) or
+    block_v (Triton): the tiles of the fused paths; compute_dtype (naive: logits dtype)."""
+
+    bias: Tensor | None
+    temperature: float
+    with_entropy: bool
+    with_argmax: bool
+    impl: str
+    chunk_size: int | None
+    vocab_chunk_size: int | None
+    block_v: int | None
+    compute_dtype: torch.dtype | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """`LogProbOptions` with their defaults."""
+
+    bias: Tensor | None = None
+    temperature: float = 1.0
+    with_entropy: bool = False
+    with_argmax: bool = False
+    impl: str = "fused"
+    chunk_size: int | None = None
+    vocab_chunk_size: int | None = None
+    block_v: int | None = None
+    compute_dtype: torch.dtype | None = None
+
+    @classmethod
+    def of(cls, fn: str, given: dict[str, Any], takes: tuple[str, ...] = ()) -> Options:
+        """`given` keywords of `fn`, which takes the head keywords and `takes`."""
+        unknown = sorted(set(given) - set(HEAD) - set(takes))
+        if unknown:
+            raise TypeError(f"{fn}() got an unexpected keyword argument '{unknown[0]}'")
+        return cls(**given)
+
+    def head(self, **changes: Any) -> dict[str, Any]:
+        """The head keywords (with `changes`), to pass on to an implementation."""
+        return {**{k: getattr(self, k) for k in HEAD}, **changes}
+
 
 class TokenLogProbs(NamedTuple):
-    """Per-token selected log-probs and (when asked for) per-token entropies, both [N] or [B, T].
+    """Per-token selected log-probs and (when asked for) entropies and argmax flags, [N] or [B, T].
 
-    Both are fp32 for fp32/bf16/fp16 inputs (float64 for float64 inputs): ratios and sums of
-    log-probs in the losses need more than bf16's three digits.
+    Log-probs and entropies are fp32 for fp32/bf16/fp16 inputs (float64 for float64 inputs):
+    ratios and sums of log-probs in the losses need more than bf16's three digits. `is_argmax`
+    (bool) is True where the target's logit is the row's maximum (ties count), for metrics such
+    as exact memorisation; it defaults to None so two-field constructions keep working.
     """
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
+    is_argmax: torch.Tensor | None = None
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,14 +78,9 @@ def result_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_inputs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-) -> None:
+def check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, options: Options) -> None:
     """Raise one clear ValueError when shapes or arguments do not fit h [N, H], W [V, H], y [N]."""
+    bias, temperature = options.bias, options.temperature
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"

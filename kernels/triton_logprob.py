@@ -16,8 +16,15 @@ import functools
 import os
 
 import torch
+from typing_extensions import Unpack
 
-from stageflow.kernels.token_logprobs import TokenLogProbs, check_inputs
+from stageflow.kernels.token_logprobs import (
+    LogProbOptions,
+    Options,
+    Tensor,
+    TokenLogProbs,
+    check_inputs,
+)
 
 try:
     import triton
@@ -179,32 +186,27 @@ class TritonTokenLogProbs(torch.autograd.Function):
 
 
 def triton_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_size: int | None = None,
-    block_v: int | None = None,
+    hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """Per-token log-probs (and entropy) of (h @ W.T + b) / T with Triton kernels.
+    """Per-token log-probs (and entropy) of (h @ W.T + b) / T with Triton kernels (no argmax).
 
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests). `chunk_size` tokens per
     [chunk, V] logits buffer; `block_v` the vocabulary tile of the kernels.
     """
+    o = Options.of("triton_token_logprobs", options, ("chunk_size", "block_v"))
     if not HAS_TRITON:
         raise RuntimeError("impl='triton' needs the triton package; use impl='chunked'.")
     if not hidden.is_cuda and not interpreting():
         raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU).")
-    check_inputs(hidden, weight, targets, bias, temperature)
+    if o.with_argmax:
+        raise ValueError("the Triton kernels have no is_argmax output; use impl='chunked'")
+    check_inputs(hidden, weight, targets, o)
     n, vocab = hidden.shape[0], weight.shape[0]
-    token_chunk = chunk_size or max(16, DEFAULT_CHUNK_ELEMENTS // vocab)
+    token_chunk = o.chunk_size or max(16, DEFAULT_CHUNK_ELEMENTS // vocab)
     token_chunk = min(token_chunk, max(n, 1))
-    block_v = block_v or _launch_config(vocab)[0]
+    block_v = o.block_v or _launch_config(vocab)[0]
     logprobs, entropy = TritonTokenLogProbs.apply(
-        hidden.contiguous(), weight.contiguous(), bias, targets, temperature, with_entropy,
+        hidden.contiguous(), weight.contiguous(), o.bias, targets, o.temperature, o.with_entropy,
         token_chunk, block_v,
     )  # fmt: skip
-    return TokenLogProbs(logprobs, entropy if with_entropy else None)
+    return TokenLogProbs(logprobs, entropy if o.with_entropy else None)

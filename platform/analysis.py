@@ -1,7 +1,7 @@
 """Path-dependence analysis: how much the outcome of unlearning depends on the ordering.
 
 For every unlearning method and scored metric (forget score, utilities, forget quality;
-REFERENCES.md): the value by ordering, its spread across orderings, the seed standard
+docs/formulas.md#study-analysis): the value by ordering, its spread across orderings, the seed standard
 deviation, their ratio, and the distance to the oracle (the retrain-equivalence gap).
 Every number is computed from trial records written by runs, and the report names the
 MLflow runs it comes from.
@@ -9,17 +9,16 @@ MLflow runs it comes from.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from stageflow.platform.config import StudySpec
 from stageflow.platform.expand import Trial, oracle_path
 from stageflow.platform.report import format_table
+from stageflow.platform.study_dir import StudyDir
 
 
 @dataclass
@@ -49,17 +48,14 @@ def point_label(hparams: dict[str, Any]) -> str:
 class Analysis:
     """Scores every (trial, method) pair of a finished study from its records."""
 
-    def __init__(self, spec: StudySpec, storage: Path, records: list[tuple[Trial, dict]]):
-        self.spec, self.storage = spec, storage
+    def __init__(self, spec: StudySpec, study: StudyDir, records: list[tuple[Trial, dict]]):
+        self.spec, self.cache = spec, study.cache()
         self.records = [(t, r) for t, r in records if not t.oracle]
         self.oracles = {(t.path, t.seed, point_label(t.hparams)): r for t, r in records if t.oracle}
         self.outcomes = [self._score(t, r, m) for t, r in self.records for m in t.unlearning]
 
     def _examples(self, key: str, name: str) -> list[float]:
-        path = self.storage / "prefixes" / f"{key}.eval.json"
-        return (
-            json.loads(path.read_text()).get("examples", {}).get(name, []) if path.is_file() else []
-        )
+        return (self.cache.read_eval(key) or {}).get("examples", {}).get(name, [])
 
     def oracle_for(self, trial: Trial) -> dict | None:
         path = oracle_path(self.spec, trial.path)
@@ -155,7 +151,7 @@ class Analysis:
             for t, r in self.records
         ]
         rows += [
-            ["oracle " + ">".join(p), s, h, r.get("run_id", "")]
+            [Trial(p, s, oracle=True).display, s, h, r.get("run_id", "")]
             for (p, s, h), r in self.oracles.items()
         ]
         return format_table(["trial", "seed", "hyper-parameters", "MLflow run id"], rows)
@@ -176,8 +172,7 @@ class Analysis:
             branch = next(
                 (h for h in record["history"] if h.get("branch") and h["stage"] == method), None
             )
-            meta = self.storage / "prefixes" / branch["key"] / "meta.json" if branch else None
-            if meta and meta.is_file() and trial.ordering not in curves:
-                steps = json.loads(meta.read_text()).get("step_metrics", [])
+            if branch and self.cache.is_done(branch["key"]) and trial.ordering not in curves:
+                steps = self.cache.meta(branch["key"]).get("step_metrics", [])
                 curves[trial.ordering] = [s.get("loss", float("nan")) for s in steps]
         return curves

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stageflow.platform.study_file import StudyError
+from stageflow.platform.config import StudyError
 
 EXIT_BAD_INPUT = 2
 
@@ -35,22 +35,27 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in [
         ("validate", "check a study file (and overrides) without running anything"),
         ("run", "run a study: an embedded local Ray, or the cluster at RAY_ADDRESS"),
-    ]:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("study", help="the study YAML file")
-        sub.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="KEY=VALUE",
-            help="dotted overrides, e.g. stages.math.lr=1e-4",
-        )
-    for name, help_text in [
         ("resume", "continue an interrupted study: finished trials and prefixes are kept"),
         ("status", "trials of a study with their progress"),
         ("report", "the per-ordering table of a study's finished trials"),
     ]:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("study_dir", help="the study's storage directory (holds study.yaml)")
+        if name in ("validate", "run"):
+            sub.add_argument("study", help="the study YAML file")
+            sub.add_argument(
+                "overrides",
+                nargs="*",
+                metavar="KEY=VALUE",
+                help="dotted overrides, e.g. stages.math.lr=1e-4",
+            )
+        else:
+            sub.add_argument("study_dir", help="the study's storage directory (holds study.yaml)")
+        if name in ("run", "resume"):
+            sub.add_argument(
+                "--verbose",
+                action="store_true",
+                help="also show Ray's, Tune's and the libraries' own output",
+            )
     submit = commands.add_parser(
         "submit",
         help="submit a study to a Ray cluster as a Ray job",
@@ -95,32 +100,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stageflow.platform.validate import load_and_validate
 
     spec = load_and_validate(args.study, args.overrides)
-    return run_and_summarise(spec, args.study, resume=False)
+    return run_and_summarise(spec, args.study, resume=False, verbose=args.verbose)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     spec, source = load_study_dir(args.study_dir)
-    return run_and_summarise(spec, source, resume=True)
+    return run_and_summarise(spec, source, resume=True, verbose=args.verbose)
 
 
-def run_and_summarise(spec, source: str, resume: bool) -> int:
+def quiet() -> None:
+    """stageflow's own lines only: Tune's banners, progress bars, library warnings and Ray's
+    warnings are off (`--verbose` keeps them)."""
+    import os
+    import warnings
+
+    for name, value in {
+        "RAY_AIR_NEW_OUTPUT": "0",  # Tune's box and "View detailed results" lines
+        "TQDM_DISABLE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }.items():
+        os.environ.setdefault(name, value)
+    warnings.simplefilter("ignore")
+
+
+def run_and_summarise(spec, source: str, resume: bool, verbose: bool = False) -> int:
     from stageflow.platform.expand import expand
     from stageflow.platform.report import trials_table
     from stageflow.platform.runner import run_study
-    from stageflow.platform.tracking import default_tracking_uri
-    from stageflow.platform.validate import default_storage_dir
+    from stageflow.platform.study_dir import StudyDir
 
-    results = run_study(spec, source, resume=resume)
-    storage = default_storage_dir(spec).absolute()
+    study, trials = StudyDir.of(spec), expand(spec)
+    finished = study.records(trials)
+    if len(finished) == len(trials):  # nothing left: start nothing
+        print(f"all {len(trials)} trials of {spec.name} are finished; nothing to run")
+        results = [(trial, record["metrics"]) for trial, record in finished]
+    else:
+        if not verbose:
+            quiet()
+        results = run_study(spec, source, resume=resume, verbose=verbose)
     print("\n" + trials_table(results) + "\n")
-    report = storage / "report" / "report.md"
+    report = study.report / "report.md"
     if spec.unlearning and report.is_file():
         print(report_summary(report) + "\n")
         print(f"report:     {report} (and report.html)")
-    print(f"study dir:  {storage}")
-    print(f"MLflow:     {spec.tracking.uri or default_tracking_uri(storage)}")
-    print(f"UI:         stageflow ui {storage}   (or: make ui)")
-    return 0 if len(results) == len(expand(spec)) else 1
+    print(f"study dir:  {study.root}")
+    print(f"MLflow:     {spec.tracking.uri or study.tracking_uri}")
+    print(f"UI:         stageflow ui {study.root}   (or: make ui)")
+    return 0 if len(results) == len(trials) else 1
 
 
 def report_summary(report) -> str:
@@ -132,15 +158,15 @@ def load_study_dir(study_dir: str):
     """The resolved spec a study directory was run with (validated again)."""
     from pathlib import Path
 
-    from stageflow.platform.runner import STUDY_FILE
+    from stageflow.platform.study_dir import StudyDir
     from stageflow.platform.validate import load_and_validate
 
-    path = Path(study_dir) / STUDY_FILE
+    path = StudyDir(Path(study_dir).absolute()).spec_file
     if not path.is_file():
         raise StudyError(
             study_dir,
             "study_dir",
-            f"no {STUDY_FILE} here; expected the storage directory of a study that was run",
+            f"no {path.name} here; expected the storage directory of a study that was run",
         )
     return load_and_validate(path), str(path)
 
@@ -158,17 +184,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from stageflow.platform.expand import expand
     from stageflow.platform.report import trials_table
     from stageflow.platform.runner import read_results, write_analysis
+    from stageflow.platform.study_dir import StudyDir
 
     spec, _ = load_study_dir(args.study_dir)
-    storage, trials = Path(args.study_dir).absolute(), expand(spec)
-    print(trials_table(read_results(storage, trials)))
+    study, trials = StudyDir.of(spec), expand(spec)
+    print(trials_table(read_results(study, trials)))
     if spec.unlearning:
-        _, files = write_analysis(spec, storage, trials)
+        _, files = write_analysis(spec, study, trials)
         print("\n" + files["report.md"].read_text().split("## Figures")[0].strip())
         print(f"\nreport: {files['report.html']}")
     return 0
@@ -188,16 +213,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stageflow.platform.tracking import default_tracking_uri, serve_ui
+    from stageflow.platform.study_dir import StudyDir
+    from stageflow.platform.tracking import serve_ui
 
-    store = Path(args.study_dir) / "mlflow.db"
-    if not store.is_file():
+    study = StudyDir(Path(args.study_dir).absolute())
+    if not study.mlflow_db.is_file():
         raise StudyError(
             args.study_dir,
             "study_dir",
             "no mlflow.db here; expected a study's storage directory (run the study first)",
         )
-    return serve_ui(default_tracking_uri(args.study_dir), args.host, args.port)
+    return serve_ui(study.tracking_uri, args.host, args.port)
 
 
 COMMANDS = {

@@ -1,31 +1,135 @@
-"""The study schema: OmegaConf structured configs over frozen dataclasses.
+"""The study schema: OmegaConf structured configs over frozen dataclasses, checked by themselves.
 
-A study YAML is merged onto these dataclasses, so a key that is not declared here or a
-value of the wrong type is an error, never a silent default. Dotlist overrides
-(`stages.math.lr=1e-4 seeds=[0,1]`) are applied the same way.
+A study YAML is merged onto these dataclasses, so a key that is not declared here, a value of
+the wrong type or a value outside a `Literal` is an error, never a silent default. Dotlist
+overrides (`stages.math.lr=1e-4 seeds=[0,1]`) are applied the same way. The same frozen objects
+travel to the actors; each spec states its own invariants (`invariants`) and `Spec.check`
+reports the first problem as a `StudyError` — the one error type a user sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import MISSING
 
 from stageflow.platform.models import TinyModelSpec
 
+Dtype = Literal["float32", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+Schedule = Literal["constant", "linear", "cosine"]
+Kernels = Literal["fused", "naive"]
+RolloutBackend = Literal["vllm", "hf"]
+# shared: one pool of engines for the study; per_trial: each trial's own engines in its
+# placement group; colocated: the engine shares the learner's GPU and sleeps while it trains.
+Placement = Literal["shared", "per_trial", "colocated"]
+LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
+# How a learner's weights reach the rollout engines; auto: shared memory when the learner and
+# the engines share a node, NCCL between GPUs of a trial's own engines, else the object store.
+WeightTransport = Literal["auto", "shm", "object_store", "nccl"]
+
+Problems = Iterator[tuple[str, str]]  # (key relative to the spec, one-sentence problem)
+
+
+class StudyError(ValueError):
+    """A problem with a study's input; `str()` is the one sentence shown to the user:
+    `<source>: <key>: <problem>` (source: the study file, or what else was wrong)."""
+
+    def __init__(self, source: str, key: str, problem: str):
+        self.source, self.key, self.problem = source, key, problem
+        where = ": ".join(part for part in (source, key) if part)
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+    def within(self, source: str, prefix: str = "") -> StudyError:
+        """The same problem, located in `source` under the key `prefix`."""
+        return StudyError(source, join_key(prefix, self.key), self.problem)
+
+
+def join_key(*parts: str) -> str:
+    """'stages.inst' + 'lr' -> 'stages.inst.lr' (empty parts dropped)."""
+    return ".".join(part for part in parts if part)
+
+
+def positive(key: str, value: float | None, allow_zero: bool = False) -> Problems:
+    """A problem when `value` is given and is not a (non-negative) finite number."""
+    if value is None or isinstance(value, bool):
+        return
+    bad = not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
+    if bad:
+        kind = "non-negative" if allow_zero else "positive"
+        yield key, f"expected a {kind} number, got {value}"
+
+
+def literal_choices(hint: Any) -> tuple | None:
+    """The allowed values of a `Literal[...]` (or `Optional[Literal[...]]`) hint, else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def choice_problem(noun: str, value: Any, choices: tuple) -> str:
+    return f"unknown {noun} '{value}'; expected one of {', '.join(map(str, choices))}"
+
+
+class Spec:
+    """Base of the schema's dataclasses: `problems()` walks the fields (Literal choices, nested
+    specs) and the spec's own `invariants()`; `check()` raises the first as a StudyError."""
+
+    # field -> the noun of its "unknown <noun> 'x'" message (default "value")
+    NOUNS: typing.ClassVar[dict[str, str]] = {}
+
+    def invariants(self) -> Problems:
+        return iter(())
+
+    def problems(self) -> Problems:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            choices = literal_choices(hints[f.name])
+            if choices is not None and value is not None and value not in choices:
+                yield f.name, choice_problem(self.NOUNS.get(f.name, "value"), value, choices)
+            children = (
+                [(f.name, value)]
+                if isinstance(value, Spec)
+                else [(f"{f.name}.{k}", v) for k, v in value.items()]
+                if isinstance(value, dict)
+                else [(f"{f.name}[{i}]", v) for i, v in enumerate(value)]
+                if isinstance(value, list)
+                else []
+            )
+            for prefix, child in children:
+                if isinstance(child, Spec):
+                    yield from ((join_key(prefix, k), p) for k, p in child.problems())
+        yield from self.invariants()
+
+    def check(self, prefix: str = "", source: str = "") -> None:
+        """Raise the first problem as a StudyError naming `prefix.<key>`."""
+        for key, problem in self.problems():
+            raise StudyError(source, key, problem).within(source, prefix)
+
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Spec):
     """`path`: a local HF causal-LM directory; when unset the tiny default is built from `tiny`."""
 
     path: Optional[str] = None
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
+
+    def invariants(self) -> Problems:
+        problem = self.tiny.problem()
+        if self.path is None and problem:
+            yield "tiny", f"expected {problem}"
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class DataSpec(Spec):
     """Where a stage's examples come from: a synthetic `task` or a user's JSONL `file`."""
 
     task: Optional[str] = None
@@ -34,6 +138,11 @@ class DataSpec:
     size: int = 200
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+
+    def invariants(self) -> Problems:
+        if (self.task is None) == (self.file is None):
+            yield "", "expected exactly one of 'task' (a synthetic task) or 'file' (a JSONL file)"
+        yield from positive("size", self.size)
 
 
 @dataclass(frozen=True)
@@ -44,8 +153,10 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class StageSpec(Spec):
     """One stage of a path. `objective` defaults per kind (sft → sft, grpo → grpo)."""
+
+    NOUNS: typing.ClassVar[dict[str, str]] = {"schedule": "schedule"}
 
     kind: str = MISSING
     data: DataSpec = field(default_factory=DataSpec)
@@ -55,7 +166,7 @@ class StageSpec:
     lr: float = 1e-3
     batch_size: int = 8
     max_len: int = 192
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -63,6 +174,23 @@ class StageSpec:
     rewards: list[RewardSpec] = field(default_factory=list)
     retain: Optional[DataSpec] = None
     sets: list[str] = field(default_factory=list)
+
+    def problems(self) -> Problems:
+        if self.kind == "eval":  # trains nothing: only which sets it evaluates matters
+            return iter(())
+        return super().problems()
+
+    def invariants(self) -> Problems:
+        if self.steps is not None and self.epochs is not None:
+            yield "steps", "give either steps or epochs, not both"
+        yield from positive("steps", self.steps)
+        yield from positive("epochs", self.epochs)
+        yield from positive("lr", self.lr)
+        yield from positive("batch_size", self.batch_size)
+        yield from positive("max_len", self.max_len)
+        yield from positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        yield from positive("weight_decay", self.weight_decay, allow_zero=True)
+        yield from positive("grad_clip", self.grad_clip, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -84,7 +212,7 @@ class OrderingSpec:
 
 
 @dataclass(frozen=True)
-class EvalSetSpec:
+class EvalSetSpec(Spec):
     """An evaluation set and the registered metrics computed on it."""
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -94,50 +222,90 @@ class EvalSetSpec:
     max_new_tokens: int = 32
     temperature: float = 1.0
 
+    def invariants(self) -> Problems:
+        yield from positive("samples", self.samples)
+        yield from positive("max_examples", self.max_examples)
+        yield from positive("max_new_tokens", self.max_new_tokens)
+        yield from positive("temperature", self.temperature, allow_zero=True)
+
 
 @dataclass(frozen=True)
-class EvaluationSpec:
+class EvaluationSpec(Spec):
     after_every_stage: bool = True
     sets: dict[str, EvalSetSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class LearnerSpec:
+class LearnerSpec(Spec):
+    """DeepSpeed learner ranks of one trial (data parallel) and how they train."""
+
     ranks: int = 1
     zero_stage: int = 1
-    dtype: str = "float32"
-    kernels: str = "fused"
+    dtype: Dtype = "float32"
+    kernels: Kernels = "fused"
     reset_optimizer_per_stage: bool = True
+
+    def invariants(self) -> Problems:
+        if self.zero_stage not in (0, 1, 2, 3):
+            yield (
+                "zero_stage",
+                f"ZeRO stage {self.zero_stage} is out of range; expected 0, 1, 2 or 3",
+            )
+        yield from positive("ranks", self.ranks)
 
 
 @dataclass(frozen=True)
-class RolloutSpec:
-    """`backend: hf` (transformers generate) is an explicit, recorded choice, never a fallback."""
+class RolloutSpec(Spec):
+    """Generation engines: where they run (`placement`), which backend, how they are sized.
 
-    backend: str = "vllm"
+    `backend: hf` (transformers generate) is an explicit, recorded choice, never a fallback.
+    `workers`: engines of the shared pool, or of each trial (per_trial, colocated).
+    """
+
+    placement: Placement = "shared"
+    backend: RolloutBackend = "vllm"
     workers: int = 1
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     max_model_len: int = 512
     kv_cache_gib: float = 0.5
     gpu_memory_utilization: float = 0.25
+    logprobs_mode: LogprobsMode = "processed_logprobs"
+    weight_sync: WeightTransport = "auto"
+
+    def invariants(self) -> Problems:
+        yield from positive("workers", self.workers, allow_zero=True)
+        yield from positive("max_model_len", self.max_model_len)
+        yield from positive("kv_cache_gib", self.kv_cache_gib)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            yield "gpu_memory_utilization", "expected a fraction in (0, 1]"
 
 
 @dataclass(frozen=True)
-class ResourcesSpec:
-    device: str = "auto"
+class ResourcesSpec(Spec):
+    """Ray resources. `shared_actor_resources`: custom Ray resources the study's shared actors
+    (tracker, shared rollout pool) ask for, to pin them to service nodes (e.g. {head: 0.01})."""
+
+    device: Device = "auto"
     cpus_per_actor: float = 1.0
     max_concurrent_trials: Optional[int] = None
+    shared_actor_resources: dict[str, float] = field(default_factory=dict)
+
+    def invariants(self) -> Problems:
+        yield from positive("cpus_per_actor", self.cpus_per_actor)
+        yield from positive("max_concurrent_trials", self.max_concurrent_trials)
+        for name, amount in self.shared_actor_resources.items():
+            yield from positive(f"shared_actor_resources.{name}", amount)
 
 
 @dataclass(frozen=True)
-class TrackingSpec:
+class TrackingSpec(Spec):
     uri: Optional[str] = None
     experiment: Optional[str] = None
 
 
 @dataclass(frozen=True)
-class AnalysisSpec:
-    """How unlearning outcomes are scored across orderings (REFERENCES.md).
+class AnalysisSpec(Spec):
+    """How unlearning outcomes are scored across orderings (docs/formulas.md#study-analysis).
 
     `forget_score`: a "<set>/<metric>" log-likelihood whose drop under unlearning is the
     forget score; `utilities`: name → "<set>/<metric>" (an accuracy gives Δ accuracy, a
@@ -151,7 +319,7 @@ class AnalysisSpec:
 
 
 @dataclass(frozen=True)
-class StudySpec:
+class StudySpec(Spec):
     """A whole study: what trains in which orders, how it is evaluated, where it runs."""
 
     name: str = MISSING
@@ -169,3 +337,19 @@ class StudySpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+
+    def invariants(self) -> Problems:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            yield "name", "expected a study name of letters, digits, '-', '_' or '.'"
+        if not self.stages:
+            yield "stages", "expected at least one stage"
+        if not self.seeds:
+            yield "seeds", "expected at least one seed"
+        if len(set(self.seeds)) != len(self.seeds):
+            yield "seeds", "expected distinct seeds"
+        if self.rollout.placement == "colocated" and self.resources.device == "cpu":
+            yield (
+                "rollout.placement",
+                "colocated shares a GPU between a learner and its vLLM engine (sleep mode); "
+                "expected shared or per_trial on a CPU study (resources.device: cpu)",
+            )

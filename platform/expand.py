@@ -52,11 +52,23 @@ class Trial:
         )
 
     @property
+    def display(self) -> str:
+        """The path as people read it: 'a>b>c', or 'oracle a>c' for an oracle."""
+        return ("oracle " if self.oracle else "") + self.ordering
+
+    @property
     def label(self) -> str:
         """A readable run name: '[oracle ]a>b>c key=value ... seed=N'."""
-        parts = [("oracle " if self.oracle else "") + self.ordering]
+        parts = [self.display]
         parts += [f"{k}={v}" for k, v in sorted(self.hparams.items())] + [f"seed={self.seed}"]
         return " ".join(parts)
+
+    @property
+    def description(self) -> str:
+        """The trial run's description: its path, then what it is compared with."""
+        then = f"; then unlearning by {', '.join(self.unlearning)}" if self.unlearning else ""
+        kind = "Oracle (the path without the forget data)" if self.oracle else "Trial"
+        return f"{kind} of path {' > '.join(self.path)}, seed {self.seed}{then}."
 
     @property
     def trial_id(self) -> str:
@@ -123,7 +135,7 @@ def without_forget(stage: StageSpec, forget: list[DataSpec]) -> StageSpec | None
             data.task
             and data.split == "train"
             and f.split == "forget"
-            and "retain" in TASKS[data.task].meta["splits"]
+            and "retain" in TASKS[data.task].splits
         ):
             return dataclasses.replace(stage, data=dataclasses.replace(data, split="retain"))
         return None

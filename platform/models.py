@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import string
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from stageflow.platform.study_dir import staged_dir
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -97,15 +96,16 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / "stageflow_model.json").write_text(json.dumps(asdict(spec), sort_keys=True))
-    try:
-        os.replace(staging, out_dir)
-    except OSError:  # another process finished the same model first
-        shutil.rmtree(staging, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a 1 MB model
+    with staged_dir(out_dir) as staging:  # another process may finish the same model first
+        model.save_pretrained(staging, safe_serialization=True)
+        if shown:
+            hf_logging.enable_progress_bar()
+        tokenizer.save_pretrained(staging)
+        (staging / "stageflow_model.json").write_text(json.dumps(asdict(spec), sort_keys=True))
     return out_dir
 
 
@@ -130,4 +130,28 @@ def check_model_dir(path: str | Path) -> str | None:
         json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as err:
         return f"a readable config.json (it is not valid JSON: {err.msg})"
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            return f"complete safetensors weights ({weights.name}: {problem})"
     return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (a truncated download or copy), or None. Reads only
+    its header: an 8-byte length, a JSON table of tensors, then the data they point into."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"its header needs {8 + length} bytes, the file has {size}"
+        try:
+            table = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    ends = [t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"]
+    need = 8 + length + max(ends, default=0)
+    return f"its tensors need {need} bytes, the file has {size}" if need > size else None

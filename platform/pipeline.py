@@ -1,26 +1,31 @@
 """One trial's pipeline: its stages in order through the prefix cache, evaluation after
 each, the unlearning branches at the end, everything logged to MLflow.
 
-A stage whose prefix is already finished (by this or another trial) is not trained
-again: its checkpoint and evaluation are reused and the trial run links the stage run
-that trained it with a tag.
+Each stage is run by its kind (`platform/stages.py`). A stage whose prefix is already finished
+(by this or another trial) is not trained again: its checkpoint and evaluation are reused and
+the trial run links the stage run that trained it with a tag. A trained prefix is evaluated on
+the weights the learner holds, before its checkpoint is committed, so every finished prefix
+has its evaluation. Where the trial's time went is logged as `time/<phase>_s`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stageflow.actors.evaluator import EvalJob
-from stageflow.platform.config import StageSpec, StudySpec
+from stageflow.platform.config import StudySpec
+from stageflow.platform.evaluation import EvalJob, evaluate
 from stageflow.platform.expand import Trial, trial_spec
-from stageflow.platform.prefix_cache import PrefixCache, digest
-from stageflow.platform.rl import rl_summary as summarize_rl
-from stageflow.platform.rl import run_rl_stage, runs_rl_loop, stage_reward_range
+from stageflow.platform.prefix_cache import Claim, PrefixCache, base_key, stage_seed
+from stageflow.platform.registry import STAGE_KINDS
+from stageflow.platform.rl import rl_summary, stage_reward_range
+from stageflow.platform.stages import Point, StageStep
+from stageflow.platform.study_dir import StudyDir
 from stageflow.platform.tasks import materialize, read_jsonl
+from stageflow.platform.tracking import now_ms
+from stageflow.platform.workers import Stopwatch, TrialWorkers
 
 
 @dataclass
@@ -28,28 +33,21 @@ class TrialContext:
     """What every trial of a study shares: its spec, files and the shared actors it calls."""
 
     spec: StudySpec
-    storage: Path
+    study: StudyDir
     base_model: Path
-    base_key: str
+    base_identity: str
     tracker: Any
     study_run_id: str
-    evaluator: Any
-    rollout: Any = None
+    pool: Any = None  # the shared rollout pool (placement: shared), when the study needs one
     _rows: dict[Path, list[dict]] = field(default_factory=dict)
 
-    @property
-    def cache(self) -> PrefixCache:
-        return PrefixCache(self.storage / "prefixes")
-
     def rows(self, data) -> list[dict]:
-        path = materialize(data, self.storage / "data")
+        path = materialize(data, self.study.data)
         if path not in self._rows:
             self._rows[path] = read_jsonl(path)
         return self._rows[path]
 
-    def eval_jobs(
-        self, spec: StudySpec, names: list[str] | None = None, seed: int = 0
-    ) -> list[EvalJob]:
+    def eval_jobs(self, spec: StudySpec, names: list[str] | None, seed: int) -> list[EvalJob]:
         return [
             EvalJob(
                 name=name,
@@ -59,47 +57,60 @@ class TrialContext:
                 samples=s.samples,
                 max_new_tokens=s.max_new_tokens,
                 temperature=s.temperature,
-                options={"seed": seed},
+                seed=seed,
             )
             for name, s in spec.evaluation.sets.items()
             if names is None or name in names
         ]
 
 
-def child_key(parent: str, stage: StageSpec, spec: StudySpec) -> str:
-    """The prefix key after `stage`: everything that can change the trained weights."""
-    return digest(parent, asdict(stage), asdict(spec.learner), spec.model.dtype)
-
-
-def stage_seed(key: str) -> int:
-    return int(key[:8], 16) % (2**31)
+def step_time_split(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Where a stage's training time went, from its per-step metrics."""
+    out = {"optimizer_steps": 0.0, "rl_generation": 0.0, "weight_sync": 0.0}
+    for row in steps:
+        out["optimizer_steps"] += row.get("learn_s", row.get("step_time_s", 0.0))
+        out["rl_generation"] += row.get("gen_s", 0.0)
+        out["weight_sync"] += row.get("sync_s", 0.0)
+    return out
 
 
 class TrialRunner:
-    """Runs one trial; holds its learner group (created on first need) and its MLflow run."""
+    """Runs one trial; holds its actors (`TrialWorkers`), its MLflow run and its time breakdown."""
 
     def __init__(
         self, ctx: TrialContext, trial: Trial, report: Callable[[dict], None] | None = None
     ):
         self.ctx, self.trial = ctx, trial
         self.spec = trial_spec(ctx.spec, trial)
-        self.cache = ctx.cache
+        self.cache: PrefixCache = ctx.study.cache()
         self.report = report or (lambda metrics: None)
-        self.learner: Any = None
-        self.learner_key: str | None = None
+        self.clock = Stopwatch()
+        self.workers = TrialWorkers(
+            self.spec, ctx.base_model, trial.seed, trial.trial_id, ctx.pool, self.clock
+        )
         self.trained = 0
         self.history: list[dict[str, Any]] = []  # per stage: index, stage, prefix key, metrics
 
+    # ----- tracking ---------------------------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
 
-        return ray.get(getattr(self.ctx.tracker, method).remote(*args, **kwargs))
+        with self.clock("tracking"):
+            return ray.get(getattr(self.ctx.tracker, method).remote(*args, **kwargs))
 
+    def log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        self.call("log_metrics", run_id, metrics, step, now_ms())
+
+    def tag(self, tags: dict[str, Any]) -> None:
+        self.call("set_tags", self.run_id, tags)
+
+    # ----- the path ---------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         trial, ctx = self.trial, self.ctx
-        self.run_id = self.call("find_run", trial_id=trial.trial_id, kind="trial") or self.call(
+        self.run_id = self.call(
             "start_run",
             trial.label,
+            key=f"trial:{trial.trial_id}",
             parent_id=ctx.study_run_id,
             tags={
                 "stageflow.kind": "trial",
@@ -114,6 +125,7 @@ class TrialRunner:
                 "unlearning": ",".join(trial.unlearning),
                 **trial.hparams,
             },
+            description=trial.description,
         )
         try:
             final = self._run_path()
@@ -121,106 +133,99 @@ class TrialRunner:
             self.call("end_run", self.run_id, "FAILED")
             raise
         finally:
-            if self.learner is not None:
-                self.learner.shutdown()
-        self.call("log_metrics", self.run_id, {"stages_trained": self.trained}, len(trial.path) + 1)
+            with self.clock("shutdown"):
+                self.workers.close()
+        done = len(trial.path) + 1
+        self.log(self.run_id, {"stages_trained": self.trained, **self.clock.breakdown()}, done)
         self.call("end_run", self.run_id)
         return final
 
     def _run_path(self) -> dict[str, float]:
-        ctx, trial = self.ctx, self.trial
-        key, model_dir = digest(ctx.base_key, trial.seed), ctx.base_model
-        final = self._evaluate_once(key, model_dir)
-        self.call("log_metrics", self.run_id, final, 0)
-        self.history.append({"index": 0, "stage": "base", "key": key, "metrics": final})
+        trial = self.trial
+        point = Point(base_key(self.ctx.base_identity, trial.seed), self.ctx.base_model)
+        final = self.evaluate_once(point.key, point)
+        self.log(self.run_id, final, 0)
+        self.history.append({"index": 0, "stage": "base", "key": point.key, "metrics": final})
         for index, name in enumerate(trial.path, start=1):
-            key, model_dir, metrics = self._stage(index, name, key, model_dir)
+            point, metrics = self._stage(StageStep(index, name, self.spec.stages[name], point))
             final = {**final, **metrics}
             self.report({"stage_index": index, "stage": name, **metrics})
         for branch in trial.unlearning:
-            _, _, metrics = self._stage(len(trial.path) + 1, branch, key, model_dir, branch=True)
+            step = StageStep(len(trial.path) + 1, branch, self.spec.stages[branch], point, True)
+            _, metrics = self._stage(step)
             unlearned = {f"{branch}/{k}": v for k, v in metrics.items()}
             final.update(unlearned)
-            self.report({"stage_index": len(trial.path) + 1, "stage": branch, **unlearned})
+            self.report({"stage_index": step.index, "stage": branch, **unlearned})
         return final
 
-    def _evaluate_once(
-        self, key: str, model_dir: Path, names: list[str] | None = None
-    ) -> dict[str, float]:
-        """Evaluation of a finished checkpoint, computed once per study and kept beside it
-        (with per-example values such as truth ratios, for the analysis)."""
-        import ray
-
-        record = self.cache.root / f"{key}.eval.json"
-        if not record.is_file():
-            jobs = self.ctx.eval_jobs(self.spec, names, seed=stage_seed(key))
-            result = {"metrics": {}, "examples": {}}
-            if jobs:
-                call = self.ctx.evaluator.evaluate_detailed.remote(
-                    str(model_dir), jobs, self.ctx.rollout
-                )
-                result = ray.get(call)
-            tmp = record.with_suffix(f".{self.trial.trial_id}.tmp")
-            tmp.write_text(json.dumps(result, sort_keys=True))
-            tmp.replace(record)
-        return json.loads(record.read_text())["metrics"]
-
-    def _stage(
-        self, index: int, name: str, parent: str, parent_dir: Path, branch: bool = False
-    ) -> tuple[str, Path, dict]:
-        stage = self.spec.stages[name]
-        if stage.kind == "eval":
-            metrics = self._evaluate_once(
-                f"{parent}-eval-{digest(stage.sets)}", parent_dir, list(stage.sets) or None
-            )
-            self.call("log_metrics", self.run_id, metrics, index)
-            self.history.append({"index": index, "stage": name, "key": parent, "metrics": metrics})
-            return parent, parent_dir, metrics
-        key = child_key(parent, stage, self.spec)
-        claim = self.cache.acquire(key, owner=self.trial.trial_id)
-        if claim is None:
-            meta = self.cache.meta(key)
-            self.call(
-                "set_tags", self.run_id, {f"stageflow.reused.{index}.{name}": meta["stage_run_id"]}
-            )
-        else:
-            try:
-                meta = self._train(index, name, stage, parent, parent_dir, key, claim)
-            except BaseException:
-                self.cache.release(claim)
-                raise
-        model_dir = self.cache.model_dir(key)
-        metrics = (
-            self._evaluate_once(key, model_dir) if self.spec.evaluation.after_every_stage else {}
-        )
-        metrics.update(meta.get("rl_summary") or {})  # an RL stage's stability, "rl/..."
-        if claim is not None:
-            self.call("log_metrics", meta["stage_run_id"], metrics, index)
-            self.call("end_run", meta["stage_run_id"])
-        logged = {f"{name}/{k}": v for k, v in metrics.items()} if branch else metrics
-        self.call("log_metrics", self.run_id, logged, index)
+    def _stage(self, step: StageStep) -> tuple[Point, dict[str, float]]:
+        point, metrics = STAGE_KINDS[step.stage.kind].run(self, step)
+        logged = {f"{step.name}/{k}": v for k, v in metrics.items()} if step.branch else metrics
+        self.log(self.run_id, logged, step.index)
         self.history.append(
-            {"index": index, "stage": name, "key": key, "branch": branch, "metrics": metrics}
+            {
+                "index": step.index,
+                "stage": step.name,
+                "key": point.key,
+                "branch": step.branch,
+                "metrics": metrics,
+            }
         )
-        return key, model_dir, metrics
+        return point, metrics
 
-    def _train(self, index, name, stage, parent, parent_dir, key, claim) -> dict:
-        from stageflow.actors.learner import LearnerGroup
+    # ----- evaluation -------------------------------------------------------------------------
+    def evaluate(self, record_key: str, point: Point, names: list[str] | None = None) -> dict:
+        """Evaluate `point` with the trial's actors (the learner holding its weights)."""
+        jobs = self.ctx.eval_jobs(self.spec, names, seed=stage_seed(record_key))
+        if not jobs:
+            return {"metrics": {}, "examples": {}}
+        learner = self.workers.learner_at(point.key, point.model_dir)
+        weights = None
+        if any(job.needs("generation") for job in jobs):
+            weights = self.workers.weights(point.key, point.model_dir)
 
-        ctx = self.ctx
-        run_id = self.call("find_run", prefix_key=key) or self.call(
+        def generate(prompts: list[str], **sampling: Any) -> dict:
+            return self.workers.generate(prompts, weights, **sampling)
+
+        def answer_stats(items: list[dict]) -> list:
+            with self.clock("eval_loglik"):
+                return learner.answer_stats(items)
+
+        return evaluate(jobs, answer_stats, generate)
+
+    def evaluate_once(self, record_key: str, point: Point, names: list[str] | None = None):
+        """The evaluation stored under `record_key`, computed by the first trial that needs it
+        (a claim keeps two trials from computing it together)."""
+        found = self.cache.read_eval(record_key)
+        if found is None:
+            done = lambda: self.cache.eval_path(record_key).is_file()  # noqa: E731
+            claim = self.cache.acquire(f"{record_key}-evaluating", self.trial.trial_id, done)
+            if claim is not None:
+                try:
+                    self.cache.write_eval(record_key, self.evaluate(record_key, point, names))
+                finally:
+                    self.cache.release(claim)
+            found = self.cache.read_eval(record_key)
+        return found["metrics"]
+
+    # ----- training ---------------------------------------------------------------------------
+    def train(self, step: StageStep, key: str, claim: Claim) -> dict:
+        """Train the prefix `key` (claimed), evaluate it, write its checkpoint; its meta."""
+        stage, ctx = step.stage, self.ctx
+        run_id = self.call(
             "start_run",
-            f"{index}:{name}",
+            f"{step.index}:{step.name}",
+            key=f"prefix:{key}",
             parent_id=self.run_id,
             tags={
                 "stageflow.kind": "stage",
-                "stageflow.stage": name,
+                "stageflow.stage": step.name,
                 "stageflow.prefix_key": key,
                 "stageflow.trial_id": self.trial.trial_id,
             },
             params={
                 "kind": stage.kind,
-                "index": index,
+                "index": step.index,
                 "objective": stage.objective or stage.kind,
                 "lr": stage.lr,
                 "batch_size": stage.batch_size,
@@ -229,48 +234,41 @@ class TrialRunner:
                 **{f"params.{k}": v for k, v in stage.params.items()},
             },
         )
-        if self.learner is None:
-            self.learner = LearnerGroup(
-                parent_dir,
-                ctx.spec.learner,
-                device=ctx.spec.resources.device,
-                cpus_per_actor=ctx.spec.resources.cpus_per_actor,
-                seed=self.trial.seed,
-            )
-            self.learner_key = parent
-        if self.learner_key != parent:
-            self.learner.load(parent_dir)
+        self.workers.learner_at(step.parent.key, step.parent.model_dir)
         rows = ctx.rows(stage.data)
         retain = ctx.rows(stage.retain) if stage.retain is not None else None
-        rl_summary = None
-        if runs_rl_loop(stage):  # GRPO and RL unlearning: sampled through the rollout service
-            steps = run_rl_stage(
-                self.learner,
-                ctx.rollout,
-                stage,
-                rows,
-                retain,
-                seed=stage_seed(key),
-                owner=self.trial.trial_id,
-            )
-            rl_summary = summarize_rl(steps, stage_reward_range(stage))
-        else:
-            steps = self.learner.train_stage(stage, rows, retain, seed=stage_seed(key))
-        self.learner_key = key
-        staging = self.cache.staging_dir(claim)
-        self.learner.save(staging / "model")
-        self.call("log_metric_series", run_id, list(enumerate(steps)))
-        self.trained += 1
+        kind = STAGE_KINDS[stage.kind]
+        kind.prepare(self, step)
+        started = now_ms()  # the training itself, for the stage's window in time
+        steps = kind.train(self, step, key, rows, retain)
+        ended = now_ms()
+        for phase, seconds in step_time_split(steps).items():
+            self.clock.add(f"in_{phase}", seconds)  # parts of train / rl_stage, not added twice
+        self.workers.holds(key)
         meta = {
             "key": key,
-            "parent": parent,
-            "stage": name,
+            "parent": step.parent.key,
+            "stage": step.name,
             "trial_id": self.trial.trial_id,
             "stage_run_id": run_id,
             "step_metrics": steps,
+            "train_start_ms": started,
+            "train_end_ms": ended,
         }
-        if rl_summary is not None:
-            meta["rl_summary"] = rl_summary
+        if any("reward_mean" in s for s in steps):
+            meta["rl_summary"] = rl_summary(steps, stage_reward_range(stage))
+        metrics = {}
+        if self.spec.evaluation.after_every_stage:
+            result = self.evaluate(key, Point(key, self.cache.model_dir(key)))
+            self.cache.write_eval(key, result)
+            metrics = result["metrics"]
+        staging = self.cache.staging_dir(claim)
+        with self.clock("checkpoint_write"):
+            self.workers.learner.save(staging / "model")
+        self.call("log_metric_series", run_id, list(enumerate(steps)), started)
+        self.log(run_id, {**metrics, **meta.get("rl_summary", {})}, step.index)
+        self.call("end_run", run_id)
+        self.trained += 1
         self.cache.commit(claim, staging, meta)
         return meta
 
@@ -279,7 +277,7 @@ def run_trial(
     ctx: TrialContext, trial: Trial, report: Callable[[dict], None] | None = None
 ) -> dict[str, Any]:
     """Run a trial's path and unlearning branches; returns the trial's record: final
-    metrics, per-stage history (prefix keys, metrics) and its MLflow run id."""
+    metrics, per-stage history (prefix keys, metrics), its MLflow run id and time breakdown."""
     runner = TrialRunner(ctx, trial, report)
     final = runner.run()
     return {
@@ -287,4 +285,5 @@ def run_trial(
         "metrics": final,
         "history": runner.history,
         "run_id": runner.run_id,
+        "timing": runner.clock.breakdown(),
     }

@@ -2,9 +2,11 @@
 
 The key of a prefix hashes the base model, the seed, the learner settings and the ordered
 effective stage configs so far, so two trials that share a prefix share its checkpoint.
-A prefix is trained once: a trial claims it with an atomic `mkdir`, trains, writes the
-checkpoint under a temporary name and renames it into place. A claim whose owner died
-is released, so a crashed trial never blocks the study.
+A prefix is trained once: a trial claims it with an atomic `mkdir`, trains, evaluates, writes
+the checkpoint under a temporary name and renames it into place. A claim whose owner died
+is released: on the owner's host by its pid, elsewhere by its heartbeat (the owner touches
+its claims while it holds them); a retried trial takes its own earlier claim over. So a
+crashed trial or a lost node never blocks the study.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from stageflow.platform.study_dir import read_json, write_json
+
 META = "meta.json"
 MODEL = "model"
+HEARTBEAT_S = 20.0
+CLAIM_STALE_S = 180.0  # a claim of another host untouched this long: its owner is gone
 
 
 def digest(*parts: Any) -> str:
@@ -44,6 +51,21 @@ def model_identity(model_dir: str | Path, sample_bytes: int = 1 << 20) -> str:
     return digest(*parts)
 
 
+def base_key(base_identity: str, seed: int) -> str:
+    """The key of a trial's starting point: the base model and the trial's seed."""
+    return digest(base_identity, seed)
+
+
+def child_key(parent: str, stage: Any, spec: Any) -> str:
+    """The prefix key after `stage`: everything that can change the trained weights."""
+    return digest(parent, asdict(stage), asdict(spec.learner), spec.model.dtype)
+
+
+def stage_seed(key: str) -> int:
+    """The seed of what runs on a prefix (batch order, sampling), derived from its key."""
+    return int(key[:8], 16) % (2**31)
+
+
 @dataclass(frozen=True)
 class Claim:
     key: str
@@ -51,12 +73,16 @@ class Claim:
 
 
 class PrefixCache:
-    """Finished prefixes are folders `<key>/` holding `model/` (an HF dir) and `meta.json`."""
+    """Finished prefixes are folders `<key>/` holding `model/` (an HF dir) and `meta.json`;
+    evaluations are `<key>.eval.json` beside them."""
 
     def __init__(self, root: str | Path, poll_s: float = 0.5):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.poll_s = poll_s
+        self._held: dict[str, Claim] = {}
+        self._lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
 
     def entry(self, key: str) -> Path:
         return self.root / key
@@ -70,6 +96,16 @@ class PrefixCache:
     def model_dir(self, key: str) -> Path:
         return self.entry(key) / MODEL
 
+    def eval_path(self, key: str) -> Path:
+        return self.root / f"{key}.eval.json"
+
+    def read_eval(self, key: str) -> dict | None:
+        """{"metrics": ..., "examples": ...} of the evaluation stored for `key`, if any."""
+        return read_json(self.eval_path(key))
+
+    def write_eval(self, key: str, result: dict) -> None:
+        write_json(self.eval_path(key), result)
+
     def lookup(self, keys: list[str]) -> int:
         """How many leading keys of a path are finished (the longest finished prefix)."""
         done = 0
@@ -79,31 +115,38 @@ class PrefixCache:
             done += 1
         return done
 
-    def acquire(self, key: str, owner: str) -> Claim | None:
-        """None when `key` is finished (now or after waiting for its trainer), else our claim."""
+    def acquire(self, key: str, owner: str, done: Any = None) -> Claim | None:
+        """None when `key` is finished (now or after waiting for its holder), else our claim.
+
+        `done()` says whether the work is finished (default: the prefix checkpoint exists).
+        """
+        done = done or (lambda: self.is_done(key))
         claim_path = self.root / f"{key}.claim"
         while True:
-            if self.is_done(key):
+            if done():
                 return None
             try:
                 claim_path.mkdir()
             except FileExistsError:
-                if self._owner_dead(claim_path):
+                holder = self._holder(claim_path)
+                if holder is not None and holder.get("owner") == owner:
+                    break  # our own earlier attempt (a retried trial): it is gone
+                if self._holder_gone(claim_path, holder):
                     shutil.rmtree(claim_path, ignore_errors=True)
                     continue
                 time.sleep(self.poll_s)
                 continue
-            record = {
-                "owner": owner,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "time": time.time(),
-            }
-            (claim_path / "owner.json").write_text(json.dumps(record))
-            if self.is_done(key):  # finished between our check and our claim
-                shutil.rmtree(claim_path, ignore_errors=True)
-                return None
-            return Claim(key, claim_path)
+            break
+        record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid()}
+        (claim_path / "owner.json").write_text(json.dumps({**record, "time": time.time()}))
+        if done():  # finished between our check and our claim
+            shutil.rmtree(claim_path, ignore_errors=True)
+            return None
+        claim = Claim(key, claim_path)
+        with self._lock:
+            self._held[key] = claim
+        self._start_heartbeat()
+        return claim
 
     def staging_dir(self, claim: Claim) -> Path:
         """Where the claimant writes the checkpoint before `commit` moves it into place."""
@@ -117,30 +160,58 @@ class PrefixCache:
         self.release(claim)
 
     def release(self, claim: Claim) -> None:
+        with self._lock:
+            self._held.pop(claim.key, None)
         shutil.rmtree(claim.path, ignore_errors=True)
 
     def clear_claims(self) -> int:
         """Drop every claim (a study driver starting or resuming: no trial is running)."""
         stale = list(self.root.glob("*.claim")) + list(self.root.glob(".*"))
         for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
         return len(stale)
 
     def trained(self) -> list[dict]:
         """The meta records of every finished prefix (one per stage training)."""
         return [json.loads(p.read_text()) for p in sorted(self.root.glob(f"*/{META}"))]
 
+    # ----- liveness of claims -----------------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None or not self._heartbeat.is_alive():
+            self._heartbeat = threading.Thread(target=self._beat, daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """Touch the held claims every HEARTBEAT_S (other hosts judge liveness by it)."""
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self._lock:
+                held = list(self._held.values())
+            for claim in held:
+                try:
+                    os.utime(claim.path / "owner.json")
+                except OSError:  # released meanwhile
+                    pass
+
     @staticmethod
-    def _owner_dead(claim_path: Path) -> bool:
+    def _holder(claim_path: Path) -> dict | None:
         try:
-            record = json.loads((claim_path / "owner.json").read_text())
+            return json.loads((claim_path / "owner.json").read_text())
         except (OSError, json.JSONDecodeError):
-            # being written right now, or written by a process that died at once
-            return time.time() - claim_path.stat().st_mtime > 30
-        if record["host"] != socket.gethostname():
-            return False
+            return None  # being written right now, or its writer died at once
+
+    @staticmethod
+    def _holder_gone(claim_path: Path, holder: dict | None) -> bool:
         try:
-            os.kill(record["pid"], 0)
+            age = time.time() - (claim_path / ("owner.json" if holder else "")).stat().st_mtime
+        except OSError:
+            return False
+        if holder is None:
+            return age > 30
+        if holder["host"] != socket.gethostname():
+            return age > CLAIM_STALE_S
+        try:
+            os.kill(holder["pid"], 0)
         except ProcessLookupError:
             return True
         except PermissionError:

@@ -1,4 +1,9 @@
-"""Progress lines while a study runs (a Ray Tune callback in the driver)."""
+"""Progress lines while a study runs (a Ray Tune callback in the driver).
+
+Each line starts with the elapsed time, the trials done out of all, and an estimate of the time
+left: the elapsed time per finished unit of work (a stage or unlearning branch of a trial)
+times the units left. Trials that finished before (a resume) count as done at once.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,42 @@ import time
 
 from ray.tune import Callback
 
+from stageflow.platform.expand import Trial
+
 SHOWN_METRICS = 3
 
 
-class ProgressPrinter(Callback):
-    """Prints one line per finished stage and per finished trial."""
+def clock(seconds: float) -> str:
+    """'45s', '3m05s', '1h02m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    def __init__(self, total_trials: int):
-        self.total, self.finished, self.start = total_trials, 0, time.time()
+
+class ProgressPrinter(Callback):
+    """Prints one line per finished stage and per finished trial, with an ETA."""
+
+    def __init__(self, trials: list[Trial]):
+        self.total, self.finished, self.start = len(trials), 0, time.time()
+        self.units = {t.trial_id: len(t.path) + len(t.unlearning) for t in trials}
+        self.done: dict[str, int] = {}
 
     def _prefix(self, trial) -> str:
-        path = ">".join(trial.config["trial"]["path"])
-        seed = trial.config["trial"]["seed"]
-        oracle = "oracle " if trial.config["trial"]["oracle"] else ""
-        return f"[{time.time() - self.start:6.0f}s {self.finished}/{self.total}] {oracle}{path} seed={seed}"
+        t = Trial.from_dict(trial.config["trial"])
+        elapsed = time.time() - self.start
+        done, total = sum(self.done.values()), sum(self.units.values())
+        eta = f"eta {clock(elapsed / done * (total - done))}" if done else "eta ?"
+        return f"[{clock(elapsed):>6} {self.finished}/{self.total} trials, {eta}] {t.display} seed={t.seed}"
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "stage" not in result:
+        trial_id = Trial.from_dict(trial.config["trial"]).trial_id
+        if "stage" not in result:  # a trial finished before this run: all its work is done
+            self.done[trial_id] = self.units.get(trial_id, 0)
             return
+        self.done[trial_id] = min(self.units.get(trial_id, 0), self.done.get(trial_id, 0) + 1)
         shown = [f"{k}={v:.3g}" for k, v in result.items() if "/" in k and isinstance(v, float)][
             :SHOWN_METRICS
         ]
@@ -34,6 +57,8 @@ class ProgressPrinter(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
+        trial_id = Trial.from_dict(trial.config["trial"]).trial_id
+        self.done[trial_id] = self.units.get(trial_id, 0)
         print(f"{self._prefix(trial)}  done", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -1,51 +1,167 @@
 """Name → implementation registries for the parts people extend from YAML.
 
-A new unlearning method, reward, metric or task is one function plus one decorator;
-the study validator looks names up here, so a registered name is valid everywhere.
+A new unlearning method, reward, metric or task is one function plus one decorator; a new
+stage kind is one class. The study validator looks names up here, so a registered name is
+valid everywhere. Each registry holds one typed entry kind (`Objective`, `Reward`, `Metric`,
+`Task`, `StageKind`): the decorator's keywords are that type's fields, so a misspelt
+property is an error at import, not a silently ignored key.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
+
+Range = tuple[float, float]
+
+
+def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The parameters after the first of `fn` with their defaults: an implementation's
+    signature is its parameter schema (`def npo(x, beta=0.1, alpha=0.0)` takes beta, alpha)."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One registered implementation with its metadata (declared parameters, allowed kinds...)."""
+class Objective:
+    """A training objective: `fn(LossInputs, **params) -> loss`.
+
+    `params`: its hyper-parameters with defaults, from `fn`'s signature plus `extra_params`
+    (those the loss does not take: the RL loop's, its default rewards'); `kinds`: stage kinds that accept it; `needs_ref`: pi_ref log-probs are
+    required; `retain_weight`: the parameter weighting the retain-set NLL; `rl_loop`: trained
+    by the RL loop (platform/rl.py) on sampled completions; `retain_prompts`: the RL loop also
+    samples the stage's retain prompts; `default_rewards(params)`: rewards used when a stage
+    lists none.
+    """
 
     name: str
-    fn: Any
-    meta: dict[str, Any] = field(default_factory=dict)
+    fn: Callable[..., Any]
+    kinds: tuple[str, ...]
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    needs_ref: bool = False
+    retain_weight: str | None = None
+    rl_loop: bool = False
+    retain_prompts: bool = False
+    default_rewards: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     @property
     def params(self) -> dict[str, Any]:
-        """Hyper-parameters the implementation accepts, with their defaults."""
-        return self.meta.get("params", {})
+        return {**keyword_defaults(self.fn), **self.extra_params}
+
+    def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The parameters: defaults updated by `overrides` (unknown names raise ValueError)."""
+        unknown = set(overrides or {}) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"objective '{self.name}' has no parameter {', '.join(sorted(unknown))}; "
+                f"it takes {', '.join(self.params) or 'none'}"
+            )
+        return {**self.params, **(overrides or {})}
+
+    def needs_reference(self, params: dict[str, Any]) -> bool:
+        """Whether pi_ref log-probs must be computed (NPO; an RL loop with a KL coefficient)."""
+        return self.needs_ref or (self.rl_loop and (params.get("beta") or 0) > 0)
+
+    def uses_retain(self, params: dict[str, Any]) -> bool:
+        """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
+        return self.retain_weight is not None and bool(params.get(self.retain_weight))
 
 
-class Registry:
-    """A named collection of implementations, filled by the `register` decorator."""
+@dataclass(frozen=True)
+class Reward:
+    """A reward `fn(Sample, **params) -> float` (or `Scored`, with named sub-terms); its
+    parameters and their defaults are `fn`'s signature.
 
-    def __init__(self, what: str):
-        self.what = what
-        self._entries: dict[str, Entry] = {}
+    `range`: (low, high), or a function of the parameters; `prepare(params, rows)`: parameters
+    derived from the stage's rows; `check(params)`: (key, problem) for a bad value, or None.
+    """
 
-    def register(self, name: str, **meta: Any) -> Callable[[Any], Any]:
+    name: str
+    fn: Callable[..., Any]
+    range: Range | Callable[[dict[str, Any]], Range] = (0.0, 1.0)
+    prepare: Callable[[dict[str, Any], Sequence[dict]], dict[str, Any]] | None = None
+    check: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return keyword_defaults(self.fn)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An evaluation metric: `fn(per-example stats) -> float`; `needs` says which stats:
+    teacher-forced answer statistics (loglik) or checked sampled completions (generation)."""
+
+    name: str
+    fn: Callable[..., float]
+    needs: Literal["loglik", "generation"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic task: `fn(rng, size, **params) -> {split: rows}` and its answer checker."""
+
+    name: str
+    fn: Callable[..., dict[str, list[dict]]]
+    splits: tuple[str, ...]
+    check: Callable[[dict, str], bool]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Parameters after (rng, size), from the generator's signature."""
+        return {k: v for k, v in keyword_defaults(self.fn).items() if k != "size"}
+
+
+class StageKind:
+    """A kind of stage (`kind:` in YAML); `run` is what the trial pipeline calls for it.
+
+    `default_objective`: the objective of a stage that names none (None: it must name one,
+    or the kind trains nothing). Subclasses live in platform/stages.py.
+    """
+
+    trains = True
+
+    def __init__(self, name: str, default_objective: str | None, doc: str):
+        self.name, self.default_objective, self.doc = name, default_objective, doc
+        self.params: dict[str, Any] = {}
+
+    def run(self, trial: Any, step: Any) -> Any:  # pragma: no cover - see platform/stages.py
+        raise NotImplementedError
+
+
+E = TypeVar("E")
+
+
+class Registry(Generic[E]):
+    """Named entries of one type; `register(name, **fields)` decorates the implementation."""
+
+    def __init__(self, what: str, entry_type: type[E]):
+        self.what, self.entry_type = what, entry_type
+        self._entries: dict[str, E] = {}
+
+    def register(self, name: str, **fields: Any) -> Callable[[Any], Any]:
+        """Decorator: `fn` becomes the entry `entry_type(name=name, fn=fn, **fields)`."""
+
         def add(fn: Any) -> Any:
-            if name in self._entries:
-                raise ValueError(f"{self.what} '{name}' is registered twice")
-            self._entries[name] = Entry(name, fn, meta)
+            self.add(self.entry_type(name=name, fn=fn, **fields))  # type: ignore[call-arg]
             return fn
 
         return add
 
+    def add(self, entry: E) -> E:
+        name = entry.name  # type: ignore[attr-defined]
+        if name in self._entries:
+            raise ValueError(f"{self.what} '{name}' is registered twice")
+        self._entries[name] = entry
+        return entry
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __getitem__(self, name: str) -> Entry:
+    def __getitem__(self, name: str) -> E:
         if name not in self._entries:
             raise KeyError(f"unknown {self.what} '{name}'; {self.expected()}")
         return self._entries[name]
@@ -61,7 +177,7 @@ class Registry:
 
     def unknown_param(self, name: str, params: Iterable[str]) -> tuple[str, str] | None:
         """(param, problem) for the first of `params` that entry `name` does not take, or None."""
-        declared = list(self[name].params)
+        declared = list(self[name].params)  # type: ignore[attr-defined]
         for param in params:
             if param not in declared:
                 hint = closest(param, declared)
@@ -80,23 +196,15 @@ def closest(name: str, candidates: list[str]) -> str | None:
     return found[0] if found else None
 
 
-STAGE_KINDS = Registry("stage kind")
-OBJECTIVES = Registry("objective")
-REWARDS = Registry("reward")
-METRICS = Registry("metric")
-TASKS = Registry("task")
+STAGE_KINDS: Registry[StageKind] = Registry("stage kind", StageKind)
+OBJECTIVES: Registry[Objective] = Registry("objective", Objective)
+REWARDS: Registry[Reward] = Registry("reward", Reward)
+METRICS: Registry[Metric] = Registry("metric", Metric)
+TASKS: Registry[Task] = Registry("task", Task)
 
-# The four stage kinds of a path and the objective each uses when a stage names none.
-for _kind, _default, _doc in [
-    ("sft", "sft", "supervised training on prompt/answer pairs"),
-    ("grpo", "grpo", "reinforcement learning from rewards on sampled completions"),
-    ("unlearn", None, "an unlearning method applied to a forget set"),
-    ("eval", None, "evaluation only; trains nothing"),
-]:
-    STAGE_KINDS.register(_kind, default_objective=_default, doc=_doc)(_kind)
-
-# Modules whose import registers tasks, metrics, objectives and rewards.
+# Modules whose import registers stage kinds, tasks, metrics, objectives and rewards.
 PLUGIN_MODULES = [
+    "stageflow.platform.stages",
     "stageflow.platform.tasks",
     "stageflow.actors.metrics",
     "stageflow.actors.objectives",
@@ -110,3 +218,11 @@ def load_plugins() -> None:
 
     for module in PLUGIN_MODULES:
         importlib.import_module(module)
+
+
+def objective_of(stage: Any) -> str | None:
+    """A stage's objective name: its own, else its kind's default."""
+    if stage.objective is not None:
+        return stage.objective
+    kind = STAGE_KINDS[stage.kind] if stage.kind in STAGE_KINDS else None
+    return kind.default_objective if kind else None

@@ -34,7 +34,7 @@ def trials_table(results: list[tuple[object, dict[str, float]]]) -> str:
         branches = [""] + list(getattr(trial, "unlearning", ()))
         for branch in branches:
             prefix = f"{branch}/" if branch else ""
-            label = ("oracle " if getattr(trial, "oracle", False) else "") + trial.ordering
+            label = trial.display
             rows.append(
                 [
                     label,
@@ -195,3 +195,24 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
         "<!doctype html><meta charset='utf-8'><title>stageflow report</title>" + "".join(body)
     )
     return written
+
+
+def study_description(analysis, results: list, files: dict[str, Path]) -> str:
+    """The study run's description in MLflow: its summary table (the per-ordering table when
+    the study unlearns nothing) and where the report and figures are among its artifacts."""
+    summary = analysis.summary()
+    if summary:
+        title = "Spread of each score across orderings"
+        table = format_table(
+            ["score", "method", "spread across orderings", "seed std", "spread / seed std"],
+            [
+                [r["score"], r["method"], r["spread"], r["seed_std"], r["spread_over_seed_std"]]
+                for r in summary
+            ],
+        )
+    else:
+        title, table = "Final metrics by trial", trials_table(results)
+    figures = [f"- report/{name}" for name in files if name.startswith("figures/")]
+    lines = [f"**{title}** ({len(results)} trials)", "", table, ""]
+    lines += ["Report: report/report.md and report/report.html (artifacts of this run)."]
+    return "\n".join(lines + (["", "Figures:", *figures] if figures else []))

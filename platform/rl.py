@@ -1,11 +1,12 @@
 """The RL stage loop (GRPO), driven from the trial pipeline for objectives marked `rl_loop`.
 
-Per step: a batch of prompts, G completions each from the study's rollout service (under the
-trial's lease, so no other trial's weights interleave), rewards (`actors/rewards.py`),
-group-normalised advantages, pi_old (and pi_ref) log-probs of the sampled completions from the
-learner, `updates_per_batch` clipped-ratio optimizer steps against pi_old, then the new
-weights go to the rollout workers before the next batch. Used by `grpo` stages and by the RL
-unlearning objectives `purge` and `rule` (REFERENCES.md, "RL objectives").
+Per step: a batch of prompts, G completions each from the trial's rollout engines (its own,
+or the shared pool's) with the learner's latest published weights, rewards
+(`actors/rewards.py`), group-normalised advantages, pi_old (and pi_ref) log-probs of the
+sampled completions from the learner, `updates_per_batch` clipped-ratio optimizer steps against
+pi_old, then the new weights are published (`WeightSync`: shared memory on one host) for the
+next batch. Used by `grpo` stages and by the RL unlearning objectives `purge` and `rule`
+(docs/formulas.md#rl-objectives).
 """
 
 from __future__ import annotations
@@ -15,34 +16,30 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from stageflow.actors.batching import batch_indices, stage_steps, stage_value
-from stageflow.actors.objectives import objective_of
+from stageflow.actors.batching import batch_indices, stage_steps
 from stageflow.actors.rewards import Sample, StageReward, weighted_range
-from stageflow.platform.registry import OBJECTIVES, Entry
+from stageflow.actors.weight_sync import Weights, WeightSync
+from stageflow.platform.config import StageSpec
+from stageflow.platform.registry import OBJECTIVES, Objective, objective_of
 
-LEASE_POLL_S = 2.0
 
-
-def runs_rl_loop(stage: Any) -> bool:
-    """Whether the stage's objective is trained by this module's loop (its entry says `rl_loop`)."""
+def runs_rl_loop(stage: StageSpec) -> bool:
+    """Whether the stage's objective is trained by this module's loop."""
     name = objective_of(stage)
-    return name in OBJECTIVES and bool(OBJECTIVES[name].meta.get("rl_loop"))
+    return name in OBJECTIVES and OBJECTIVES[name].rl_loop
 
 
-def reward_specs(stage: Any, entry: Entry, params: dict[str, Any]) -> list[Any]:
+def reward_specs(stage: StageSpec, entry: Objective, params: dict[str, Any]) -> list[Any]:
     """The stage's `rewards`, else the objective's default rewards (purge, rule), else []."""
-    rewards = list(stage_value(stage, "rewards") or [])
-    if rewards or "default_rewards" not in entry.meta:
-        return rewards
-    return entry.meta["default_rewards"](params)
+    if stage.rewards or entry.default_rewards is None:
+        return list(stage.rewards)
+    return entry.default_rewards(params)
 
 
-def stage_reward_range(stage: Any) -> tuple[float, float]:
+def stage_reward_range(stage: StageSpec) -> tuple[float, float]:
     """(low, high) of the stage's total reward R."""
-    from stageflow.actors.objectives import resolve
-
-    entry, params = resolve(objective_of(stage), dict(stage_value(stage, "params") or {}))
-    return weighted_range(reward_specs(stage, entry, params))
+    entry = OBJECTIVES[objective_of(stage)]
+    return weighted_range(reward_specs(stage, entry, entry.resolve(dict(stage.params))))
 
 
 def group_advantages(
@@ -67,34 +64,6 @@ def k3(logprob: float, ref_logprob: float) -> float:
     return math.exp(q) - q - 1.0
 
 
-class RolloutLease:
-    """`with RolloutLease(service, owner):` holds the service's lease, waiting while another
-    trial's RL stage holds it; released on exit."""
-
-    def __init__(self, service: Any, owner: str, timeout_s: float | None = None):
-        self.service, self.owner, self.timeout_s = service, owner, timeout_s
-
-    def __enter__(self) -> RolloutLease:
-        import ray
-
-        start = time.monotonic()
-        while not ray.get(self.service.acquire.remote(self.owner)):
-            if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
-                holder = ray.get(self.service.holder.remote())
-                raise TimeoutError(f"rollout service still leased by '{holder}'")
-            time.sleep(LEASE_POLL_S)
-        return self
-
-    def __exit__(self, exc_type: Any, *_: object) -> None:
-        import ray
-
-        try:
-            ray.get(self.service.release.remote(self.owner))
-        except Exception:
-            if exc_type is None:  # never mask the error that ended the stage
-                raise
-
-
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -107,75 +76,70 @@ def _std(values: Sequence[float]) -> float:
 def run_rl_stage(
     learner: Any,
     rollout: Any,
-    stage: Any,
+    stage: StageSpec,
     rows: list[dict],
     retain_rows: list[dict] | None = None,
     *,
     seed: int = 0,
     owner: str = "rl",
+    sync: WeightSync | None = None,
 ) -> list[dict[str, float]]:
     """Train one RL stage (the GRPO loop); per-step metrics in order, like `train_stage`.
 
-    Forget / data prompts come from `rows`; objectives with `retain_prompts` (rule) fill half
-    of each step's prompts from `retain_rows`. Steps: the stage's `steps`, else its epochs
-    over `rows` at `prompts_per_step` prompts per step.
+    `rollout`: the trial's engines (a `RolloutGroup` or the shared pool's client); `sync`: how
+    the learner's weights reach them (default: a new `WeightSync`, closed at the end). Forget /
+    data prompts come from `rows`; objectives with `retain_prompts` (rule) fill half of each
+    step's prompts from `retain_rows`. Steps: the stage's `steps`, else its epochs over `rows`
+    at `prompts_per_step` prompts per step.
     """
-    from stageflow.actors.objectives import resolve
-
     if rollout is None:
-        raise ValueError("an RL stage needs the study's rollout service, but none was started")
+        raise ValueError("an RL stage needs rollout engines, but the trial has none")
     if not rows:
         raise ValueError("an RL stage got no prompts")
-    entry, params = resolve(objective_of(stage), dict(stage_value(stage, "params") or {}))
-    per_step = int(params["prompts_per_step"] or stage_value(stage, "batch_size", 8))
-    retain = list(retain_rows or []) if entry.meta.get("retain_prompts") else []
+    entry = OBJECTIVES[objective_of(stage)]
+    params = entry.resolve(dict(stage.params))
+    per_step = int(params["prompts_per_step"] or stage.batch_size)
+    retain = list(retain_rows or []) if entry.retain_prompts else []
     n_retain = per_step // 2 if retain else 0
-    steps = stage_steps(
-        {
-            "steps": stage_value(stage, "steps"),
-            "epochs": stage_value(stage, "epochs"),
-            "batch_size": per_step,
-        },
-        len(rows),
-    )
+    steps = stage_steps(stage.steps, stage.epochs, per_step, len(rows))
     plan = batch_indices(len(rows), per_step - n_retain, steps, seed)
     retain_plan = batch_indices(len(retain), n_retain, steps, seed + 1) if retain else None
-    loop = GRPOLoop(
-        learner,
-        rollout,
-        owner,
-        stage,
-        params,
-        StageReward(reward_specs(stage, entry, params), rows),
-    )
+    own_sync = sync is None
+    sync = sync or WeightSync(learner, rollout, owner=owner)
+    reward = StageReward(reward_specs(stage, entry, params), rows)
+    loop = GRPOLoop(learner, rollout, sync, owner, stage, params, reward)
     learner.begin_stage(stage, steps * loop.updates)
     metrics: list[dict[str, float]] = []
-    with RolloutLease(rollout, owner):
-        loop.sync_weights()
+    try:
+        loop.publish()
         for step in range(steps):
             batch = [(rows[i], "data") for i in plan[step]]
             batch += [(retain[i], "retain") for i in (retain_plan[step] if retain else [])]
             metrics.append(loop.step(batch, seed=(seed + 7919 * step) % 2**31))
+    finally:
+        if own_sync:
+            sync.close()
     return metrics
 
 
 class GRPOLoop:
-    """One RL stage's state between steps: learner, leased rollout service, reward, settings."""
+    """One RL stage's state between steps: learner, rollout engines, weight sync, reward."""
 
     def __init__(
         self,
         learner: Any,
         rollout: Any,
+        sync: WeightSync,
         owner: str,
-        stage: Any,
+        stage: StageSpec,
         params: dict[str, Any],
         reward: StageReward,
     ):
-        self.learner, self.rollout, self.owner = learner, rollout, owner
+        self.learner, self.rollout, self.sync, self.owner = learner, rollout, sync, owner
         self.params, self.reward = params, reward
-        self.tasks = {
-            role: stage_value(stage_value(stage, role), "task") for role in ("data", "retain")
-        }
+        self.tasks = {"data": stage.data.task, "retain": stage.retain and stage.retain.task}
+        self.weights: Weights | None = None
+        self.version = 0
         self.group_size = int(params["group_size"])
         self.updates = int(params["updates_per_batch"])
         self.sampling = {
@@ -185,25 +149,18 @@ class GRPOLoop:
         }
         self.use_ref = (params.get("beta") or 0) > 0
 
-    def sync_weights(self) -> float:
-        """Learner rank 0's weights into every rollout worker (through the object store)."""
-        import ray
-
+    def publish(self) -> float:
+        """Make the learner's current weights the ones the next batch samples with; seconds."""
         start = time.perf_counter()
-        payload = [self.learner.weights_payload_ref()]  # a list: the service never fetches it
-        ray.get(self.rollout.load_weights.remote(self.owner, payload))
+        self.version += 1
+        self.weights = self.sync.publish(f"{self.owner}/v{self.version}")
         return time.perf_counter() - start
 
-    def sample(self, batch: list[tuple[dict, str]], seed: int) -> tuple[list, list, list]:
-        """G completions per prompt: (samples, rewards R, per-reward terms), prompt-major."""
-        import ray
-
+    def sample(self, batch: list[tuple[dict, str]], seed: int) -> tuple[list, list, list, float]:
+        """G completions per prompt: (samples, rewards R, per-reward terms, weight load seconds),
+        prompt-major."""
         prompts = [row["prompt"] for row, _ in batch]
-        out = ray.get(
-            self.rollout.generate.remote(
-                None, prompts, owner=self.owner, seed=seed, **self.sampling
-            )
-        )
+        out = self.rollout.generate(prompts, self.weights, seed=seed, **self.sampling)
         samples, rewards, terms = [], [], []
         for i, (row, role) in enumerate(batch):
             for text, ids, lps in zip(out["texts"][i], out["token_ids"][i], out["logprobs"][i]):
@@ -217,13 +174,13 @@ class GRPOLoop:
                         "sampled_logprobs": list(lps),
                     }
                 )
-        return samples, rewards, terms
+        return samples, rewards, terms, max(out.get("load_s") or [0.0])
 
     def step(self, batch: list[tuple[dict, str]], seed: int) -> dict[str, float]:
         """Sample, score, advantages, pi_old / pi_ref log-probs, updates, weight sync."""
         start = time.perf_counter()
-        samples, rewards, terms = self.sample(batch, seed)
-        gen_s = time.perf_counter() - start
+        samples, rewards, terms, load_s = self.sample(batch, seed)
+        gen_s = time.perf_counter() - start - load_s
         p = self.params
         advantages = group_advantages(rewards, self.group_size, scale=bool(p["scale_rewards"]))
         items = [{k: s[k] for k in ("prompt_token_ids", "completion_token_ids")} for s in samples]
@@ -248,7 +205,7 @@ class GRPOLoop:
                 clipped.append(_mean([float(not low <= r <= high) for r in ratios]))
             updates.append(self.learner.step(items))
         learn_s = time.perf_counter() - learn_start
-        sync_s = self.sync_weights()
+        sync_s = self.publish() + load_s  # this step's load + publishing the next weights
         n_tokens = sum(len(s["completion_token_ids"]) for s in samples)
         G = self.group_size
         groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]

@@ -1,57 +1,44 @@
 """Running a study on Ray Tune: one Tune trial per (path, hyper-parameters, seed).
 
-The driver prepares the study directory (resolved spec, base model, data), starts the
-shared actors (MLflow tracker, evaluator, rollout service) and runs the Tune experiment
-stored under `<study dir>/tune`, which `resume` restores after an interruption.
+The driver prepares the study directory (resolved spec, base model, data), starts the shared
+actors (the MLflow tracker; with `rollout.placement: shared`, the rollout pool) and runs the
+Tune experiment stored under `<study dir>/tune`, which `resume` restores after an
+interruption. Each trial's placement group holds the trial, its learner ranks and (per_trial)
+its own engines. A trial that loses an actor — its node lost — is retried from its last
+finished prefix (Tune's FailureConfig); the shared actors are restartable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
-from stageflow.actors.rollout_service import SERVICE_NAME, start_rollout_service
-from stageflow.platform.config import StudySpec
+from stageflow.platform.config import StudyError, StudySpec
 from stageflow.platform.expand import Trial, expand
 from stageflow.platform.models import ensure_tiny_model
-from stageflow.platform.prefix_cache import PrefixCache, digest, model_identity
-from stageflow.platform.registry import METRICS, load_plugins
-from stageflow.platform.study_file import StudyError, spec_to_dict, spec_to_yaml
-from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri, start_tracker
-from stageflow.platform.validate import default_storage_dir
+from stageflow.platform.prefix_cache import digest, model_identity
+from stageflow.platform.registry import load_plugins
+from stageflow.platform.study_dir import StudyDir, write_atomic
+from stageflow.platform.study_file import spec_to_dict, spec_to_yaml
+from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, start_tracker
+from stageflow.platform.workers import needs_rollout, trial_bundles
 
-TUNE_DIR = "tune"
-STUDY_FILE = "study.yaml"
-EVALUATOR_NAME = "stageflow-evaluator"
-
-
-def needs_rollout(spec: StudySpec) -> bool:
-    generation = any(
-        METRICS[m].meta["needs"] == "generation"
-        for s in spec.evaluation.sets.values()
-        for m in s.metrics
-    )
-    from stageflow.platform.rl import runs_rl_loop
-
-    return generation or any(runs_rl_loop(s) for s in spec.stages.values())
+POOL_NAME = "stageflow-rollout"
+TRIAL_RETRIES = 3  # a trial that lost an actor (or its node) runs again from its last prefix
 
 
-def trial_cpus(spec: StudySpec) -> list[dict[str, float]]:
-    """The trial's placement group: bundle 0 runs the trial, one bundle per learner rank."""
-    cpus = spec.resources.cpus_per_actor
-    return [{"CPU": cpus}] + [{"CPU": cpus} for _ in range(spec.learner.ranks)]
+def pool_cpus(spec: StudySpec) -> float:
+    """CPUs of the shared rollout pool (placement: shared), outside every trial."""
+    shared = spec.rollout.placement == "shared" and needs_rollout(spec)
+    return spec.rollout.workers * spec.resources.cpus_per_actor if shared else 0.0
 
 
-def shared_cpus(spec: StudySpec) -> float:
-    return spec.rollout.workers * spec.resources.cpus_per_actor if needs_rollout(spec) else 0.0
-
-
-def init_ray(spec: StudySpec, source: str) -> None:
-    """Connect to RAY_ADDRESS when set, else start an embedded local Ray sized for the study."""
+def init_ray(spec: StudySpec, verbose: bool = False) -> None:
+    """Connect to RAY_ADDRESS when set, else start an embedded local Ray (on 127.0.0.1 only)
+    sized for the study. `verbose`: the actors' output and Ray's info lines reach the terminal."""
     import ray
 
     if ray.is_initialized():
@@ -60,11 +47,13 @@ def init_ray(spec: StudySpec, source: str) -> None:
     options: dict[str, Any] = {
         "namespace": NAMESPACE,
         "include_dashboard": False,
-        "log_to_driver": False,
-        "logging_level": "ERROR",
+        "log_to_driver": verbose,
+        "logging_level": "INFO" if verbose else "ERROR",
     }
     if address:
         problem = unreachable(address)
+        if is_loopback(address):
+            keep_loopback()
         if problem is None:
             try:
                 ray.init(address=address, **options)
@@ -76,8 +65,28 @@ def init_ray(spec: StudySpec, source: str) -> None:
             address,
             f"cannot connect to a Ray cluster there ({problem}); expected the address of a running cluster, e.g. HEAD:6379",
         )
-    need = sum(b["CPU"] for b in trial_cpus(spec)) + shared_cpus(spec)
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **options)
+    need = sum(b["CPU"] for b in trial_bundles(spec)) + pool_cpus(spec)
+    keep_loopback()
+    ray.init(
+        address="local",  # a new instance even when another Ray runs on this machine
+        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        _node_ip_address="127.0.0.1",
+        **options,
+    )
+
+
+def keep_loopback() -> None:
+    """Make Ray keep 127.0.0.1 as this node's address: by default it rewrites a loopback address
+    to the host's network IP (`resolve_ip_for_localhost`), so an embedded Ray would listen on
+    the network and a cluster bound to 127.0.0.1 could not be reached."""
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rpartition(":")[0]
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def unreachable(address: str) -> str | None:
@@ -96,61 +105,76 @@ def check_fits_cluster(spec: StudySpec, source: str) -> int:
     """How many trials can run at once; a StudyError when not even one fits the cluster."""
     import ray
 
-    have = float(ray.cluster_resources().get("CPU", 0))
-    per_trial = sum(b["CPU"] for b in trial_cpus(spec))
-    free = have - shared_cpus(spec)
-    if per_trial > free:
+    resources = ray.cluster_resources()
+    if spec.rollout.placement == "colocated" and resources.get("GPU", 0) < 1:
         raise StudyError(
             source,
-            "resources",
-            f"one trial needs {per_trial:g} CPUs (learner.ranks={spec.learner.ranks} x resources.cpus_per_actor={spec.resources.cpus_per_actor:g} + 1 for the trial) besides {shared_cpus(spec):g} for rollout workers, but the cluster has {have:g}; expected fewer ranks or a larger cluster",
+            "rollout.placement",
+            "colocated shares a GPU between a learner and its vLLM engine (sleep mode), but the "
+            "cluster has no GPU; expected shared or per_trial",
+        )
+    have = float(resources.get("CPU", 0))
+    if pool_cpus(spec) >= have:
+        raise StudyError(
+            source,
+            "rollout.workers",
+            f"the shared pool's {spec.rollout.workers} engines take {pool_cpus(spec):g} of the cluster's {have:g} CPUs and leave none for a trial; expected fewer engines or a larger cluster",
+        )
+    per_trial = sum(b["CPU"] for b in trial_bundles(spec))
+    free = have - pool_cpus(spec)
+    if per_trial > free:
+        own = spec.rollout.placement == "per_trial"
+        engines = f" + rollout.workers={spec.rollout.workers} own engines" if own else ""
+        raise StudyError(
+            source,
+            "rollout.placement"
+            if own and per_trial - spec.rollout.workers <= free
+            else "resources",
+            f"one trial needs {per_trial:g} CPUs (learner.ranks={spec.learner.ranks}{engines} x resources.cpus_per_actor={spec.resources.cpus_per_actor:g} + 1 for the trial) besides {pool_cpus(spec):g} for shared rollout workers, but the cluster has {have:g}; expected fewer ranks or a larger cluster"
+            + (" (or rollout.placement: shared)" if own else ""),
+        )
+    gpus = sum(b.get("GPU", 0) for b in trial_bundles(spec))
+    if gpus > resources.get("GPU", 0):
+        raise StudyError(
+            source,
+            "resources.device",
+            f"one trial needs {gpus:g} GPUs (its learner ranks and own engines) but the cluster has {resources.get('GPU', 0):g}; expected fewer ranks or engines, or a larger cluster",
         )
     fit = int(free // per_trial)
+    if gpus:
+        fit = min(fit, int(resources.get("GPU", 0) // gpus))
     return max(1, min(fit, spec.resources.max_concurrent_trials or fit))
 
 
-def prepare(spec: StudySpec) -> tuple[Path, Path]:
+def prepare(spec: StudySpec) -> tuple[StudyDir, Path]:
     """The study directory with the resolved spec, and the base model directory."""
-    storage = default_storage_dir(spec).absolute()
-    storage.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.replace(spec, storage_dir=str(storage))
-    (storage / STUDY_FILE).write_text(spec_to_yaml(resolved))
+    study = StudyDir.of(spec)
+    study.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(
+        study.spec_file, spec_to_yaml(dataclasses.replace(spec, storage_dir=str(study.root)))
+    )
     base = (
         Path(spec.model.path).absolute()
         if spec.model.path
-        else ensure_tiny_model(storage / "models", spec.model.tiny)
+        else ensure_tiny_model(study.models, spec.model.tiny)
     )
-    return storage, base
+    return study, base
 
 
-def trial_record(storage: Path, trial_id: str) -> Path:
-    return storage / "trials" / f"{trial_id}.json"
+def read_results(study: StudyDir, trials: list[Trial]) -> list[tuple[Trial, dict[str, float]]]:
+    return [(trial, record["metrics"]) for trial, record in study.records(trials)]
 
 
-def read_records(storage: Path, trials: list[Trial]) -> list[tuple[Trial, dict]]:
-    """The records of the finished trials, in the study's trial order."""
-    out = []
-    for trial in trials:
-        path = trial_record(storage, trial.trial_id)
-        if path.is_file():
-            out.append((trial, json.loads(path.read_text())))
-    return out
-
-
-def read_results(storage: Path, trials: list[Trial]) -> list[tuple[Trial, dict[str, float]]]:
-    return [(trial, record["metrics"]) for trial, record in read_records(storage, trials)]
-
-
-def write_analysis(spec: StudySpec, storage: Path, trials: list[Trial]):
+def write_analysis(spec: StudySpec, study: StudyDir, trials: list[Trial]):
     """The path-dependence analysis and its report files under `<study dir>/report`."""
     from stageflow.platform.analysis import Analysis
     from stageflow.platform.report import study_report
 
-    analysis = Analysis(spec, storage, read_records(storage, trials))
-    return analysis, study_report(analysis, storage / "report")
+    analysis = Analysis(spec, study, study.records(trials))
+    return analysis, study_report(analysis, study.report)
 
 
-def trainable(config: dict) -> None:
+def trainable(config: dict, shared: dict) -> None:
     """Tune's function trainable: one trial's pipeline, results reported after every stage."""
     import ray
     from ray import tune
@@ -158,30 +182,23 @@ def trainable(config: dict) -> None:
     from stageflow.platform.pipeline import TrialContext, run_trial
 
     load_plugins()
-    shared, trial = config["shared"], Trial.from_dict(config["trial"])
-    storage = Path(shared["storage"])
-    record = trial_record(storage, trial.trial_id)
-    if record.is_file():  # finished before an interruption: report, never re-run
-        tune.report(json.loads(record.read_text())["metrics"])
+    trial = Trial.from_dict(config["trial"])
+    study = StudyDir(Path(shared["storage"]))
+    record = study.read_record(trial.trial_id)
+    if record is not None:  # finished before an interruption: report, never re-run
+        tune.report(record["metrics"])
         return
-    spec = shared["spec"]
     ctx = TrialContext(
-        spec=spec,
-        storage=storage,
+        spec=shared["spec"],
+        study=study,
         base_model=Path(shared["base_model"]),
-        base_key=shared["base_key"],
+        base_identity=shared["base_identity"],
         tracker=ray.get_actor(shared["tracker"], namespace=NAMESPACE),
         study_run_id=shared["study_run_id"],
-        evaluator=ray.get_actor(shared["evaluator"], namespace=NAMESPACE),
-        rollout=ray.get_actor(shared["rollout"], namespace=NAMESPACE)
-        if shared["rollout"]
-        else None,
+        pool=ray.get_actor(shared["pool"], namespace=NAMESPACE) if shared["pool"] else None,
     )
     result = run_trial(ctx, trial, report=tune.report)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, sort_keys=True))
-    tmp.replace(record)
+    study.write_record(trial.trial_id, result)
     tune.report({**result["metrics"], "done": True})
 
 
@@ -191,73 +208,85 @@ def shared_actor_suffix(experiment: str, storage: Path) -> str:
     return f"{experiment}-{digest(str(storage))[:8]}"
 
 
+class SharedActors:
+    """The study's shared actors, started by the driver and ended with the study."""
+
+    def __init__(self, spec: StudySpec, study: StudyDir, base_model: Path):
+        from stageflow.actors.group import Placement
+        from stageflow.actors.rollout import RolloutGroup
+        from stageflow.actors.rollout_pool import start_rollout_pool
+
+        experiment = spec.tracking.experiment or spec.name
+        suffix = shared_actor_suffix(experiment, study.root)
+        pinned = dict(spec.resources.shared_actor_resources)
+        self.names = {"tracker": f"{TRACKER_NAME}-{suffix}", "pool": None}
+        # the driver holds every shared actor's handle (a named actor without one is collected)
+        uri = spec.tracking.uri or study.tracking_uri
+        self.tracker = start_tracker(
+            uri, experiment, str(study.artifacts), self.names["tracker"], pinned
+        )
+        self.engines = self.pool = None
+        if pool_cpus(spec):
+            self.names["pool"] = f"{POOL_NAME}-{suffix}"
+            resources = spec.resources
+            placement = Placement(resources.device, resources.cpus_per_actor, resources=pinned)
+            engine_names = (NAMESPACE, f"{self.names['pool']}-engine")
+            self.engines = RolloutGroup(base_model, spec.rollout, placement, 0, engine_names)
+            self.pool = start_rollout_pool(self.engines, self.names["pool"], pinned)
+
+    def stop(self) -> None:
+        """End the shared actors (the engines shut their engine processes down first)."""
+        import ray
+
+        if self.engines is not None:
+            self.engines.shutdown()
+        for actor in (self.pool, self.tracker):
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+
 def run_study(
-    spec: StudySpec, source: str, resume: bool = False
+    spec: StudySpec, source: str, resume: bool = False, verbose: bool = False
 ) -> list[tuple[Trial, dict[str, float]]]:
     """Run (or resume) every trial of a validated study; returns (trial, final metrics) pairs."""
     import ray
 
-    from stageflow.actors.evaluator import Evaluator
-
     trials = expand(spec)
-    init_ray(spec, source)
+    init_ray(spec, verbose)
     concurrent = check_fits_cluster(spec, source)
-    storage, base_model = prepare(spec)
-    PrefixCache(storage / "prefixes").clear_claims()  # no trial runs now: every claim is stale
-
-    experiment = spec.tracking.experiment or spec.name
-    uri = spec.tracking.uri or default_tracking_uri(storage)
-    suffix = shared_actor_suffix(experiment, storage)
-    names = {
-        "tracker": f"{TRACKER_NAME}-{suffix}",
-        "evaluator": f"{EVALUATOR_NAME}-{suffix}",
-        "rollout": f"{SERVICE_NAME}-{suffix}" if needs_rollout(spec) else None,
-    }
-    # the driver holds every shared actor's handle (a named actor without one is collected)
-    # and ends them explicitly when the study ends, also when it fails: a traceback kept by
+    study, base_model = prepare(spec)
+    study.cache().clear_claims()  # no trial runs now: every claim is stale
+    actors = SharedActors(spec, study, base_model)
+    # the actors end explicitly when the study ends, also when it fails: a traceback kept by
     # the caller would otherwise keep the handles, the engines and their CPUs alive
-    tracker = start_tracker(uri, experiment, str(storage / "artifacts"), names["tracker"])
-    evaluator = ray.remote(num_cpus=0)(Evaluator)
-    evaluator = evaluator.options(
-        name=names["evaluator"], namespace=NAMESPACE, get_if_exists=True
-    ).remote()
-    service = None
     try:
+        tracker = actors.tracker
         study_run = ray.get(
-            tracker.find_run.remote(kind="study", storage_dir=str(storage))
-        ) or ray.get(
             tracker.start_run.remote(
                 spec.name,
-                tags={"stageflow.kind": "study", "stageflow.storage_dir": storage},
+                key=f"study:{study.root}",
+                tags={"stageflow.kind": "study", "stageflow.storage_dir": study.root},
                 params=spec_to_dict(spec),
             )
         )
         ray.get(tracker.log_text.remote(study_run, spec_to_yaml(spec), "study.yaml"))
-        if names["rollout"]:
-            service = start_rollout_service(
-                base_model,
-                spec.rollout,
-                spec.resources.device,
-                spec.resources.cpus_per_actor,
-                names["rollout"],
-            )
-            info = ray.get(service.info.remote())
-            tags = {
-                "stageflow.rollout.backend": info[0].get("backend"),
-                "stageflow.rollout.workers": len(info),
-            }
-            ray.get(tracker.set_tags.remote(study_run, tags))
+        tags = {"stageflow.rollout.placement": spec.rollout.placement}
+        if actors.engines is not None:
+            info = actors.engines.info()
+            tags.update({"stageflow.rollout.backend": info[0]["backend"]})
+            tags.update({"stageflow.rollout.workers": len(info)})
+        ray.get(tracker.set_tags.remote(study_run, tags))
         shared = {
             "spec": spec,
-            "storage": str(storage),
+            "storage": str(study.root),
             "base_model": str(base_model),
-            "base_key": model_identity(base_model),
-            **names,
+            "base_identity": model_identity(base_model),
+            **actors.names,
             "study_run_id": study_run,
         }
         return fit_and_report(spec, trials, shared, concurrent, resume, tracker)
     finally:
-        stop_shared_actors(tracker, evaluator, service)
+        actors.stop()
 
 
 def fit_and_report(
@@ -268,22 +297,21 @@ def fit_and_report(
     from ray import tune
 
     from stageflow.platform.progress import ProgressPrinter
-    from stageflow.platform.report import trials_table
+    from stageflow.platform.report import study_description, trials_table
 
-    storage, study_run = Path(shared["storage"]), shared["study_run_id"]
-    resources = tune.PlacementGroupFactory(trial_cpus(spec))
-    fn = tune.with_resources(tune.with_parameters(trainable_entry, shared=shared), resources)
-    tune_path = storage / TUNE_DIR
+    study, study_run = StudyDir(Path(shared["storage"])), shared["study_run_id"]
+    resources = tune.PlacementGroupFactory(trial_bundles(spec))
+    fn = tune.with_resources(tune.with_parameters(trainable, shared=shared), resources)
     run_config = tune.RunConfig(
-        name=TUNE_DIR,
-        storage_path=str(storage),
-        failure_config=tune.FailureConfig(max_failures=2),
-        callbacks=[ProgressPrinter(len(trials))],
+        name=study.tune.name,
+        storage_path=str(study.root),
+        failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+        callbacks=[ProgressPrinter(trials)],
         verbose=0,
     )
-    if resume and tune.Tuner.can_restore(str(tune_path)):
+    if resume and tune.Tuner.can_restore(str(study.tune)):
         tuner = tune.Tuner.restore(
-            str(tune_path), trainable=fn, resume_errored=True, restart_errored=False
+            str(study.tune), trainable=fn, resume_errored=True, restart_errored=False
         )
     else:
         tuner = tune.Tuner(
@@ -293,9 +321,9 @@ def fit_and_report(
             run_config=run_config,
         )
     tuner.fit()
-    results = read_results(storage, trials)
+    results = read_results(study, trials)
     ray.get(tracker.log_text.remote(study_run, trials_table(results) + "\n", "results.md"))
-    analysis, files = write_analysis(spec, storage, trials)
+    analysis, files = write_analysis(spec, study, trials)
     for name, path in files.items():
         folder = str(Path("report", name).parent)
         ray.get(tracker.log_artifact.remote(study_run, str(path), folder))
@@ -305,29 +333,13 @@ def fit_and_report(
         for k in ("spread", "seed_std")
     }
     ray.get(tracker.log_metrics.remote(study_run, summary))
+    description = study_description(analysis, results, files)
+    ray.get(tracker.set_tags.remote(study_run, {"mlflow.note.content": description}))
     status = "FINISHED" if len(results) == len(trials) else "FAILED"
     ray.get(tracker.end_run.remote(study_run, status))
     if len(results) != len(trials):
         failed = len(trials) - len(results)
         print(
-            f"{failed} of {len(trials)} trials did not finish; see {tune_path} and `stageflow resume {storage}`"
+            f"{failed} of {len(trials)} trials did not finish; see {study.tune} and `stageflow resume {study.root}`"
         )
     return results
-
-
-def stop_shared_actors(tracker, evaluator, service) -> None:
-    """End the study's shared actors; the rollout service first shuts its engines down."""
-    import ray
-
-    if service is not None:
-        try:
-            ray.get(service.shutdown.remote(), timeout=120)
-        except Exception:  # the actors are killed below either way
-            pass
-    for actor in (service, evaluator, tracker):
-        if actor is not None:
-            ray.kill(actor, no_restart=True)
-
-
-def trainable_entry(config: dict, shared: dict) -> None:
-    trainable({**config, "shared": shared})

@@ -14,19 +14,15 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
-from stageflow.platform.config import StudySpec
+from stageflow.platform.config import StudyError, StudySpec, choice_problem, literal_choices
 from stageflow.platform.registry import closest
-
-
-class StudyError(ValueError):
-    """A problem with a study's input; `str()` is the one-sentence message shown to the user."""
-
-    def __init__(self, source: str, key: str, problem: str):
-        self.source, self.key, self.problem = source, key, problem
-        where = f"{source}: {key}" if key else source
-        super().__init__(f"{where}: {problem}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -71,8 +67,8 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def _schema_keys(full_key: str) -> list[str]:
-    """The valid keys at the level of `full_key` ('stages.inst.lrr' → the StageSpec fields)."""
+def _schema_level(full_key: str) -> Any:
+    """The schema type holding the last part of `full_key` ('stages.inst.lrr' → StageSpec)."""
     node: Any = StudySpec
     for part in re.sub(r"\[\d+\]", "", full_key).split(".")[:-1]:
         if typing.get_origin(node) is dict:  # `part` is a dict key, e.g. a stage name
@@ -80,7 +76,23 @@ def _schema_keys(full_key: str) -> list[str]:
         elif dataclasses.is_dataclass(node):
             node = typing.get_type_hints(node).get(part)
         node = _unwrap_optional(node)
+    return node
+
+
+def _schema_keys(full_key: str) -> list[str]:
+    """The valid keys at the level of `full_key` ('stages.inst.lrr' → the StageSpec fields)."""
+    node = _schema_level(full_key)
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _choice_problem(full_key: str, value: Any) -> str | None:
+    """The 'unknown <noun> ...' sentence when `full_key` is a Literal field, else None."""
+    node, leaf = _schema_level(full_key), full_key.split(".")[-1]
+    if not dataclasses.is_dataclass(node):
+        return None
+    choices = literal_choices(typing.get_type_hints(node).get(leaf))
+    nouns = getattr(node, "NOUNS", {})
+    return None if choices is None else choice_problem(nouns.get(leaf, "value"), value, choices)
 
 
 def _unwrap_optional(hint: Any) -> Any:
@@ -98,6 +110,9 @@ def _translate(source: str, err: OmegaConfBaseException) -> StudyError:
         return StudyError(source, key, f"unknown key; {expected}")
     if isinstance(err, MissingMandatoryValue):
         return StudyError(source, key, "a value is required here")
+    choice = _choice_problem(key, getattr(err, "value", None))
+    if isinstance(err, ValidationError) and choice:
+        return StudyError(source, key, choice)
     message = str(err).splitlines()[0]
     return StudyError(source, key, f"wrong type: {message}")
 

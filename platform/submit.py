@@ -6,8 +6,7 @@ import shlex
 import time
 from pathlib import Path
 
-from stageflow.platform.config import StudySpec
-from stageflow.platform.study_file import StudyError
+from stageflow.platform.config import StudyError, StudySpec
 
 AGENT_RETRIES = 24  # 5 s apart: a head that just started has no job agent for a while
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", "build", "dist"]

@@ -1,7 +1,10 @@
 """MLflow tracking: study run → trial runs → stage runs, written through one place.
 
 The `Tracker` is the only writer of a study's store. It runs as a single Ray actor
-(`max_concurrency=1`), so trials on many workers never write one SQLite file at once.
+(`max_concurrency=1`), so trials on many workers never write one SQLite file at once. It is
+restartable (a lost node restarts it elsewhere and Ray retries the calls in flight), so every
+call is safe to repeat: runs are found by their key before one is created, metric points
+carry the caller's timestamp, and points a run already holds are not logged again.
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 TRACKER_NAME = "stageflow-tracker"
 NAMESPACE = "stageflow"  # shared actors are named in it, so trials find them from any job
+# MLflow's UI opens an experiment of this kind on its training runs (not its GenAI view).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(storage_dir: str | Path) -> str:
-    return f"sqlite:///{Path(storage_dir).absolute() / 'mlflow.db'}"
+    """The default MLflow store of the study stored in `storage_dir`."""
+    from stageflow.platform.study_dir import StudyDir
+
+    return StudyDir(Path(storage_dir).absolute()).tracking_uri
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -51,23 +59,37 @@ class Tracker:
         else:
             location = Path(artifact_dir).absolute().as_uri() if artifact_dir else None
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location
+                experiment, artifact_location=location, tags=EXPERIMENT_KIND
             )
+        self.created: set[str] = set()  # runs this incarnation created: nothing logged before
 
     def start_run(
         self,
         name: str,
+        key: str | None = None,
         parent_id: str | None = None,
         tags: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
+        description: str | None = None,
     ) -> str:
-        """A new run (a child of `parent_id` when given); returns its run id."""
-        all_tags = {"mlflow.runName": name, **(tags or {})}
+        """The run whose `stageflow.key` is `key` (a child of `parent_id` when given), created
+        when there is none yet (always, without a key); returns its run id."""
+        found = self.find_run(key=key) if key else None
+        if found:
+            return found
+        all_tags = {
+            "mlflow.runName": name,
+            **({"stageflow.key": key} if key else {}),
+            **(tags or {}),
+        }
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
+        if description:
+            all_tags["mlflow.note.content"] = description
         run = self.client.create_run(
             self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
         )
+        self.created.add(run.info.run_id)
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -83,20 +105,31 @@ class Tracker:
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        self.log_metric_series(run_id, [(step, metrics)])
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp_ms: int = 0
+    ) -> None:
+        self.log_metric_series(run_id, [(step, metrics)], timestamp_ms)
 
-    def log_metric_series(self, run_id: str, series: list[tuple[int, dict[str, float]]]) -> None:
-        """Many steps of metrics in as few calls as the batch limit allows."""
-        import time
-
-        now = int(time.time() * 1000)
+    def log_metric_series(
+        self, run_id: str, series: list[tuple[int, dict[str, float]]], timestamp_ms: int = 0
+    ) -> None:
+        """Many steps of metrics in as few calls as the batch limit allows; `timestamp_ms` is
+        the caller's (a repeated call logs the same points), and (key, step) points the run
+        already holds from an earlier attempt are skipped."""
+        now = timestamp_ms or now_ms()
         items = [
             Metric(_metric_key(k), float(v), now, step)
             for step, metrics in series
             for k, v in metrics.items()
             if v is not None
         ]
+        if run_id not in self.created:
+            logged = {
+                (m.key, m.step)
+                for key in {m.key for m in items}
+                for m in self.client.get_metric_history(run_id, key)
+            }
+            items = [m for m in items if (m.key, m.step) not in logged]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
@@ -124,23 +157,43 @@ class Tracker:
         return self.client.get_run(run_id).info.status
 
 
+def now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
 def _metric_key(key: str) -> str:
     """MLflow keys allow letters, digits, _ - . / and spaces; anything else becomes '_'."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def start_tracker(tracking_uri: str, experiment: str, artifact_dir: str | None, name: str):
-    """The study's single tracker as the Ray actor `name` (every trial logs through it)."""
+def start_tracker(
+    tracking_uri: str,
+    experiment: str,
+    artifact_dir: str | None,
+    name: str,
+    resources: dict[str, float] | None = None,
+):
+    """The study's single tracker as the restartable Ray actor `name` (every trial logs through
+    it); `resources`: custom Ray resources that pin it to service nodes."""
     import ray
 
-    actor = ray.remote(num_cpus=0, max_concurrency=1)(Tracker)
-    return actor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        tracking_uri, experiment, artifact_dir
-    )
+    actor = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(Tracker)
+    return actor.options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, resources=resources or None
+    ).remote(tracking_uri, experiment, artifact_dir)
 
 
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run `mlflow server` on the study's store (loopback only unless `host` says otherwise)."""
+    """Run `mlflow server` on the study's store (loopback only unless `host` says otherwise).
+
+    The server and its workers run in their own process group, which SIGTERM or SIGINT of
+    this process ends as a whole (a process manager's stop leaves nothing holding the port).
+    """
+    import os
+    import signal
+
     command = [
         sys.executable,
         "-m",
@@ -154,4 +207,19 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> in
         str(port),
     ]
     print(f"MLflow UI on http://{host}:{port} (store {tracking_uri}); Ctrl-C to stop", flush=True)
-    return subprocess.call(command)
+    server = subprocess.Popen(command, start_new_session=True)
+
+    def stop(signum: int, _frame: Any) -> None:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:  # already gone
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    code = server.wait()
+    try:  # the workers the server started, should any outlive it
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return 0 if code in (0, -signal.SIGTERM) else code

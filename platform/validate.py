@@ -1,19 +1,21 @@
 """Semantic checks of a study, all before any work starts.
 
-`validate_study` raises the first `StudyError` it finds: unknown names (looked up in the
-registries), impossible orderings, bad data files, a missing model, an unwritable
+`validate_study` raises the first `StudyError` it finds: each spec's own invariants
+(`Spec.problems`: choices, ranges), then what needs more than one spec: unknown names (looked
+up in the registries), impossible orderings, bad data files, a missing model, an unwritable
 storage dir or an unreachable tracking server. Nothing is written.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stageflow.actors.rewards import RewardConfigError, check_rewards
-from stageflow.platform.config import DataSpec, StageSpec, StudySpec
+from stageflow.actors.rewards import check_rewards
+from stageflow.platform.config import DataSpec, StageSpec, StudyError, StudySpec, positive
 from stageflow.platform.expand import apply_hparams, grid_points, parse_path
 from stageflow.platform.models import check_model_dir
 from stageflow.platform.registry import (
@@ -22,28 +24,24 @@ from stageflow.platform.registry import (
     REWARDS,
     STAGE_KINDS,
     TASKS,
-    Entry,
+    Objective,
     Registry,
     closest,
     load_plugins,
+    objective_of,
 )
-from stageflow.platform.study_file import StudyError, load_study
-from stageflow.platform.tasks import check_jsonl, generate
+from stageflow.platform.study_dir import StudyDir
+from stageflow.platform.study_file import load_study
+from stageflow.platform.tasks import check_jsonl, generate, read_jsonl
 
-CHOICES = {
-    "learner.dtype": ("float32", "bfloat16"),
-    "learner.kernels": ("fused", "naive"),
-    "rollout.backend": ("vllm", "hf"),
-    "rollout.dtype": ("float32", "bfloat16"),
-    "resources.device": ("auto", "cpu", "cuda"),
-    "model.dtype": ("float32", "bfloat16"),
-}
-SCHEDULES = ("constant", "linear", "cosine")
 GRID_FORBIDDEN = ("name", "storage_dir", "orderings", "grid", "seeds", "tracking")
 
 
-def default_storage_dir(spec: StudySpec) -> Path:
-    return Path(spec.storage_dir or f"runs/{spec.name}")
+def data_rows(data: DataSpec) -> list[dict]:
+    """The rows a (checked) data spec stands for, without writing them anywhere."""
+    if data.file is not None:
+        return read_jsonl(data.file)
+    return generate(data.task, data.seed, data.size, dict(data.params))[data.split]
 
 
 def load_and_validate(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
@@ -70,19 +68,10 @@ class _Validator:
         if name not in registry:
             self.fail(key, f"unknown {registry.what} '{name}'; {registry.expected(name)}")
 
-    def positive(self, key: str, value: float | None, allow_zero: bool = False) -> None:
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            self.fail(
-                key,
-                f"expected a {'non-negative' if allow_zero else 'positive'} number, got {value}",
-            )
-
     def check_all(self) -> None:
         spec = self.spec
-        if not spec.name or not all(c.isalnum() or c in "-_." for c in spec.name):
-            self.fail("name", "expected a study name of letters, digits, '-', '_' or '.'")
-        if not spec.stages:
-            self.fail("stages", "expected at least one stage")
+        for key, problem in spec.problems():
+            self.fail(key, problem)
         for name, stage in spec.stages.items():
             self.check_stage(f"stages.{name}", stage)
         self.check_orderings()
@@ -94,21 +83,16 @@ class _Validator:
                     key,
                     f"stage '{name}' is of kind '{spec.stages[name].kind}', expected an unlearn stage",
                 )
-        if not spec.seeds:
-            self.fail("seeds", "expected at least one seed")
-        if len(set(spec.seeds)) != len(spec.seeds):
-            self.fail("seeds", "expected distinct seeds")
         self.check_grid()
         for name, eval_set in spec.evaluation.sets.items():
             key = f"evaluation.sets.{name}"
             self.check_data(f"{key}.data", eval_set.data)
             for i, metric in enumerate(eval_set.metrics):
                 self.name_in(METRICS, metric, f"{key}.metrics[{i}]")
-            self.positive(f"{key}.samples", eval_set.samples)
-            self.positive(f"{key}.max_new_tokens", eval_set.max_new_tokens)
         self.check_analysis()
         self.check_engines()
         self.check_model()
+        self.check_prompt_lengths()
         self.check_storage()
         self.check_tracking()
 
@@ -122,7 +106,7 @@ class _Validator:
                         f"unknown evaluation set '{name}'; expected one of evaluation.sets: {', '.join(self.spec.evaluation.sets) or '(none defined)'}",
                     )
             return
-        objective = stage.objective or STAGE_KINDS[stage.kind].meta["default_objective"]
+        objective = stage.objective or STAGE_KINDS[stage.kind].default_objective
         if objective is None:
             self.fail(
                 f"{key}.objective",
@@ -130,10 +114,10 @@ class _Validator:
             )
         self.name_in(OBJECTIVES, objective, f"{key}.objective")
         entry = OBJECTIVES[objective]
-        if stage.kind not in entry.meta.get("kinds", ()):
+        if stage.kind not in entry.kinds:
             self.fail(
                 f"{key}.objective",
-                f"objective '{objective}' does not run in a {stage.kind} stage (it runs in: {', '.join(entry.meta.get('kinds', ()))})",
+                f"objective '{objective}' does not run in a {stage.kind} stage (it runs in: {', '.join(entry.kinds)})",
             )
         unknown = OBJECTIVES.unknown_param(objective, stage.params)
         if unknown:
@@ -142,34 +126,23 @@ class _Validator:
         self.check_data(f"{key}.data", stage.data)
         if stage.retain is not None:
             self.check_data(f"{key}.retain", stage.retain)
-        if stage.steps is not None and stage.epochs is not None:
-            self.fail(f"{key}.steps", "give either steps or epochs, not both")
-        self.positive(f"{key}.steps", stage.steps)
-        self.positive(f"{key}.epochs", stage.epochs)
-        self.positive(f"{key}.lr", stage.lr)
-        self.positive(f"{key}.batch_size", stage.batch_size)
-        self.positive(f"{key}.max_len", stage.max_len)
-        self.positive(f"{key}.warmup_steps", stage.warmup_steps, allow_zero=True)
-        if stage.schedule not in SCHEDULES:
-            self.fail(
-                f"{key}.schedule",
-                f"unknown schedule '{stage.schedule}'; expected one of {', '.join(SCHEDULES)}",
-            )
+        for sub_key, problem in stage.problems():
+            self.fail(f"{key}.{sub_key}", problem)
 
-    def check_rl(self, key: str, stage: StageSpec, objective: str, entry: Entry) -> None:
+    def check_rl(self, key: str, stage: StageSpec, objective: str, entry: Objective) -> None:
         """An RL stage's rewards (parameters, gate thresholds) and its loop settings."""
         try:
             check_rewards(stage.rewards)
-        except RewardConfigError as err:
-            self.fail(f"{key}.{err.key}", err.problem)
-        if not entry.meta.get("rl_loop"):
+        except StudyError as err:
+            raise err.within(self.source, key) from None
+        if not entry.rl_loop:
             if stage.rewards:
                 self.fail(
                     f"{key}.rewards",
-                    f"objective '{objective}' does not use rewards; expected none (rewards drive RL objectives: {', '.join(n for n in OBJECTIVES.names() if OBJECTIVES[n].meta.get('rl_loop'))})",
+                    f"objective '{objective}' does not use rewards; expected none (rewards drive RL objectives: {', '.join(n for n in OBJECTIVES.names() if OBJECTIVES[n].rl_loop)})",
                 )
             return
-        if not stage.rewards and "default_rewards" not in entry.meta:
+        if not stage.rewards and entry.default_rewards is None:
             self.fail(
                 f"{key}.rewards",
                 f"a {stage.kind} stage needs at least one reward; expected a list of {{name, weight, params}} naming {', '.join(REWARDS.names())}",
@@ -182,20 +155,20 @@ class _Validator:
                 f"GRPO compares completions of one prompt with each other; expected a group size of at least 2, got {group}",
             )
         for name in ("max_new_tokens", "updates_per_batch", "prompts_per_step", "temperature"):
-            self.positive(f"{key}.params.{name}", params[name])
+            for problem in positive(f"{key}.params.{name}", params[name]):
+                self.fail(*problem)
         for name in ("beta", "eps_low", "eps_high", "entropy_coef"):
-            self.positive(f"{key}.params.{name}", params[name], allow_zero=True)
-        if entry.meta.get("retain_prompts") and stage.retain is None:
+            for problem in positive(f"{key}.params.{name}", params[name], allow_zero=True):
+                self.fail(*problem)
+        if entry.retain_prompts and stage.retain is None:
             self.fail(
                 f"{key}.retain",
                 f"objective '{objective}' also rewards answers on retain (boundary) prompts; expected a retain data set",
             )
 
     def check_data(self, key: str, data: DataSpec) -> None:
-        if (data.task is None) == (data.file is None):
-            self.fail(
-                key, "expected exactly one of 'task' (a synthetic task) or 'file' (a JSONL file)"
-            )
+        for sub_key, problem in data.problems():
+            self.fail(f"{key}.{sub_key}".rstrip("."), problem)
         if data.file is not None:
             problem = check_jsonl(data.file)
             if problem:
@@ -203,10 +176,10 @@ class _Validator:
             return
         self.name_in(TASKS, data.task, f"{key}.task")
         entry = TASKS[data.task]
-        if data.split not in entry.meta["splits"]:
+        if data.split not in entry.splits:
             self.fail(
                 f"{key}.split",
-                f"task '{data.task}' has no split '{data.split}'; expected one of {', '.join(entry.meta['splits'])}",
+                f"task '{data.task}' has no split '{data.split}'; expected one of {', '.join(entry.splits)}",
             )
         for param in data.params:
             if param not in entry.params:
@@ -214,7 +187,6 @@ class _Validator:
                     f"{key}.params.{param}",
                     f"unknown parameter of task '{data.task}'; expected one of {', '.join(entry.params) or '(none)'}",
                 )
-        self.positive(f"{key}.size", data.size)
         try:
             generate(data.task, data.seed, min(data.size, 4), dict(data.params))
         except ValueError as err:
@@ -313,38 +285,77 @@ class _Validator:
                 )
 
     def check_engines(self) -> None:
-        spec = self.spec
-        for key, allowed in CHOICES.items():
-            section, field = key.split(".")
-            value = getattr(getattr(spec, section), field)
-            if value not in allowed:
-                self.fail(key, f"unknown value '{value}'; expected one of {', '.join(allowed)}")
-        if not 0 <= spec.learner.zero_stage <= 3:
+        """The rollout engines a study needs exist and fit the placement."""
+        from stageflow.platform.workers import needs_rollout
+
+        rollout = self.spec.rollout
+        if rollout.workers == 0 and needs_rollout(self.spec):
             self.fail(
-                "learner.zero_stage",
-                f"ZeRO stage {spec.learner.zero_stage} is out of range; expected 0, 1, 2 or 3",
+                "rollout.workers",
+                "the study samples completions (an RL stage or a generation metric); expected at least 1 engine",
             )
-        self.positive("learner.ranks", spec.learner.ranks)
-        self.positive("rollout.workers", spec.rollout.workers, allow_zero=True)
-        if not 0 < spec.rollout.gpu_memory_utilization <= 1:
-            self.fail("rollout.gpu_memory_utilization", "expected a fraction in (0, 1]")
+        if rollout.placement == "colocated" and rollout.workers > self.spec.learner.ranks:
+            self.fail(
+                "rollout.workers",
+                f"colocated puts each engine on a learner rank's GPU; expected at most learner.ranks={self.spec.learner.ranks} engines",
+            )
+
+    def check_prompt_lengths(self) -> None:
+        """Every prompt the engines sample from, plus its new tokens, fits rollout.max_model_len."""
+        from stageflow.platform.rl import runs_rl_loop
+
+        needs: list[tuple[str, list[DataSpec], int, int | None]] = [
+            (f"evaluation set '{name}'", [s.data], s.max_new_tokens, s.max_examples)
+            for name, s in self.spec.evaluation.sets.items()
+            if any(METRICS[m].needs == "generation" for m in s.metrics)
+        ]
+        for name, stage in self.spec.stages.items():
+            if stage.kind != "eval" and runs_rl_loop(stage):
+                params = OBJECTIVES[objective_of(stage)].resolve(dict(stage.params))
+                data = [stage.data] + ([stage.retain] if stage.retain else [])
+                needs.append((f"stage '{name}'", data, int(params["max_new_tokens"]), None))
+        if not needs:
+            return
+        tokenizer, limit = self.tokenizer(), self.spec.rollout.max_model_len
+        for what, datas, new_tokens, first in needs:
+            prompts = [r["prompt"] for data in datas for r in data_rows(data)[:first]]
+            longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
+            if longest + new_tokens > limit:
+                self.fail(
+                    "rollout.max_model_len",
+                    f"{limit} is shorter than the longest prompt of {what} ({longest} tokens) plus its {new_tokens} new tokens; expected at least {longest + new_tokens}",
+                )
+
+    def tokenizer(self):
+        """The study model's tokenizer (the tiny model's is built, not loaded)."""
+        if self.spec.model.path is None:
+            from stageflow.platform.models import char_tokenizer
+
+            return char_tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.spec.model.path)
 
     def check_model(self) -> None:
-        problem = self.spec.model.tiny.problem()
-        if self.spec.model.path is None and problem:
-            self.fail("model.tiny", f"expected {problem}")
         if self.spec.model.path is not None:
             problem = check_model_dir(self.spec.model.path)
             if problem:
                 self.fail("model.path", f"{self.spec.model.path}: expected {problem}")
 
     def check_storage(self) -> None:
-        path = default_storage_dir(self.spec).absolute()
+        path = StudyDir.of(self.spec).root
         if path.exists() and not path.is_dir():
             self.fail("storage_dir", f"{path} is a file; expected a directory")
         existing = next(p for p in [path, *path.parents] if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             self.fail("storage_dir", f"{existing} is not writable; expected a writable directory")
+        try:  # permissions can say yes where the filesystem says no (/proc, read-only mounts)
+            os.rmdir(tempfile.mkdtemp(prefix=".stageflow-probe-", dir=existing))
+        except OSError as err:
+            self.fail(
+                "storage_dir",
+                f"{path} cannot be created ({err.strerror} in {existing}); expected a writable directory",
+            )
 
     def check_tracking(self) -> None:
         uri = self.spec.tracking.uri

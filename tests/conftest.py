@@ -24,7 +24,17 @@ def ray_cluster():
     """An embedded local Ray shared by every test that needs one (starts in about 3 s)."""
     import ray
 
+    from stageflow.platform.runner import keep_loopback
+
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        keep_loopback()
+        ray.init(
+            address="local",  # never another Ray running on this machine
+            num_cpus=6,
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+            _node_ip_address="127.0.0.1",
+        )
     yield ray
     ray.shutdown()

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from stageflow.platform.registry import TASKS
+from stageflow.platform.study_dir import staged_dir
 
 REQUIRED_FIELDS = ("prompt", "answer")
 
@@ -34,19 +33,11 @@ def task_dir(cache_dir: str | Path, task: str, seed: int, size: int, params: dic
 def write_task(cache_dir: str | Path, task: str, seed: int, size: int, params=None) -> Path:
     """Write every split of a task as `<split>.jsonl` once (atomically) and return the folder."""
     out = task_dir(cache_dir, task, seed, size, params)
-    if (out / ".complete").exists():
+    if out.is_dir():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=out.parent))
-    for split, rows in generate(task, seed, size, params).items():
-        (staging / f"{split}.jsonl").write_text("".join(dumps(row) + "\n" for row in rows))
-    (staging / ".complete").write_text("")
-    try:
-        os.replace(staging, out)
-    except OSError:  # written concurrently by another process: theirs is identical
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
+    with staged_dir(out) as staging:  # written concurrently elsewhere: theirs is identical
+        for split, rows in generate(task, seed, size, params).items():
+            (staging / f"{split}.jsonl").write_text("".join(dumps(row) + "\n" for row in rows))
     return out
 
 
@@ -92,7 +83,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def check_answer(task: str, row: dict, completion: str) -> bool:
     """Whether `completion` answers `row` correctly, by the task's rule."""
-    return TASKS[task].meta["check"](row, completion)
+    return TASKS[task].check(row, completion)
 
 
 # The generators register themselves on import.

@@ -64,7 +64,6 @@ def check(row: dict, completion: str) -> bool:
 @TASKS.register(
     "facts",
     splits=("train", "forget", "retain", "eval"),
-    params={"forget_fraction": 0.1, "perturbed": 3},
     check=check,
 )
 def generate(

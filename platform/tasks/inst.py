@@ -28,11 +28,10 @@ def check(row: dict, completion: str) -> bool:
 @TASKS.register(
     "inst",
     splits=("train", "eval"),
-    params={"min_len": 3, "max_len": 7, "rules": list(RULES)},
     check=check,
 )
 def generate(
-    rng: random.Random, size: int, min_len: int = 3, max_len: int = 7, rules: list | None = None
+    rng: random.Random, size: int, min_len: int = 3, max_len: int = 7, rules: tuple = tuple(RULES)
 ) -> dict[str, list[dict]]:
     """`size` training instructions (and a quarter as many for eval) over random lowercase words."""
     rules = list(rules or RULES)

@@ -56,7 +56,7 @@ def _problem(rng: random.Random, steps: int, max_operand: int) -> dict:
     return {"prompt": prompt, "answer": answer, "target": value, "steps": steps}
 
 
-@TASKS.register("math", splits=("train", "eval"), params={"difficulty": 1}, check=check)
+@TASKS.register("math", splits=("train", "eval"), check=check)
 def generate(rng: random.Random, size: int, difficulty: int = 1) -> dict[str, list[dict]]:
     """`size` training problems (and a quarter as many eval ones) of `difficulty` steps (1-3)."""
     if difficulty not in (1, 2, 3):

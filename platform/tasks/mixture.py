@@ -10,11 +10,13 @@ from stageflow.platform.registry import TASKS
 @TASKS.register(
     "mixture",
     splits=("train", "eval"),
-    params={"tasks": ["inst", "facts", "math", "refusal"], "mix_seed": 1000},
-    check=lambda row, completion: TASKS[row["task"]].meta["check"](row, completion),
+    check=lambda row, completion: TASKS[row["task"]].check(row, completion),
 )
 def generate(
-    rng: random.Random, size: int, tasks: list | None = None, mix_seed: int = 1000
+    rng: random.Random,
+    size: int,
+    tasks: tuple = ("inst", "facts", "math", "refusal"),
+    mix_seed: int = 1000,
 ) -> dict[str, list[dict]]:
     """About `size` training rows in all, an equal share from each task (generated with seeds
     offset by `mix_seed`, so they differ from the tasks' own stage data), shuffled."""

@@ -74,7 +74,7 @@ def check(row: dict, completion: str) -> bool:
     return is_refusal(completion)
 
 
-@TASKS.register("refusal", splits=("train", "eval"), params={}, check=check)
+@TASKS.register("refusal", splits=("train", "eval"), check=check)
 def generate(rng: random.Random, size: int) -> dict[str, list[dict]]:
     """`size` refused requests for training; requests built from held-out actions for eval."""
     held_out = set(rng.sample(range(len(ACTIONS)), k=4))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-ROLLOUT_OPTIONS = {
-    "workers": 1,
-    "max_model_len": 256,
-    "kv_cache_gib": 0.25,
-    "gpu_memory_utilization": 0.2,
-}
-LEARNER_OPTIONS = {"ranks": 2, "zero_stage": 2}
+from stageflow.actors.group import Placement
+from stageflow.platform.config import LearnerSpec, RolloutSpec
+
+CPU = Placement(device="cpu")
+
+ROLLOUT_OPTIONS = RolloutSpec(
+    workers=1, max_model_len=256, kv_cache_gib=0.25, gpu_memory_utilization=0.2
+)
+LEARNER_OPTIONS = LearnerSpec(ranks=2, zero_stage=2)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,7 @@ def rollout(ray_cluster, actor_model_dir):
     """One vLLM rollout worker for the whole session (an engine start costs ~30 s here)."""
     from stageflow.actors.rollout import RolloutGroup
 
-    group = RolloutGroup(actor_model_dir, ROLLOUT_OPTIONS, device="cpu", seed=0)
+    group = RolloutGroup(actor_model_dir, ROLLOUT_OPTIONS, CPU, seed=0)
     yield group
     group.shutdown()
 
@@ -41,7 +43,7 @@ def learner(ray_cluster, actor_model_dir):
     """Two DeepSpeed ranks (ZeRO-2) on gloo; tests reload the base model when they need it."""
     from stageflow.actors.learner import LearnerGroup
 
-    group = LearnerGroup(actor_model_dir, LEARNER_OPTIONS, device="cpu", seed=0)
+    group = LearnerGroup(actor_model_dir, LEARNER_OPTIONS, CPU, seed=0)
     yield group
     group.shutdown()
 

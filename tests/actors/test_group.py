@@ -11,7 +11,8 @@ import ray
 from ray import cloudpickle
 from ray.exceptions import RayActorError
 
-from stageflow.actors.group import ActorGroup, ActorSetupError, split_evenly
+from stageflow.actors.group import ActorGroup, split_evenly
+from stageflow.platform.config import StudyError
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -133,5 +134,5 @@ def test_group_lands_in_enclosing_placement_group(ray_cluster):
 
 def test_more_ranks_than_cpus_fails_before_any_actor(ray_cluster):
     cpus = ray.cluster_resources()["CPU"]
-    with pytest.raises(ActorSetupError, match="CPUs"):
+    with pytest.raises(StudyError, match="CPUs"):
         ActorGroup(Echo, int(cpus) + 1, num_cpus=1.0, name="learner.ranks")

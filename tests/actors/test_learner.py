@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-SFT = {"kind": "sft", "lr": 5e-3, "batch_size": 4, "steps": 8, "max_len": 64}
+from stageflow.actors.group import Placement
+from stageflow.platform.config import LearnerSpec, RolloutSpec, StageSpec, StudyError
+
+CPU = Placement(device="cpu")
+
+SFT = StageSpec(kind="sft", lr=5e-3, batch_size=4, steps=8, max_len=64)
+
+
+def stage(base: StageSpec = SFT, **changes) -> StageSpec:
+    return dataclasses.replace(base, **changes)
 
 
 def test_two_ranks_zero2_sft_loss_falls(learner, actor_model_dir, qa_rows):
@@ -24,24 +34,24 @@ def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
     learner.load(actor_model_dir)
     learner.train_stage(SFT, qa_rows, seed=0)
     before = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
-    cosine = {**SFT, "kind": "unlearn", "objective": "ga", "lr": 1e-2, "steps": 4}
-    metrics = learner.train_stage({**cosine, "schedule": "cosine", "warmup_steps": 1}, qa_rows)
+    cosine = stage(kind="unlearn", objective="ga", lr=1e-2, steps=4)
+    metrics = learner.train_stage(stage(cosine, schedule="cosine", warmup_steps=1), qa_rows)
     assert [round(m["lr"], 6) for m in metrics] == [0.01, 0.01, 0.0075, 0.0025]
     after = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
     assert after < before  # gradient ascent lowered the forget answers' likelihood
-    npo = learner.train_stage({**cosine, "objective": "npo", "lr": 1e-3, "steps": 2}, qa_rows)
+    npo = learner.train_stage(stage(cosine, objective="npo", lr=1e-3, steps=2), qa_rows)
     assert npo[0]["loss"] == pytest.approx(20 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
     retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
-    gd = learner.train_stage({**cosine, "objective": "graddiff", "steps": 2}, qa_rows, retain)
+    gd = learner.train_stage(stage(cosine, objective="graddiff", steps=2), qa_rows, retain)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in gd)
-    npo_retain = {**cosine, "objective": "npo", "lr": 1e-3, "steps": 1, "params": {"alpha": 1.0}}
+    npo_retain = stage(cosine, objective="npo", lr=1e-3, steps=1, params={"alpha": 1.0})
     first = learner.train_stage(npo_retain, qa_rows, retain)[0]["loss"]
     assert first > 20 * torch.log(torch.tensor(2.0)).item()  # NPO at pi = pi_ref, plus NLL_r
 
 
 def test_rl_step_hook(learner, actor_model_dir):
     learner.load(actor_model_dir)
-    info = learner.begin_stage({"kind": "grpo", "lr": 1e-3, "params": {"beta": 0.01}}, 2)
+    info = learner.begin_stage(StageSpec(kind="grpo", lr=1e-3, params={"beta": 0.01}), 2)
     assert info["objective"] == "grpo" and info["beta"] == 0.01
     samples = [
         {"prompt_token_ids": [1, 10, 11], "completion_token_ids": [12, 13, 2], "advantage": a}
@@ -66,7 +76,7 @@ def test_save_loads_in_transformers(learner, actor_model_dir, qa_rows, tmp_path)
     from stageflow.platform.models import check_model_dir
 
     learner.load(actor_model_dir)
-    learner.train_stage({**SFT, "steps": 2}, qa_rows)
+    learner.train_stage(stage(steps=2), qa_rows)
     out = learner.save(tmp_path / "ckpt")
     assert check_model_dir(out) is None
     lm = AutoModelForCausalLM.from_pretrained(out)
@@ -88,16 +98,16 @@ def test_zero3_state_dict_on_rank0_matches(learner, actor_model_dir, qa_rows):
     from stageflow.actors.learner import LearnerGroup
 
     base = load_file(actor_model_dir / "model.safetensors")
-    zero3 = LearnerGroup(actor_model_dir, {"ranks": 2, "zero_stage": 3}, device="cpu")
+    zero3 = LearnerGroup(actor_model_dir, LearnerSpec(ranks=2, zero_stage=3), CPU)
     try:
-        zero3.train_stage({**SFT, "steps": 1}, qa_rows, seed=1)  # partitions the weights
+        zero3.train_stage(stage(steps=1), qa_rows, seed=1)  # partitions the weights
         zero3.load(actor_model_dir)
-        zero3.train_stage({**SFT, "steps": 3}, qa_rows, seed=0)
+        zero3.train_stage(stage(steps=3), qa_rows, seed=0)
         state3 = zero3.state_dict()
     finally:
         zero3.shutdown()
     learner.load(actor_model_dir)
-    learner.train_stage({**SFT, "steps": 3}, qa_rows, seed=0)
+    learner.train_stage(stage(steps=3), qa_rows, seed=0)
     state2 = learner.state_dict()
     assert set(state3) == set(state2) == set(base)
     for name in base:
@@ -110,7 +120,6 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
     import ray
 
     from stageflow.actors import group as group_module
-    from stageflow.actors.group import ActorSetupError
     from stageflow.actors.learner import LearnerGroup
     from stageflow.actors.rollout import RolloutGroup
     from stageflow.platform.models import TinyModelSpec, build_tiny_model
@@ -124,24 +133,30 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
     (alien / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchLM"]}))
     monkeypatch.setattr(group_module.ActorGroup, "__init__", no_actors)
     cases = [
-        (lambda: LearnerGroup(actor_model_dir, {"zero_stage": 4}), "ZeRO stage 4 is out of range"),
+        (
+            lambda: LearnerGroup(actor_model_dir, LearnerSpec(zero_stage=4)),
+            "ZeRO stage 4 is out of range",
+        ),
         (
             lambda: LearnerGroup(
-                actor_model_dir, {"ranks": int(ray.cluster_resources()["CPU"]) + 1}
+                actor_model_dir, LearnerSpec(ranks=int(ray.cluster_resources()["CPU"]) + 1)
             ),
             "learner.ranks",
         ),
         (
-            lambda: LearnerGroup(tmp_path / "missing", {}),
+            lambda: LearnerGroup(tmp_path / "missing", LearnerSpec()),
             "expected an existing local model directory",
         ),
-        (lambda: RolloutGroup(tmp_path, {}), "config.json"),
-        (lambda: RolloutGroup(head16, {}, device="cpu"), "head sizes"),
-        (lambda: RolloutGroup(alien, {}, device="cpu"), "does not support its architecture"),
-        (lambda: RolloutGroup(actor_model_dir, {"workers": 99}), "rollout.workers"),
+        (lambda: RolloutGroup(tmp_path, RolloutSpec()), "config.json"),
+        (lambda: RolloutGroup(head16, RolloutSpec(), CPU), "head sizes"),
+        (
+            lambda: RolloutGroup(alien, RolloutSpec(), CPU),
+            "does not support its architecture",
+        ),
+        (lambda: RolloutGroup(actor_model_dir, RolloutSpec(workers=99)), "rollout.workers"),
     ]
     for make, message in cases:
-        with pytest.raises(ActorSetupError, match=message) as err:
+        with pytest.raises(StudyError, match=message) as err:
             make()
         assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
 
@@ -181,14 +196,14 @@ def test_fused_and_naive_kernels_same_losses_fused_less_memory(ray_cluster, wide
     from stageflow.actors.learner import LearnerGroup
 
     rows = [{"prompt": f"Q{i}: ", "answer": "stageflow " * 25} for i in range(16)]
-    stage = {"kind": "sft", "lr": 1e-3, "batch_size": 8, "steps": 3, "max_len": 300}
+    wide = StageSpec(kind="sft", lr=1e-3, batch_size=8, steps=3, max_len=300)
     runs = {}
     for kernels in ("fused", "naive"):
         group = LearnerGroup(
-            wide_vocab_model_dir, {"ranks": 1, "zero_stage": 0, "kernels": kernels}
+            wide_vocab_model_dir, LearnerSpec(ranks=1, zero_stage=0, kernels=kernels)
         )
         try:
-            runs[kernels] = group.train_stage(stage, rows, seed=0)
+            runs[kernels] = group.train_stage(wide, rows, seed=0)
         finally:
             group.shutdown()
     fused, naive = ([m["loss"] for m in runs[k]] for k in ("fused", "naive"))
@@ -204,7 +219,7 @@ def test_stale_build_locks_are_released(tmp_path, monkeypatch):
     import os
     import time
 
-    from stageflow.actors.learner import STALE_BUILD_LOCK_S, release_stale_build_locks
+    from stageflow.actors.deepspeed_setup import STALE_BUILD_LOCK_S, release_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale, building = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"

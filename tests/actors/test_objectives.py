@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from stageflow.actors import objectives
 from stageflow.actors.objectives import LossInputs
 from stageflow.platform.registry import OBJECTIVES
 
@@ -35,9 +34,9 @@ def test_registry_metadata():
     }
     for name, (kinds, params, needs_ref) in expected.items():
         entry = OBJECTIVES[name]
-        assert entry.meta["kinds"] == kinds
+        assert entry.kinds == kinds
         assert entry.params == params
-        assert entry.meta["needs_ref"] is needs_ref
+        assert entry.needs_ref is needs_ref
         assert entry.fn.__doc__
 
 
@@ -79,17 +78,20 @@ def test_missing_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="pi_ref"):
         OBJECTIVES["npo"].fn(_inputs(ref=False))
     with pytest.raises(ValueError, match="no parameter gamma"):
-        objectives.resolve("npo", {"gamma": 1})
+        OBJECTIVES["npo"].resolve({"gamma": 1})
 
 
 def test_resolve_and_needs():
-    entry, params = objectives.resolve("npo", {"beta": 0.5})
+    entry = OBJECTIVES["npo"]
+    params = entry.resolve({"beta": 0.5})
     assert params == {"beta": 0.5, "alpha": 0.0}
-    assert objectives.needs_ref(entry, params) and not objectives.uses_retain(entry, params)
-    entry, params = objectives.resolve("graddiff")
-    assert objectives.uses_retain(entry, params)
-    entry, params = objectives.resolve("grpo", {"beta": 0.01})
-    assert objectives.needs_ref(entry, params)
+    assert entry.needs_reference(params) and not entry.uses_retain(params)
+    entry = OBJECTIVES["graddiff"]
+    params = entry.resolve()
+    assert entry.uses_retain(params)
+    entry = OBJECTIVES["grpo"]
+    params = entry.resolve({"beta": 0.01})
+    assert entry.needs_reference(params)
 
 
 @pytest.mark.parametrize("impl", ["fused", "naive"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from stageflow.actors.rewards import (
-    RewardConfigError,
     Sample,
     StageReward,
     check_rewards,
@@ -15,7 +14,7 @@ from stageflow.actors.rewards import (
     score,
     weighted_range,
 )
-from stageflow.platform.config import RewardSpec
+from stageflow.platform.config import RewardSpec, StudyError
 from stageflow.platform.registry import REWARDS, load_plugins
 from stageflow.platform.tasks import generate
 from stageflow.platform.tasks.refusal import REFUSAL
@@ -43,7 +42,7 @@ def test_registered_rewards_declare_range_and_params():
     } <= set(REWARDS.names())
     for name in REWARDS.names():
         entry = REWARDS[name]
-        assert isinstance(entry.params, dict) and "range" in entry.meta
+        assert isinstance(entry.params, dict) and entry.range is not None
         assert entry.fn.__doc__ and ("r =" in entry.fn.__doc__ or "R =" in entry.fn.__doc__)
 
 
@@ -202,7 +201,7 @@ def test_weighted_range():
     ],
 )
 def test_check_rewards(specs, key, expected):
-    with pytest.raises(RewardConfigError) as err:
+    with pytest.raises(StudyError) as err:
         check_rewards(specs)
     assert err.value.key == key
     assert expected in err.value.problem

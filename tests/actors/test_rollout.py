@@ -9,6 +9,8 @@ import pytest
 import ray
 import torch
 
+from stageflow.platform.config import RolloutSpec, StageSpec
+
 PROMPTS = ["Q1: name? ", "Q2: name? ", "abc"]
 
 
@@ -45,7 +47,7 @@ def test_two_stages_reuse_one_engine(rollout, learner, actor_model_dir, qa_rows,
     seq, n_prompt = [1, 30, 31, 32, 33, 34, 35], 2
     stage_a = _scaled_model(actor_model_dir, tmp_path / "a", 1.1)
     learner.load(actor_model_dir)  # stage b: a checkpoint the learner wrote after training
-    learner.train_stage({"kind": "sft", "lr": 1e-2, "batch_size": 4, "steps": 2}, qa_rows)
+    learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=2), qa_rows)
     stage_b = learner.save(tmp_path / "b")
     scores = []
     for model_dir in (stage_a, stage_b, actor_model_dir):
@@ -94,7 +96,7 @@ def test_hf_backend_is_explicit_and_matches_its_logprobs(actor_model_dir):
 
     from stageflow.actors.rollout import RolloutWorker
 
-    worker = RolloutWorker(actor_model_dir, {"backend": "hf"}, device="cpu")
+    worker = RolloutWorker(actor_model_dir, RolloutSpec(backend="hf"), device="cpu")
     assert worker.info()["backend"] == "hf" and worker.info()["engine"] == "transformers generate"
     out = worker.generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=6, seed=0)
     lm = AutoModelForCausalLM.from_pretrained(actor_model_dir)

@@ -11,6 +11,7 @@ from stageflow.actors.weight_sync import (
     release_shared_weights,
     write_shared_weights,
 )
+from stageflow.platform.config import StageSpec
 
 PROMPTS = ["Q1: name? ", "Q7: name? ", "xyz"]
 
@@ -35,7 +36,7 @@ def test_logprobs_match_after_sync(learner, rollout, actor_model_dir, qa_rows, t
     learner.load(actor_model_dir)
     rollout.load_model(actor_model_dir)
     assert _compare(learner, rollout) < 1e-3  # same base weights on both sides
-    learner.train_stage({"kind": "sft", "lr": 1e-2, "batch_size": 4, "steps": 6}, qa_rows)
+    learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=6), qa_rows)
     assert _compare(learner, rollout) > 1e-2  # the learner moved, the rollout did not
     sync = WeightSync(learner, rollout, transport)
     try:
@@ -44,7 +45,7 @@ def test_logprobs_match_after_sync(learner, rollout, actor_model_dir, qa_rows, t
         after = _compare(learner, rollout)
         print(f"{transport}: max |vLLM - learner| after sync {after:.2e}; {stats}")
         assert after < 1e-3
-        learner.train_stage({"kind": "sft", "lr": 1e-2, "batch_size": 4, "steps": 2}, qa_rows)
+        learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=2), qa_rows)
         sync.sync()  # the same file / path again
         assert _compare(learner, rollout) < 1e-3
     finally:
@@ -80,6 +81,6 @@ def test_nccl_broadcast_sync(learner, rollout, qa_rows):
     from stageflow.actors.weight_sync import NcclWeightSync
 
     sync = NcclWeightSync(learner, rollout)
-    learner.train_stage({"kind": "sft", "lr": 1e-2, "batch_size": 4, "steps": 2}, qa_rows)
+    learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=2), qa_rows)
     sync.sync()
     assert _compare(learner, rollout) < 1e-3

@@ -9,7 +9,7 @@ import torch
 
 from stageflow.kernels.reference import reference_token_logprobs
 
-# Tolerances of the fp32 anchors in REFERENCES.md ("Fused kernels").
+# Tolerances of the fp32 anchors in docs/formulas.md#fused-log-prob-kernel-sizing.
 ATOL, RTOL = 1e-5, 5e-4
 
 

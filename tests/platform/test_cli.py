@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
+import psutil
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -30,7 +38,10 @@ def test_ui_needs_a_study_dir(tmp_path, capsys):
     assert "no mlflow.db here" in capsys.readouterr().err
 
 
-def test_run_eval_study_logs_nested_runs(tmp_path, tiny_model_dir, ray_cluster, capsys):
+@pytest.fixture(scope="module")
+def eval_study(tmp_path_factory, tiny_model_dir, ray_cluster):
+    """An eval-only study run once: (its storage dir, the `run` output)."""
+    tmp_path = tmp_path_factory.mktemp("evalonly")
     study = {
         "name": "evalonly",
         "storage_dir": str(tmp_path / "study"),
@@ -52,8 +63,19 @@ def test_run_eval_study_logs_nested_runs(tmp_path, tiny_model_dir, ray_cluster, 
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    assert main(["run", str(path)]) == 0
-    out = capsys.readouterr().out
+    done = subprocess.run(
+        [sys.executable, "-m", "stageflow.platform.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tmp_path / "study", done.stdout + done.stderr
+
+
+def test_run_eval_study_logs_nested_runs(eval_study):
+    tmp_path = eval_study[0].parent
+    out = eval_study[1]
     assert "| probe>all" in out and "| all>probe" in out and "facts/avg_loglik" in out
 
     client = MlflowClient(default_tracking_uri(tmp_path / "study"))
@@ -72,3 +94,110 @@ def test_run_eval_study_logs_nested_runs(tmp_path, tiny_model_dir, ray_cluster, 
     assert [m.step for m in history] == [0, 1, 2]
     assert all(-10 < m.value < 0 for m in history)
     assert (tmp_path / "study" / "study.yaml").is_file()
+
+
+def test_quiet_output_has_stageflow_lines_only(eval_study):
+    out = eval_study[1]
+    for noise in (
+        "Configuration for experiment",
+        "View detailed results",
+        "TensorBoard",
+        "Writing",
+    ):
+        assert noise not in out
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert progress and all(" trials, eta " in line for line in progress), progress
+
+
+def test_resume_of_a_finished_study_starts_nothing(eval_study, capsys):
+    start = time.monotonic()
+    assert main(["resume", str(eval_study[0])]) == 0
+    out = capsys.readouterr().out
+    assert "all 2 trials of evalonly are finished; nothing to run" in out and "| probe>all" in out
+    assert time.monotonic() - start < 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(port: int, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
+    """`stageflow ui` serves the study's store on 127.0.0.1: the experiment opens on its runs
+    (its kind), the study run's description holds the table, each trial's names its path; a
+    SIGTERM ends the server and every worker it started, and frees the port."""
+    port = free_port()
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stageflow.platform.cli",
+            "ui",
+            str(eval_study[0]),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                found = api(port, "experiments/get-by-name?experiment_name=evalonly")
+                break
+            except OSError:
+                assert time.time() < deadline and ui.poll() is None, "the UI never answered"
+                time.sleep(1)
+        experiment = found["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        runs = api(port, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        notes = {}
+        for run in runs:
+            run_tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            notes.setdefault(run_tags["stageflow.kind"], []).append(run_tags["mlflow.note.content"])
+        assert "| probe>all" in notes["study"][0] and "| all>probe" in notes["study"][0]
+        assert sorted(n.split(",")[0] for n in notes["trial"]) == [
+            "Trial of path all > probe",
+            "Trial of path probe > all",
+        ]
+        server = psutil.Process(ui.pid).children(recursive=True)
+        assert server, "the UI started no server process"
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+    deadline = time.time() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in server):
+        assert time.time() < deadline, "server processes outlived the UI"
+        time.sleep(0.5)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing holds the port
+
+
+def test_embedded_ray_binds_loopback(tmp_path):
+    code = (
+        "import ray\n"
+        "from stageflow.platform.config import StudySpec\n"
+        "from stageflow.platform.runner import init_ray\n"
+        "init_ray(StudySpec(name='x'))\n"
+        "print(ray.nodes()[0]['NodeManagerAddress'], ray.get_runtime_context().gcs_address)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    node, gcs = done.stdout.split()[-2:]
+    assert node == "127.0.0.1" and gcs.startswith("127.0.0.1:"), done.stdout + done.stderr

@@ -76,3 +76,54 @@ def test_model_identity_is_content_not_location(tmp_path, tiny_model_dir):
     weights.write_bytes(bytes(data))
     assert model_identity(copy) != model_identity(tiny_model_dir)
     assert digest(1, "a") == digest(1, "a") != digest(2, "a")
+
+
+def test_a_retried_trial_takes_its_own_claim_over(tmp_path):
+    """A claim left by an earlier attempt of the same trial (its node lost) is taken over at once."""
+    cache = PrefixCache(tmp_path, poll_s=0.05)
+    claim = tmp_path / "k3.claim"
+    claim.mkdir()
+    record = {"owner": "trial-1", "host": "another-host", "pid": 1, "time": time.time()}
+    (claim / "owner.json").write_text(json.dumps(record))
+    start = time.monotonic()
+    assert finish(cache, "k3", "trial-1")
+    assert time.monotonic() - start < 5
+
+
+def test_another_hosts_claim_is_released_when_its_heartbeat_stops(tmp_path, monkeypatch):
+    from stageflow.platform import prefix_cache
+
+    cache = PrefixCache(tmp_path, poll_s=0.05)
+    claim = tmp_path / "k4.claim"
+    claim.mkdir()
+    record = {"owner": "trial-2", "host": "another-host", "pid": 1, "time": 0}
+    (claim / "owner.json").write_text(json.dumps(record))
+    monkeypatch.setattr(prefix_cache, "CLAIM_STALE_S", 1.0)
+    old = time.time() - 2
+    os.utime(claim / "owner.json", (old, old))  # its owner stopped touching it
+    assert finish(cache, "k4", "trial-3")
+
+
+def test_a_held_claim_is_kept_alive(tmp_path, monkeypatch):
+    """The holder touches its claims, so other hosts do not take them over while it trains."""
+    from stageflow.platform import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "HEARTBEAT_S", 0.1)
+    cache = PrefixCache(tmp_path)
+    claim = cache.acquire("k5", "me")
+    owner = claim.path / "owner.json"
+    old = time.time() - 1000
+    os.utime(owner, (old, old))
+    deadline = time.time() + 10
+    while owner.stat().st_mtime < time.time() - 5 and time.time() < deadline:
+        time.sleep(0.1)
+    assert owner.stat().st_mtime > time.time() - 5
+    cache.release(claim)
+
+
+def test_evaluations_are_kept_beside_the_prefixes(tmp_path):
+    cache = PrefixCache(tmp_path)
+    assert cache.read_eval("k") is None
+    cache.write_eval("k", {"metrics": {"a/b": 1.0}, "examples": {}})
+    assert cache.read_eval("k")["metrics"] == {"a/b": 1.0}
+    assert not list(tmp_path.glob(".*"))  # written through a temporary file, nothing left

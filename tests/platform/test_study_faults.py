@@ -123,7 +123,9 @@ def test_a_trial_whose_learner_dies_is_retried_from_its_last_checkpoint(
 
 @pytest.mark.slow
 def test_submit_runs_the_study_as_a_ray_job(tmp_path):
-    """A real Ray head with its job server on loopback; the study runs as a Ray job."""
+    """A real multi-node cluster on loopback (a head with its job server and no CPUs, two
+    worker nodes started by `ray start`); a per_trial study runs on it as a Ray job, each
+    trial with its own vLLM engine on a worker node."""
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="sfray")  # short: Ray's unix socket paths must fit 107 bytes
@@ -141,35 +143,37 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
             return s.getsockname()[1]
 
     gcs, dashboard = free_port(), free_port()
-    # every fixed default port gets a free one: the session's own Ray already holds them
-    agent_ports = [
-        f"--{name}={free_port()}"
-        for name in (
+
+    def agent_ports(*names: str) -> list[str]:
+        # every fixed default port gets a free one: the session's own Ray already holds them
+        names = names + (
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
             "metrics-export-port",
             "runtime-env-agent-port",
-            "ray-client-server-port",
         )
-    ]
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            f"--dashboard-port={dashboard}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=4",
-            "--include-dashboard=true",
-            *agent_ports,
-        ],
-        env=env,
-        stdout=(tmp_path / "head.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        return [f"--{name}={free_port()}" for name in names]
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", *args],
+            env=env,
+            stdout=(tmp_path / f"{name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    head = start(
+        "head",
+        "--head",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=0",
+        "--include-dashboard=true",
+        *agent_ports("ray-client-server-port"),
     )
+    nodes = []
     try:
         job_dir = tmp_path / "job"
         storage = tmp_path / "submitted"
@@ -186,6 +190,10 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
                 break
             except OSError:
                 time.sleep(2)
+        for i in range(2):  # two worker nodes with room for one per_trial trial each
+            nodes.append(
+                start(f"node{i}", f"--address=127.0.0.1:{gcs}", "--num-cpus=3", *agent_ports())
+            )
         cli = [
             sys.executable,
             "-m",
@@ -193,6 +201,11 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
             "submit",
             "study.yaml",
             f"storage_dir={storage}",
+            "rollout.placement=per_trial",
+            "rollout.kv_cache_gib=0.1",
+            "rollout.max_model_len=128",
+            "evaluation.sets.inst.metrics=[avg_loglik,accuracy]",
+            "evaluation.sets.inst.max_new_tokens=8",
             "--address",
             address,
         ]
@@ -218,9 +231,11 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
                 break
             time.sleep(3)
         assert f"job '{job_id.lower()}' succeeded" in state, state
-        assert len(list((storage / "trials").glob("*.json"))) == 2
+        records = [json.loads(p.read_text()) for p in (storage / "trials").glob("*.json")]
+        assert len(records) == 2
+        # each trial started its own engine (the head has no CPU: on the worker nodes)
+        assert all(r["timing"]["time/engine_start_s"] > 0 for r in records)
     finally:
-        os.killpg(
-            head.pid, signal.SIGTERM
-        )  # this head only: never `ray stop`, which ends every Ray
-        head.wait(timeout=60)
+        for process in [*nodes, head]:  # these nodes only: never `ray stop`, which ends every Ray
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)

@@ -16,7 +16,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path, task):
     second = write_task(tmp_path / "b", task, seed=3, size=40)
     other = write_task(tmp_path / "c", task, seed=4, size=40)
     files = sorted(p.name for p in first.glob("*.jsonl"))
-    assert files == sorted(f"{s}.jsonl" for s in TASKS[task].meta["splits"])
+    assert files == sorted(f"{s}.jsonl" for s in TASKS[task].splits)
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes()
         assert check_jsonl(first / name) is None

@@ -45,3 +45,20 @@ def test_nested_runs_and_batched_metrics(tmp_path):
     assert tracker.find_run(trial_id="abc") == trial and tracker.find_run(trial_id="zzz") is None
     # a second tracker on the same store reuses the experiment
     assert Tracker(uri, "exp").experiment_id == tracker.experiment_id
+
+
+def test_calls_are_safe_to_repeat(tmp_path):
+    """A restarted tracker gets retried calls: runs are found by key, points are not doubled."""
+    uri = default_tracking_uri(tmp_path)
+    first = Tracker(uri, "exp")
+    run = first.start_run("trial", key="trial:abc", tags={"stageflow.kind": "trial"})
+    assert first.start_run("trial", key="trial:abc") == run  # found, not created again
+    first.log_metric_series(run, [(0, {"loss": 1.0}), (1, {"loss": 0.5})], 1000)
+    first.log_metric_series(run, [(0, {"loss": 1.0}), (1, {"loss": 0.5})], 1000)  # a retry
+    restarted = Tracker(uri, "exp")  # a new incarnation: an earlier attempt's points are known
+    restarted.log_metric_series(run, [(0, {"loss": 1.0}), (1, {"loss": 0.5}), (2, {"loss": 0.2})])
+    history = MlflowClient(uri).get_metric_history(run, "loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert restarted.start_run("trial", key="trial:abc") == run
+    tags = MlflowClient(uri).get_experiment(first.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"

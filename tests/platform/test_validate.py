@@ -214,6 +214,88 @@ CASES = [
         set_key("stages.check.sets", ["math"]),
         "stages.check.sets[0]: unknown evaluation set 'math'",
     ),
+    (
+        "learning rate NaN",
+        set_key("stages.inst.lr", float("nan")),
+        "stages.inst.lr: expected a positive number, got nan",
+    ),
+    (
+        "engine context shorter than the prompts",
+        lambda s: (
+            set_key("evaluation.sets.facts.metrics", ["accuracy"])(s),
+            set_key("rollout.max_model_len", 8)(s),
+        ),
+        "rollout.max_model_len: 8 is shorter than the longest prompt of evaluation set 'facts'",
+    ),
+    (
+        "storage that cannot be created",
+        set_key("storage_dir", "/proc/stageflow-study"),
+        "storage_dir: /proc/stageflow-study cannot be created",
+    ),
+    (
+        "unknown rollout placement",
+        set_key("rollout.placement", "pertrial"),
+        "rollout.placement: unknown value 'pertrial'; expected one of shared, per_trial, colocated",
+    ),
+    (
+        "colocated placement on a CPU study",
+        lambda s: (
+            set_key("rollout.placement", "colocated")(s),
+            set_key("resources.device", "cpu")(s),
+        ),
+        "rollout.placement: colocated shares a GPU",
+    ),
+    (
+        "more colocated engines than learner ranks",
+        lambda s: (
+            set_key("rollout.placement", "colocated")(s),
+            set_key("rollout.workers", 2)(s),
+        ),
+        "rollout.workers: colocated puts each engine on a learner rank's GPU",
+    ),
+    (
+        "no engine for a generation metric",
+        lambda s: (
+            set_key("evaluation.sets.facts.metrics", ["accuracy"])(s),
+            set_key("rollout.workers", 0)(s),
+        ),
+        "rollout.workers: the study samples completions",
+    ),
+    (
+        "unknown learner dtype",
+        set_key("learner.dtype", "fp16"),
+        "learner.dtype: unknown value 'fp16'; expected one of float32, bfloat16",
+    ),
+    (
+        "negative weight decay",
+        set_key("stages.inst.weight_decay", -0.1),
+        "stages.inst.weight_decay: expected a non-negative number, got -0.1",
+    ),
+    (
+        "negative sampling temperature",
+        set_key("evaluation.sets.facts.temperature", -1.0),
+        "evaluation.sets.facts.temperature: expected a non-negative number",
+    ),
+    (
+        "zero CPUs per actor",
+        set_key("resources.cpus_per_actor", 0),
+        "resources.cpus_per_actor: expected a positive number, got 0",
+    ),
+    (
+        "zero evaluation examples",
+        set_key("evaluation.sets.facts.max_examples", 0),
+        "evaluation.sets.facts.max_examples: expected a positive number, got 0",
+    ),
+    (
+        "a GPU memory share above 1",
+        set_key("rollout.gpu_memory_utilization", 1.5),
+        "rollout.gpu_memory_utilization: expected a fraction in (0, 1]",
+    ),
+    (
+        "data with both task and file",
+        set_key("stages.inst.data.file", "x.jsonl"),
+        "stages.inst.data: expected exactly one of 'task' (a synthetic task) or 'file'",
+    ),
 ]
 
 
@@ -226,6 +308,31 @@ def test_bad_study(tmp_path, capsys, change, expected):
     assert expected in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "storage").exists()
+
+
+def test_truncated_model_weights(tmp_path, capsys):
+    """A safetensors file cut short (an interrupted copy): refused before any engine starts."""
+    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=64, num_heads=2))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err = validate(write_study(tmp_path, set_key("model.path", str(model))), capsys=capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"model.path: {model}: expected complete safetensors weights" in err
+    assert not (tmp_path / "storage").exists()
+
+
+def test_run_refuses_bad_input_before_starting_anything(tmp_path, capsys):
+    """`run` checks like `validate`: an uncreatable storage dir is one sentence, exit 2, at once."""
+    import time
+
+    path = write_study(tmp_path, set_key("storage_dir", "/proc/stageflow-study"))
+    start = time.monotonic()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be created" in err
+    assert time.monotonic() - start < 30
 
 
 def test_missing_file(tmp_path, capsys):

@@ -1,0 +1,413 @@
+"""One learner rank: a DeepSpeed engine over the policy (ZeRO 0-3), as a Ray actor.
+
+The rank trains a stage's objective over its share of each batch (`train_stage`, or `step` from
+the RL loop), computes per-token log-probs and teacher-forced answer statistics for evaluation
+with the same tokenisation and fused kernels (`logprobs`, `answer_stats`), gathers the full
+weights on rank 0 (ZeRO-3 included) for checkpoints and weight sync, and starts over from a
+checkpoint (`load`). Optimizer and LR schedule are re-created at every stage unless
+`reset_optimizer_per_stage` is false. `LearnerGroup` (actors/learner.py) drives the ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stageflow.actors.batching import (
+    TokenBatch,
+    batch_indices,
+    collate,
+    completion_values,
+    encode_item,
+    lr_multiplier,
+    place_completion_values,
+    stage_steps,
+)
+from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
+from stageflow.actors.metrics import AnswerStats
+from stageflow.actors.objectives import LossInputs
+from stageflow.actors.policy import PolicyModule
+from stageflow.kernels.peak_memory import PeakMemory
+from stageflow.platform.config import LearnerSpec, StageSpec
+from stageflow.platform.registry import OBJECTIVES, load_plugins, objective_of
+from stageflow.platform.study_dir import staged_dir
+
+FORWARD_MICRO_BATCH = 32  # sequences per no-grad forward (log-probs, evaluation)
+
+
+class LearnerWorker:
+    """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen pi_ref when needed."""
+
+    def __init__(self, model_dir: str, spec: LearnerSpec, device: str = "cpu", seed: int = 0):
+        self.model_dir, self.spec, self.seed = str(model_dir), spec, seed
+        self.device_kind = device
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    # ----- set-up ----------------------------------------------------------------------------
+    def setup(self) -> int:
+        """Join the process group (after the group set MASTER_ADDR etc.) and load the model."""
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        load_plugins()
+        for lock in release_stale_build_locks():
+            print(f"learner: removed the stale build lock {lock} (an interrupted op build)")
+        backend = "nccl" if self.device_kind == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.device = torch.device("cuda", 0) if self.device_kind == "cuda" else torch.device("cpu")
+        torch.manual_seed(self.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._load_policy(self._read_model(self.model_dir), new_template=True)
+        return self.rank
+
+    def _read_model(self, model_dir: str) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.hf_config = lm.config
+        return lm
+
+    def _load_policy(self, lm: torch.nn.Module, new_template: bool = False) -> None:
+        if new_template:  # a plain LM (no DeepSpeed hooks) copied for pi_ref and rebuilds
+            self._template = copy.deepcopy(lm)
+        self.policy = PolicyModule(lm, self.spec.kernels).to(self.device)
+        self.engine: Any = None
+        self.ref: PolicyModule | None = None
+        self._stage: dict[str, Any] | None = None
+
+    @property
+    def zero3(self) -> bool:
+        return self.spec.zero_stage == 3
+
+    # ----- weights ---------------------------------------------------------------------------
+    def gathered_state(
+        self, everywhere: bool = False, on_device: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """The full HF state dict on rank 0 (every rank when `everywhere`), on CPU unless
+        `on_device`; ZeRO-3 gathers (a collective: every rank must call it)."""
+        import deepspeed
+
+        params = list(self.policy.parameters())
+        gather = self.zero3 and self.engine is not None
+        ctx = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if gather
+            else nullcontext()
+        )
+        with ctx:
+            if not (everywhere or self.rank == 0):
+                return None
+            # ZeRO-3's gathered tensors are freed on leaving the context: copy them; else views.
+            target = self.device if on_device else torch.device("cpu")
+            copy_out = gather or self.device != target
+            state = {
+                k: v.detach().to(target, copy=True) if copy_out else v.detach()
+                for k, v in self.policy.lm.state_dict().items()
+            }
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return state
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (None on the other ranks, which must still take part)."""
+        return self.gathered_state()
+
+    def weights_payload(self) -> bytes | None:
+        """Rank 0: the full weights as safetensors bytes (what rollout engines load)."""
+        from safetensors.torch import save
+
+        state = self.gathered_state()
+        return None if state is None else save(state)
+
+    def write_shared_weights(self, path: str) -> int | None:
+        """Rank 0: copy the full weights into the shared-memory file `path` (see weight_sync)."""
+        from stageflow.actors.weight_sync import write_shared_weights
+
+        state = self.gathered_state()
+        return None if state is None else write_shared_weights(path, state)
+
+    def save(self, out_dir: str) -> str:
+        """Write an HF model directory (safetensors, config, tokenizer) from rank 0, atomically."""
+        from safetensors.torch import save_file
+
+        state = self.gathered_state()
+        if state is not None:
+            with staged_dir(Path(out_dir), replace=True) as staging:
+                save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+                config = copy.deepcopy(self.hf_config)
+                config.dtype = self.spec.dtype
+                config.save_pretrained(staging)
+                self.tokenizer.save_pretrained(staging)
+                if (Path(self.model_dir) / "generation_config.json").is_file():
+                    shutil.copy(Path(self.model_dir) / "generation_config.json", staging)
+        torch.distributed.barrier()
+        return str(out_dir)
+
+    def load(self, model_dir: str) -> None:
+        """Start over from `model_dir`: new weights, no optimizer state, no engine until next stage."""
+        self._drop_engine()
+        self.model_dir = str(model_dir)
+        self._load_policy(self._read_model(self.model_dir), new_template=True)
+
+    # ----- stages ----------------------------------------------------------------------------
+    def _drop_engine(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
+
+    def _fresh_lm(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        lm = copy.deepcopy(self._template)
+        lm.load_state_dict(state, strict=False)
+        return lm
+
+    def _snapshot(self) -> PolicyModule:
+        """A plain (non-DeepSpeed) copy of the current policy with full weights, frozen."""
+        lm = self._fresh_lm(self.gathered_state(everywhere=True))
+        module = PolicyModule(lm, self.spec.kernels).to(self.device).eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module
+
+    def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
+        """New optimizer (if `reset_optimizer_per_stage`), new LR schedule, pi_ref when needed."""
+        import deepspeed
+
+        name = objective_of(stage)
+        if name is None:
+            raise ValueError(f"a {stage.kind} stage needs an objective")
+        entry = OBJECTIVES[name]
+        params = entry.resolve(dict(stage.params))
+
+        def multiplier(step: int) -> float:
+            return lr_multiplier(step, total_steps, stage.schedule, stage.warmup_steps)
+
+        if self.engine is None or self.spec.reset_optimizer_per_stage:
+            if self.engine is not None:
+                state = self.gathered_state(everywhere=True)
+                self._drop_engine()
+                self._load_policy(self._fresh_lm(state))
+            self.engine, *_ = deepspeed.initialize(
+                model=self.policy,
+                model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
+                config=deepspeed_config(stage, self.spec, self.world),
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
+            )
+        else:
+            opt = self.engine.basic_optimizer
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = stage.lr
+                group["weight_decay"] = stage.weight_decay
+            self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
+            self.engine._config.gradient_clipping = float(stage.grad_clip or 0.0)
+        self.ref = self._snapshot() if entry.needs_reference(params) else None
+        self._stage = {"entry": entry, "params": params, "step": 0}
+        return {"objective": name, **params}
+
+    def _encode(self, items: list[dict], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+        return [encode_item(self.tokenizer, it, max_len) for it in items]
+
+    def _batch(self, encoded: list[tuple[list[int], int]]) -> TokenBatch:
+        if not encoded:  # a rank with no rows still runs one forward (ZeRO-3 collectives); weight 0
+            encoded = [([self.tokenizer.bos_token_id or 0, self.tokenizer.eos_token_id or 0], 1)]
+        return collate([e[0] for e in encoded], [e[1] for e in encoded], self.pad_id)
+
+    def _forward(self, module: Any, batch: TokenBatch, **kwargs: Any) -> Any:
+        return module(
+            batch.input_ids.to(self.device),
+            batch.attention_mask.to(self.device),
+            batch.mask.to(self.device),
+            **kwargs,
+        )
+
+    def _update(
+        self, encoded: list, retain: list, local_n: int, global_n: int, extra: dict
+    ) -> dict:
+        """One optimizer step on this rank's share: forward (forget + retain together), loss, step."""
+        entry, params = self._stage["entry"], self._stage["params"]
+        batch = self._batch(encoded + retain)
+        split = len(encoded) or 1  # an empty share runs the one-row dummy batch of `_batch`
+        start = time.perf_counter()
+        peak = PeakMemory(self.device).start()
+        self.engine.train()
+        logprobs = self._forward(self.engine, batch)
+        mask = batch.mask.to(self.device)
+        inputs = LossInputs(logprobs=logprobs[:split], mask=mask[:split], **extra)
+        if retain:
+            inputs.retain_logprobs, inputs.retain_mask = logprobs[split:], mask[split:]
+        if self.ref is not None and inputs.ref_logprobs is None:  # pi_ref: the forget rows only
+            ref_batch = self._batch(encoded) if retain else batch
+            with torch.no_grad():
+                ref = self._forward(self.ref, ref_batch)
+            inputs.ref_logprobs = torch.nn.functional.pad(
+                ref, (0, logprobs.shape[1] - ref.shape[1])
+            )
+        weight = local_n * self.world / max(global_n, 1)
+        loss = entry.fn(inputs, **params) * weight
+        lr = self.engine.lr_scheduler.get_last_lr()[0]
+        self.engine.backward(loss)
+        own_norm = None
+        if self.spec.zero_stage == 0:  # DeepSpeed reports no norm without a ZeRO optimizer
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.engine.step()
+        peak_mib = peak.stop()
+        elapsed = time.perf_counter() - start
+        totals = torch.tensor(
+            [
+                float(loss.detach()) / self.world,
+                float(batch.attention_mask.sum()) if local_n else 0.0,
+            ]
+        )
+        torch.distributed.all_reduce(totals)
+        grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        self._stage["step"] += 1
+        return {
+            "loss": float(totals[0]),
+            "lr": float(lr),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": float(totals[1]) / elapsed,
+            "step_time_s": elapsed,
+            "peak_mem_mib": peak_mib,
+        }
+
+    def train_stage(
+        self,
+        stage: StageSpec,
+        rows: list[dict],
+        retain_rows: list[dict] | None = None,
+        seed: int = 0,
+    ) -> list[dict[str, float]]:
+        """Run the stage's objective over `rows` (steps or epochs); per-step metrics, in order."""
+        if not rows:
+            raise ValueError("train_stage got no rows")
+        if stage.batch_size < self.world:
+            raise ValueError(
+                f"batch_size {stage.batch_size} is smaller than learner.ranks {self.world}"
+            )
+        steps = stage_steps(stage.steps, stage.epochs, stage.batch_size, len(rows))
+        self.begin_stage(stage, steps)
+        entry, params = self._stage["entry"], self._stage["params"]
+        use_retain = entry.uses_retain(params)
+        if use_retain and not retain_rows:
+            raise ValueError(
+                f"objective '{entry.name}' weights a retain set but the stage has none"
+            )
+        encoded = self._encode(rows, stage.max_len)
+        retain_enc = self._encode(retain_rows, stage.max_len) if use_retain else []
+        plan = batch_indices(len(rows), stage.batch_size, steps, seed)
+        retain_plan = (
+            batch_indices(len(retain_enc), stage.batch_size, steps, seed + 1)
+            if use_retain
+            else None
+        )
+        metrics = []
+        for step, idx in enumerate(plan):
+            mine = idx[self.rank :: self.world]
+            retain = (
+                [retain_enc[i] for i in retain_plan[step][self.rank :: self.world]]
+                if use_retain
+                else []
+            )
+            metrics.append(
+                self._update([encoded[i] for i in mine], retain, len(mine), len(idx), extra={})
+            )
+        return metrics
+
+    def step(self, samples: list[dict], global_count: int) -> dict[str, float]:
+        """RL hook: one optimizer step on this rank's samples, with the objective of `begin_stage`.
+
+        A sample: `prompt_token_ids`, `completion_token_ids`, `advantage` (float) or `advantages`
+        (per completion token), optional `old_logprobs` / `ref_logprobs` (per completion token).
+        """
+        if self._stage is None:
+            raise RuntimeError("call begin_stage before step")
+        encoded = self._encode(samples)
+        batch = self._batch(encoded)
+        extra: dict[str, torch.Tensor] = {}
+        if samples:
+            if "advantages" in samples[0]:
+                extra["advantages"] = place_completion_values(
+                    [s["advantages"] for s in samples], batch
+                )
+            else:
+                extra["advantages"] = torch.tensor(
+                    [float(s.get("advantage", 0.0)) for s in samples]
+                )
+            for key in ("old_logprobs", "ref_logprobs"):
+                if samples[0].get(key) is not None:
+                    extra[key] = place_completion_values([s[key] for s in samples], batch)
+        else:
+            extra["advantages"] = torch.zeros(1)
+        extra = {k: v.to(self.device) for k, v in extra.items()}
+        return self._update(encoded, [], len(samples), global_count, extra)
+
+    # ----- no-grad forwards: log-probs and evaluation statistics -------------------------------
+    def _no_grad_forwards(self, items: list[dict], module: Any, read: Any) -> list:
+        """`read(module, batch)` over micro-batches of `items`: one result per item, in order.
+
+        Under ZeRO-3 every rank runs as many forwards as the busiest one (gathers are collective).
+        """
+        encoded = self._encode(items)
+        chunks = [
+            encoded[i : i + FORWARD_MICRO_BATCH]
+            for i in range(0, len(encoded), FORWARD_MICRO_BATCH)
+        ]
+        n_calls = len(chunks)
+        if self.zero3 and self.engine is not None:
+            count = torch.tensor([n_calls])
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            n_calls = int(count)
+        out: list = []
+        module.eval()
+        with torch.no_grad():
+            for i in range(n_calls):
+                chunk = chunks[i] if i < len(chunks) else []
+                out += read(module, self._batch(chunk))[: len(chunk)]
+        return out
+
+    def _module(self, reference: bool = False) -> Any:
+        if reference:
+            if self.ref is None:
+                raise RuntimeError("no pi_ref: the stage's objective does not need one")
+            return self.ref
+        return self.engine if self.engine is not None else self.policy
+
+    def logprobs(
+        self, items: list[dict], temperature: float = 1.0, reference: bool = False
+    ) -> list[list[float]]:
+        """Per-token log-probs of each item's answer (`prompt`/`answer`) or completion (token ids);
+        under pi_ref (taken by `begin_stage`) when `reference`."""
+
+        def read(module: Any, batch: TokenBatch) -> list[list[float]]:
+            values = self._forward(module, batch, temperature=temperature)
+            return completion_values(values.cpu(), batch)
+
+        return self._no_grad_forwards(items, self._module(reference), read)
+
+    def answer_stats(self, items: list[dict]) -> list[AnswerStats]:
+        """Teacher-forced statistics of each `prompt`/`answer` item's answer tokens (EOS
+        included, as trained): summed log-prob, length, argmax hits, extraction prefix k."""
+
+        def read(module: Any, batch: TokenBatch) -> list[AnswerStats]:
+            logprobs, is_argmax = self._forward(module, batch, with_argmax=True)
+            out = []
+            for lps, hits in zip(
+                completion_values(logprobs.cpu(), batch),
+                completion_values(is_argmax.float().cpu(), batch),
+            ):
+                misses = [i for i, hit in enumerate(hits) if not hit]
+                k = misses[-1] + 1 if misses else 0
+                out.append(AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k))
+            return out
+
+        return self._no_grad_forwards(items, self._module(), read)

@@ -1,0 +1,57 @@
+"""Evaluation's bookkeeping: a row's answer items and their statistics regrouped per row."""
+
+from __future__ import annotations
+
+import pytest
+
+from stageflow.actors.metrics import AnswerStats
+from stageflow.platform.evaluation import EvalJob, answer_items, evaluate, example_stats
+from stageflow.platform.registry import load_plugins
+
+load_plugins()
+
+
+def stats(value: float, tokens: int = 2) -> AnswerStats:
+    return AnswerStats(value, tokens, tokens, 0)
+
+
+def test_rows_regroup_their_answers():
+    rows = [
+        {
+            "prompt": "p1",
+            "answer": "a",
+            "paraphrased_answers": ["b", "c"],
+            "perturbed_answers": ["d"],
+        },
+        {"prompt": "p2", "answer": "e", "paraphrased_answer": "f"},
+        {"prompt": "p3", "answer": "g"},
+    ]
+    items = [item for row in rows for item in answer_items(row)]
+    assert [i["answer"] for i in items] == list("abcdefg")
+    flat = [stats(-float(i)) for i in range(len(items))]
+    out = example_stats(rows, flat)
+    assert [e.answer.logprob for e in out] == [0.0, -4.0, -6.0]
+    assert [len(e.paraphrased) for e in out] == [2, 1, 0]
+    assert [e.perturbed[0].logprob for e in out[:1]] == [-3.0]
+
+
+def test_evaluate_scores_each_set_from_its_own_items():
+    jobs = [
+        EvalJob("one", [{"prompt": "p", "answer": "a"}], ["avg_loglik"]),
+        EvalJob("two", [{"prompt": "q", "answer": "b"}] * 2, ["avg_loglik", "accuracy"]),
+    ]
+    seen: list[str] = []
+
+    def answer_stats(items):
+        seen.extend(i["answer"] for i in items)
+        return [stats(-2.0 if i["answer"] == "a" else -4.0) for i in items]
+
+    def generate(prompts, **sampling):
+        assert sampling["n"] == 1 and sampling["max_tokens"] == 32
+        return {"texts": [["b"], ["nope"]]}
+
+    out = evaluate(jobs, answer_stats, generate)
+    assert seen == ["a", "b", "b"]  # one call for every log-likelihood set
+    assert out["metrics"] == pytest.approx(
+        {"one/avg_loglik": -1.0, "two/avg_loglik": -2.0, "two/accuracy": 0.5}
+    )
