@@ -114,7 +114,7 @@ def check_fits_cluster(spec: StudySpec, source: str) -> int:
             "cluster has no GPU; expected shared or per_trial",
         )
     have = float(resources.get("CPU", 0))
-    if pool_cpus(spec) >= have:
+    if pool_cpus(spec) and pool_cpus(spec) >= have:
         raise StudyError(
             source,
             "rollout.workers",

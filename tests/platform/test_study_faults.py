@@ -191,9 +191,17 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
             except OSError:
                 time.sleep(2)
         for i in range(2):  # two worker nodes with room for one per_trial trial each
-            nodes.append(
-                start(f"node{i}", f"--address=127.0.0.1:{gcs}", "--num-cpus=3", *agent_ports())
-            )
+            # each node its own temp dir, as on separate machines: nodes sharing one would
+            # share (and delete) each other's copies of the job's working directory
+            own_tmp = f"--temp-dir={tempfile.mkdtemp(prefix='sfray')}"
+            join = f"--address=127.0.0.1:{gcs}"
+            nodes.append(start(f"node{i}", join, "--num-cpus=3", own_tmp, *agent_ports()))
+        joined = [ray_bin, "status", f"--address=127.0.0.1:{gcs}"]
+        deadline = time.time() + 180
+        while time.time() < deadline:  # both worker nodes are in the cluster
+            if "/6.0 CPU" in subprocess.run(joined, env=env, capture_output=True, text=True).stdout:
+                break
+            time.sleep(2)
         cli = [
             sys.executable,
             "-m",
