@@ -224,5 +224,7 @@ def objective_of(stage: Any) -> str | None:
     """A stage's objective name: its own, else its kind's default."""
     if stage.objective is not None:
         return stage.objective
+    if stage.kind not in STAGE_KINDS:
+        load_plugins()  # a caller that never imported the stage kinds (a benchmark, a notebook)
     kind = STAGE_KINDS[stage.kind] if stage.kind in STAGE_KINDS else None
     return kind.default_objective if kind else None
