@@ -6,6 +6,7 @@ with the same tokenisation and fused kernels (`logprobs`, `answer_stats`), gathe
 weights on rank 0 (ZeRO-3 included) for checkpoints and weight sync, and starts over from a
 checkpoint (`load`). Optimizer and LR schedule are re-created at every stage unless
 `reset_optimizer_per_stage` is false. `LearnerGroup` (actors/learner.py) drives the ranks.
+The module is one actor class whose methods share the DeepSpeed engine's state, hence its size.
 """
 
 from __future__ import annotations
