@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from stageflow.platform.config import DataSpec, OrderingSpec, StageSpec, StudySpec
 from stageflow.platform.registry import TASKS
-from stageflow.platform.tasks import generate as _register_tasks  # noqa: F401  (fills TASKS)
 
 PATH_SEPARATOR = ">"
 

@@ -136,11 +136,22 @@ E = TypeVar("E")
 
 
 class Registry(Generic[E]):
-    """Named entries of one type; `register(name, **fields)` decorates the implementation."""
+    """Named entries of one type; `register(name, **fields)` decorates the implementation.
+    `plugin`: the module whose import registers the built-in entries, imported at the first
+    lookup, so a caller never depends on having imported it."""
 
-    def __init__(self, what: str, entry_type: type[E]):
-        self.what, self.entry_type = what, entry_type
+    def __init__(self, what: str, entry_type: type[E], plugin: str):
+        self.what, self.entry_type, self.plugin = what, entry_type, plugin
         self._entries: dict[str, E] = {}
+        self._loaded = False
+
+    def _all(self) -> dict[str, E]:
+        if not self._loaded:
+            import importlib
+
+            self._loaded = True  # before the import: the module registers through `add`
+            importlib.import_module(self.plugin)
+        return self._entries
 
     def register(self, name: str, **fields: Any) -> Callable[[Any], Any]:
         """Decorator: `fn` becomes the entry `entry_type(name=name, fn=fn, **fields)`."""
@@ -159,15 +170,15 @@ class Registry(Generic[E]):
         return entry
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._all()
 
     def __getitem__(self, name: str) -> E:
-        if name not in self._entries:
+        if name not in self._all():
             raise KeyError(f"unknown {self.what} '{name}'; {self.expected()}")
         return self._entries[name]
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._all())
 
     def expected(self, name: str | None = None) -> str:
         """'expected one of a, b, c' plus a close match for `name` when there is one."""
@@ -196,35 +207,24 @@ def closest(name: str, candidates: list[str]) -> str | None:
     return found[0] if found else None
 
 
-STAGE_KINDS: Registry[StageKind] = Registry("stage kind", StageKind)
-OBJECTIVES: Registry[Objective] = Registry("objective", Objective)
-REWARDS: Registry[Reward] = Registry("reward", Reward)
-METRICS: Registry[Metric] = Registry("metric", Metric)
-TASKS: Registry[Task] = Registry("task", Task)
-
-# Modules whose import registers stage kinds, tasks, metrics, objectives and rewards.
-PLUGIN_MODULES = [
-    "stageflow.platform.stages",
-    "stageflow.platform.tasks",
-    "stageflow.actors.metrics",
-    "stageflow.actors.objectives",
-    "stageflow.actors.rewards",
-]
+STAGE_KINDS: Registry[StageKind] = Registry("stage kind", StageKind, "stageflow.platform.stages")
+OBJECTIVES: Registry[Objective] = Registry("objective", Objective, "stageflow.actors.objectives")
+REWARDS: Registry[Reward] = Registry("reward", Reward, "stageflow.actors.rewards")
+METRICS: Registry[Metric] = Registry("metric", Metric, "stageflow.actors.metrics")
+TASKS: Registry[Task] = Registry("task", Task, "stageflow.platform.tasks")
+REGISTRIES = (STAGE_KINDS, OBJECTIVES, REWARDS, METRICS, TASKS)
 
 
 def load_plugins() -> None:
-    """Import every module that registers implementations, so all names are known."""
-    import importlib
-
-    for module in PLUGIN_MODULES:
-        importlib.import_module(module)
+    """Import every module that registers built-in entries (each registry also does so at
+    its first lookup), e.g. before listing what a study may name."""
+    for registry in REGISTRIES:
+        registry.names()
 
 
 def objective_of(stage: Any) -> str | None:
     """A stage's objective name: its own, else its kind's default."""
     if stage.objective is not None:
         return stage.objective
-    if stage.kind not in STAGE_KINDS:
-        load_plugins()  # a caller that never imported the stage kinds (a benchmark, a notebook)
     kind = STAGE_KINDS[stage.kind] if stage.kind in STAGE_KINDS else None
     return kind.default_objective if kind else None
