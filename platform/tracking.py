@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,19 +141,8 @@ class Tracker:
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, local_path, artifact_path)
 
-    def log_figure_png(self, run_id: str, png: bytes, artifact_file: str) -> None:
-        """A rendered figure (PNG bytes, drawn where the data is) as a run artifact."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_bytes(png)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
-
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
-
-    def run_status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
 
 
 def now_ms() -> int:
