@@ -1,18 +1,15 @@
-"""Tokenisation, collation and a stage's batch plan, shared by learners and rollout workers.
+"""Tokenisation and collation, shared by learners and rollout workers.
 
 A row {"prompt", "answer"} becomes tokenizer(prompt) (with the tokenizer's BOS) followed by
 tokenizer(answer) (no special tokens) and EOS, truncated to `max_len`. Prompt and answer are
 tokenised separately so the loss mask falls exactly on the answer tokens for any tokenizer.
 A `TokenBatch` holds right-padded ids and a mask over the *targets* (ids shifted by one):
-position t of `mask` is 1 when token t+1 is an answer / completion token. A stage's plan: which
-rows each step trains on (`batch_indices`), how many steps (`stage_steps`), the LR multiplier of
-each step (`lr_multiplier`).
+position t of `mask` is 1 when token t+1 is an answer / completion token. Which rows each step
+trains on is the stage's plan (actors/batch_plan.py).
 """
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,37 +102,3 @@ def completion_values(per_target: torch.Tensor, batch: TokenBatch) -> list[list[
         start, stop = batch.prompt_lens[i] - 1, batch.lengths[i] - 1
         out.append(per_target[i, start:stop].tolist())
     return out
-
-
-def lr_multiplier(step: int, total: int, schedule: str, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to 0 at `total`."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown schedule '{schedule}'; expected constant, linear or cosine")
-
-
-def batch_indices(n_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Row indices of each step: a fresh seeded permutation per epoch, batches cross epochs."""
-    rng, order, out = random.Random(seed), [], []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            perm = list(range(n_rows))
-            rng.shuffle(perm)
-            order += perm
-        out.append(order[:batch_size])
-        order = order[batch_size:]
-    return out
-
-
-def stage_steps(steps: int | None, epochs: float | None, batch_size: int, n_rows: int) -> int:
-    """`steps` when given, else ceil(epochs x rows / batch_size) (one epoch by default)."""
-    if steps:
-        return int(steps)
-    return max(1, math.ceil((epochs or 1.0) * n_rows / batch_size))

@@ -328,13 +328,15 @@ def resolve_device(device: str = "auto") -> str:
 @dataclass(frozen=True)
 class Placement:
     """Where a group's ranks run: the device, CPUs and GPU share of each rank, custom Ray
-    resources, and inside an enclosing placement group the bundle of each rank."""
+    resources, inside an enclosing placement group the bundle of each rank, and the threads
+    of each rank's math libraries (OMP_NUM_THREADS; None: Ray's default, the rank's CPUs)."""
 
     device: str = "auto"
     cpus: float = 1.0
     gpus: float = 1.0  # share of a GPU per rank, on a CUDA device
     resources: dict[str, float] = field(default_factory=dict)
     bundles: list[int] | None = None
+    threads: int | None = None
 
 
 class ModelGroup:
@@ -367,6 +369,7 @@ class ModelGroup:
             distributed=self.distributed,
             name=self.name,
             actor_name=actor_name,
+            env={"OMP_NUM_THREADS": str(placement.threads)} if placement.threads else None,
         )
 
     @property

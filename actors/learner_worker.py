@@ -21,15 +21,13 @@ from typing import Any
 
 import torch
 
+from stageflow.actors.batch_plan import batch_indices, lr_multiplier, stage_steps
 from stageflow.actors.batching import (
     TokenBatch,
-    batch_indices,
     collate,
     completion_values,
     encode_item,
-    lr_multiplier,
     place_completion_values,
-    stage_steps,
 )
 from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
 from stageflow.actors.metrics import AnswerStats

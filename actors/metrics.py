@@ -58,7 +58,7 @@ def avg_loglik(examples: list[ExampleStats]) -> float:
     return _mean([ex.answer.mean_logprob for ex in examples])
 
 
-@METRICS.register("paraphrase_loglik", needs="loglik")
+@METRICS.register("paraphrase_loglik", needs="loglik", reads=("answer", "paraphrased"))
 def paraphrase_loglik(examples: list[ExampleStats]) -> float:
     """Mean length-normalised log-likelihood of the answer and each of its paraphrases
     (for `refusal`: the refusal and its 20 paraphrases; its drop is the forget score)."""
@@ -71,7 +71,7 @@ def probability(examples: list[ExampleStats]) -> float:
     return _mean([math.exp(ex.answer.mean_logprob) for ex in examples])
 
 
-@METRICS.register("truth_ratio", needs="loglik")
+@METRICS.register("truth_ratio", needs="loglik", reads=("paraphrased", "perturbed"))
 def truth_ratio(examples: list[ExampleStats]) -> float:
     """Mean of min(TR, 1/TR) over examples with paraphrased and perturbed answers."""
     return _mean([min(tr, 1 / tr) for tr in truth_ratios(examples)])

@@ -25,10 +25,12 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the trial process needs none
+    import torch
 
 from stageflow.actors.group import free_address, node_address
 
@@ -65,6 +67,8 @@ def _align(n: int) -> int:
 
 def write_shared_weights(path: str, state: dict[str, torch.Tensor]) -> int:
     """Copy `state` into the shared-memory file `path` (grown or created as needed); its size."""
+    import torch
+
     entries, offset = {}, 0
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -96,6 +100,8 @@ def write_shared_weights(path: str, state: dict[str, torch.Tensor]) -> int:
 
 def read_shared_weights(path: str) -> dict[str, torch.Tensor]:
     """Zero-copy views of the tensors in a file written by `write_shared_weights`."""
+    import torch
+
     size = os.path.getsize(path)
     buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
     header_len = int(buf[:8].view(torch.int64))
@@ -158,6 +164,8 @@ class WeightReloadExtension:
         self, names: list[str], dtypes: list[str], shapes: list[list[int]]
     ) -> int:
         """Receive every tensor broadcast by learner rank 0, then reload them in place."""
+        import torch
+
         received = []
         for name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)  # type: ignore[attr-defined]
@@ -268,6 +276,8 @@ def _learner_metadata(worker: Any) -> tuple[list[str], list[str], list[list[int]
 
 def _learner_broadcast(worker: Any) -> None:
     """Runs in every learner rank (ZeRO-3 gathers are collective); rank 0 sends each tensor."""
+    import torch
+
     state = worker.gathered_state(on_device=True)
     if state is None:
         return

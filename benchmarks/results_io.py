@@ -25,6 +25,31 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# what each of a trial's `time/<phase>_s` (the Stopwatch of platform/workers.py) measures
+TRIAL_PHASES = {
+    "learner_start": "learner start",
+    "engine_start": "engine start (per_trial)",
+    "train": "training stages, all of it (engine set-up per stage, tokenising, pi_ref)",
+    "in_optimizer_steps": "optimizer steps",
+    "in_rl_generation": "RL generation",
+    "in_weight_sync": "RL weight sync",
+    "eval_loglik": "evaluation: log-likelihood",
+    "eval_generation": "evaluation: generation",
+    "weight_sync": "evaluation: weight sync",
+    "checkpoint_write": "checkpoint write",
+    "checkpoint_load": "checkpoint load",
+    "wait_prefix": "waiting for another trial's prefix",
+    "tracking": "MLflow logging",
+    "other": "the rest (bookkeeping between phases)",
+    "wall": "trial wall time (sum)",
+}
+
+
+def trial_phases(*names: str) -> dict[str, str]:
+    """{phase: label} of these trial phases, in this order, for a results table."""
+    return {name: TRIAL_PHASES[name] for name in names}
+
+
 def command_line(name: str, quick: bool = False) -> str:
     """The command a results file records: `python benchmarks/<name>.py [--quick]`."""
     return f"python benchmarks/{name}.py" + (" --quick" if quick else "")
@@ -138,6 +163,15 @@ def markdown_table(rows: Iterable[Any], columns: list[Column]) -> list[str]:
         line(header for header, _, _ in columns),
         line(ALIGN[align] for _, align, _ in columns),
         *(line(cell(row) for _, _, cell in columns) for row in rows),
+    ]
+
+
+def figure_columns(names: Iterable[str]) -> list[Column]:
+    """The columns of a table of figures whose lines are (label, {name: figure}): the label,
+    then one right-aligned column per name (blank where a line has no figure for it)."""
+    return [
+        ("", "left", lambda line: line[0]),
+        *((name, "right", lambda line, name=name: line[1].get(name, "")) for name in names),
     ]
 
 

@@ -36,21 +36,21 @@ import results_io
 import yaml
 
 PLACEMENTS = ("shared", "per_trial")
-PHASES = {
-    "learner_start": "learner start",
-    "engine_start": "engine start (per_trial)",
-    "in_optimizer_steps": "optimizer steps",
-    "in_rl_generation": "RL generation",
-    "in_weight_sync": "RL weight sync",
-    "eval_loglik": "evaluation: log-likelihood",
-    "eval_generation": "evaluation: generation",
-    "weight_sync": "evaluation: weight sync",
-    "checkpoint_write": "checkpoint write",
-    "checkpoint_load": "checkpoint load",
-    "wait_prefix": "waiting for another trial's prefix",
-    "tracking": "MLflow logging",
-    "wall": "trial wall time (sum)",
-}
+PHASES = results_io.trial_phases(
+    "learner_start",
+    "engine_start",
+    "in_optimizer_steps",
+    "in_rl_generation",
+    "in_weight_sync",
+    "eval_loglik",
+    "eval_generation",
+    "weight_sync",
+    "checkpoint_write",
+    "checkpoint_load",
+    "wait_prefix",
+    "tracking",
+    "wall",
+)
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,10 +199,7 @@ BENCHMARK = results_io.Benchmark(
     intro=intro,
     # One line per figure, one column per placement.
     table_rows=figures,
-    columns=[
-        ("", "left", lambda line: line[0]),
-        *((p, "right", lambda line, p=p: line[1][p]) for p in PLACEMENTS),
-    ],
+    columns=results_io.figure_columns(PLACEMENTS),
 )
 
 if __name__ == "__main__":

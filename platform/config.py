@@ -283,15 +283,20 @@ class RolloutSpec(Spec):
 @dataclass(frozen=True)
 class ResourcesSpec(Spec):
     """Ray resources. `shared_actor_resources`: custom Ray resources the study's shared actors
-    (tracker, shared rollout pool) ask for, to pin them to service nodes (e.g. {head: 0.01})."""
+    (tracker, shared rollout pool) ask for, to pin them to service nodes (e.g. {head: 0.01}).
+    `threads_per_actor`: math-library threads of each learner rank and engine; unset: on a
+    cluster the actor's CPUs, on the embedded one-machine Ray the machine's cores shared among
+    the trials that run at once (a trial's learner and engines take turns)."""
 
     device: Device = "auto"
     cpus_per_actor: float = 1.0
+    threads_per_actor: Optional[int] = None
     max_concurrent_trials: Optional[int] = None
     shared_actor_resources: dict[str, float] = field(default_factory=dict)
 
     def invariants(self) -> Problems:
         yield from positive("cpus_per_actor", self.cpus_per_actor)
+        yield from positive("threads_per_actor", self.threads_per_actor)
         yield from positive("max_concurrent_trials", self.max_concurrent_trials)
         for name, amount in self.shared_actor_resources.items():
             yield from positive(f"shared_actor_resources.{name}", amount)

@@ -2,8 +2,10 @@
 
 Log-likelihood metrics come from the trial's learner on the weights it holds: the same
 tokenisation as training (answer then EOS) and the fused log-prob kernels, so no N x V logits.
-Generation metrics come from completions sampled by the trial's rollout engines with those
-weights, checked by the task's rule (exact match for a user's JSONL). The result is
+Only the answers the set's metrics read are scored (a row's answer, its paraphrases, its
+perturbed answers; all of them for the set whose per-example truth ratios the analysis
+compares). Generation metrics come from completions sampled by the trial's rollout engines
+with those weights, checked by the task's rule (exact match for a user's JSONL). The result is
 {"metrics": {"<set>/<metric>": value}, "examples": {"<set>/truth_ratio": [per example]}}.
 """
 
@@ -29,9 +31,20 @@ class EvalJob:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
+    truth_ratios: bool = False  # keep the per-example truth ratios (the analysis compares them)
 
     def needs(self, kind: str) -> bool:
         return any(METRICS[m].needs == kind for m in self.metrics)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The kinds of answers to score: the row's answer, and what the metrics read."""
+        if self.truth_ratios:
+            return ALL_ANSWERS
+        read = {
+            kind for m in self.metrics if METRICS[m].needs == "loglik" for kind in METRICS[m].reads
+        }
+        return tuple(k for k in ALL_ANSWERS if k == "answer" or k in read)
 
 
 def exact_match(row: dict, completion: str) -> bool:
@@ -39,24 +52,41 @@ def exact_match(row: dict, completion: str) -> bool:
     return completion.strip().split("\n")[0].strip() == row["answer"].strip()
 
 
-def answer_items(row: dict) -> list[dict]:
-    """The (prompt, answer) items of a row: its answer, paraphrases, then perturbed answers."""
+ALL_ANSWERS = ("answer", "paraphrased", "perturbed")
+
+
+def row_answers(row: dict, kinds: tuple[str, ...] = ALL_ANSWERS) -> dict[str, list[str]]:
+    """A row's answers of each kind: its answer, its paraphrases, its perturbed answers."""
     paraphrased = row.get("paraphrased_answers") or (
         [row["paraphrased_answer"]] if "paraphrased_answer" in row else []
     )
-    answers = [row["answer"], *paraphrased, *row.get("perturbed_answers", [])]
+    answers = {
+        "answer": [row["answer"]],
+        "paraphrased": list(paraphrased),
+        "perturbed": list(row.get("perturbed_answers", [])),
+    }
+    return {kind: answers[kind] if kind in kinds else [] for kind in ALL_ANSWERS}
+
+
+def answer_items(row: dict, kinds: tuple[str, ...] = ALL_ANSWERS) -> list[dict]:
+    """The (prompt, answer) items of a row: its answer, paraphrases, then perturbed answers
+    (those of `kinds`)."""
+    answers = [a for group in row_answers(row, kinds).values() for a in group]
     return [{"prompt": row["prompt"], "answer": a} for a in answers]
 
 
-def example_stats(rows: list[dict], flat: list[AnswerStats]) -> list[ExampleStats]:
+def example_stats(
+    rows: list[dict], flat: list[AnswerStats], kinds: tuple[str, ...] = ALL_ANSWERS
+) -> list[ExampleStats]:
     """Regroup the flat per-item statistics of `answer_items` into one ExampleStats per row."""
     examples, at = [], 0
     for row in rows:
-        n_para = len(answer_items(row)) - 1 - len(row.get("perturbed_answers", []))
-        n = len(answer_items(row))
-        answer, rest = flat[at], flat[at + 1 : at + n]
-        examples.append(ExampleStats(answer, tuple(rest[:n_para]), tuple(rest[n_para:])))
-        at += n
+        grouped = {}
+        for kind, answers in row_answers(row, kinds).items():
+            grouped[kind], at = tuple(flat[at : at + len(answers)]), at + len(answers)
+        examples.append(
+            ExampleStats(grouped["answer"][0], grouped["paraphrased"], grouped["perturbed"])
+        )
     return examples
 
 
@@ -67,13 +97,14 @@ def evaluate(
 ) -> dict[str, dict]:
     """Score every job. `answer_stats(items)`: teacher-forced statistics (the learner);
     `generate(prompts, **sampling)`: sampled completions (the rollout engines)."""
-    loglik = [job for job in jobs if job.needs("loglik")]
-    items = [item for job in loglik for row in job.rows for item in answer_items(row)]
+    loglik = [job for job in jobs if job.needs("loglik") or job.truth_ratios]
+    per_job = [[i for row in job.rows for i in answer_items(row, job.answers)] for job in loglik]
+    items = [item for job_items in per_job for item in job_items]
     flat = answer_stats(items) if items else []
     stats: dict[str, list[ExampleStats]] = {}
-    for job in loglik:
-        n = sum(len(answer_items(row)) for row in job.rows)
-        stats[job.name], flat = example_stats(job.rows, flat[:n]), flat[n:]
+    for job, job_items in zip(loglik, per_job):
+        n = len(job_items)
+        stats[job.name], flat = example_stats(job.rows, flat[:n], job.answers), flat[n:]
     metrics: dict[str, float] = {}
     examples: dict[str, list[float]] = {}
     for job in jobs:

@@ -58,6 +58,7 @@ class TrialContext:
                 max_new_tokens=s.max_new_tokens,
                 temperature=s.temperature,
                 seed=seed,
+                truth_ratios=name == spec.analysis.forget_quality,
             )
             for name, s in spec.evaluation.sets.items()
             if names is None or name in names

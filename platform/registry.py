@@ -90,14 +90,19 @@ class Reward:
         return keyword_defaults(self.fn)
 
 
+AnswerKind = Literal["answer", "paraphrased", "perturbed"]
+
+
 @dataclass(frozen=True)
 class Metric:
     """An evaluation metric: `fn(per-example stats) -> float`; `needs` says which stats:
-    teacher-forced answer statistics (loglik) or checked sampled completions (generation)."""
+    teacher-forced answer statistics (loglik) or checked sampled completions (generation);
+    `reads`: which of a row's answers a loglik metric scores (only those are computed)."""
 
     name: str
     fn: Callable[..., float]
     needs: Literal["loglik", "generation"]
+    reads: tuple[AnswerKind, ...] = ("answer",)
 
 
 @dataclass(frozen=True)

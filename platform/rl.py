@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from stageflow.actors.batching import batch_indices, stage_steps
+from stageflow.actors.batch_plan import batch_indices, stage_steps
 from stageflow.actors.rewards import Sample, StageReward, weighted_range
 from stageflow.actors.weight_sync import Weights, WeightSync
 from stageflow.platform.config import StageSpec

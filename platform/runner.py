@@ -21,10 +21,10 @@ from stageflow.platform.expand import Trial, expand
 from stageflow.platform.models import ensure_tiny_model
 from stageflow.platform.prefix_cache import digest, model_identity
 from stageflow.platform.registry import load_plugins
-from stageflow.platform.study_dir import StudyDir, write_atomic
+from stageflow.platform.study_dir import StudyDir, write_atomic, write_json
 from stageflow.platform.study_file import spec_to_dict, spec_to_yaml
 from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, start_tracker
-from stageflow.platform.workers import needs_rollout, trial_bundles
+from stageflow.platform.workers import Stopwatch, needs_rollout, trial_bundles
 
 POOL_NAME = "stageflow-rollout"
 TRIAL_RETRIES = 3  # a trial that lost an actor (or its node) runs again from its last prefix
@@ -36,13 +36,14 @@ def pool_cpus(spec: StudySpec) -> float:
     return spec.rollout.workers * spec.resources.cpus_per_actor if shared else 0.0
 
 
-def init_ray(spec: StudySpec, verbose: bool = False) -> None:
+def init_ray(spec: StudySpec, verbose: bool = False) -> bool:
     """Connect to RAY_ADDRESS when set, else start an embedded local Ray (on 127.0.0.1 only)
-    sized for the study. `verbose`: the actors' output and Ray's info lines reach the terminal."""
+    sized for the study; True when it started the embedded one. `verbose`: the actors' output
+    and Ray's info lines reach the terminal."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
     options: dict[str, Any] = {
         "namespace": NAMESPACE,
@@ -57,7 +58,7 @@ def init_ray(spec: StudySpec, verbose: bool = False) -> None:
         if problem is None:
             try:
                 ray.init(address=address, **options)
-                return
+                return False
             except (ConnectionError, RuntimeError, ValueError) as err:
                 problem = str(err).splitlines()[0]
         raise StudyError(
@@ -73,6 +74,17 @@ def init_ray(spec: StudySpec, verbose: bool = False) -> None:
         _node_ip_address="127.0.0.1",
         **options,
     )
+    return True
+
+
+def actor_threads(spec: StudySpec, concurrent: int, embedded: bool) -> int | None:
+    """Threads per learner rank and engine: `resources.threads_per_actor`; unset, on the
+    embedded one-machine Ray the machine's cores shared among the ranks of the trials that run
+    at once (a trial's phases take turns: its engine waits while its learner trains), and on a
+    cluster None (Ray's default: the actor's CPUs)."""
+    if spec.resources.threads_per_actor or not embedded:
+        return spec.resources.threads_per_actor
+    return max(1, len(os.sched_getaffinity(0)) // (concurrent * spec.learner.ranks))
 
 
 def keep_loopback() -> None:
@@ -229,7 +241,12 @@ class SharedActors:
         if pool_cpus(spec):
             self.names["pool"] = f"{POOL_NAME}-{suffix}"
             resources = spec.resources
-            placement = Placement(resources.device, resources.cpus_per_actor, resources=pinned)
+            placement = Placement(
+                resources.device,
+                resources.cpus_per_actor,
+                resources=pinned,
+                threads=resources.threads_per_actor,
+            )
             engine_names = (NAMESPACE, f"{self.names['pool']}-engine")
             self.engines = RolloutGroup(base_model, spec.rollout, placement, 0, engine_names)
             self.pool = start_rollout_pool(self.engines, self.names["pool"], pinned)
@@ -252,11 +269,19 @@ def run_study(
     import ray
 
     trials = expand(spec)
-    init_ray(spec, verbose)
+    clock = Stopwatch()  # where the driver's time goes: study/timing.json, the study run
+    with clock("ray_start"):
+        embedded = init_ray(spec, verbose)
     concurrent = check_fits_cluster(spec, source)
-    study, base_model = prepare(spec)
+    with clock("prepare"):
+        study, base_model = prepare(spec)
+    threads = actor_threads(spec, concurrent, embedded)
+    spec = dataclasses.replace(
+        spec, resources=dataclasses.replace(spec.resources, threads_per_actor=threads)
+    )
     study.cache().clear_claims()  # no trial runs now: every claim is stale
-    actors = SharedActors(spec, study, base_model)
+    with clock("shared_actors"):
+        actors = SharedActors(spec, study, base_model)
     # the actors end explicitly when the study ends, also when it fails: a traceback kept by
     # the caller would otherwise keep the handles, the engines and their CPUs alive
     try:
@@ -284,20 +309,27 @@ def run_study(
             **actors.names,
             "study_run_id": study_run,
         }
-        return fit_and_report(spec, trials, shared, concurrent, resume, tracker)
+        return fit_and_report(spec, trials, shared, concurrent, resume, tracker, clock)
     finally:
-        actors.stop()
+        with clock("shutdown"):
+            actors.stop()
+        write_json(study.timing, clock.breakdown())
 
 
 def fit_and_report(
-    spec: StudySpec, trials: list[Trial], shared: dict, concurrent: int, resume: bool, tracker
+    spec: StudySpec,
+    trials: list[Trial],
+    shared: dict,
+    concurrent: int,
+    resume: bool,
+    tracker: Any,
+    clock: Stopwatch,
 ) -> list[tuple[Trial, dict[str, float]]]:
-    """Run the Tune experiment, then log the table, analysis and report to the study run."""
-    import ray
+    """Run the Tune experiment, then log the table, analysis, report and the driver's time
+    breakdown to the study run."""
     from ray import tune
 
     from stageflow.platform.progress import ProgressPrinter
-    from stageflow.platform.report import study_description, trials_table
 
     study, study_run = StudyDir(Path(shared["storage"])), shared["study_run_id"]
     resources = tune.PlacementGroupFactory(trial_bundles(spec))
@@ -320,7 +352,21 @@ def fit_and_report(
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=run_config,
         )
-    tuner.fit()
+    with clock("tune"):
+        tuner.fit()
+    with clock("report"):
+        return log_results(spec, trials, study, study_run, tracker, clock)
+
+
+def log_results(
+    spec: StudySpec, trials: list[Trial], study: StudyDir, study_run: str, tracker, clock
+) -> list[tuple[Trial, dict[str, float]]]:
+    """The finished trials' table, analysis and report, and the driver's time breakdown so
+    far, on the study run; the run ends FINISHED when every trial finished."""
+    import ray
+
+    from stageflow.platform.report import study_description, trials_table
+
     results = read_results(study, trials)
     ray.get(tracker.log_text.remote(study_run, trials_table(results) + "\n", "results.md"))
     analysis, files = write_analysis(spec, study, trials)
@@ -332,7 +378,7 @@ def fit_and_report(
         for r in analysis.summary()
         for k in ("spread", "seed_std")
     }
-    ray.get(tracker.log_metrics.remote(study_run, summary))
+    ray.get(tracker.log_metrics.remote(study_run, {**summary, **clock.breakdown()}))
     description = study_description(analysis, results, files)
     ray.get(tracker.set_tags.remote(study_run, {"mlflow.note.content": description}))
     status = "FINISHED" if len(results) == len(trials) else "FAILED"

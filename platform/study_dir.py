@@ -90,6 +90,7 @@ class StudyDir:
     report = property(lambda self: self.root / "report")
     artifacts = property(lambda self: self.root / "artifacts")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
+    timing = property(lambda self: self.root / "timing.json")  # the driver's time breakdown
 
     @property
     def tracking_uri(self) -> str:

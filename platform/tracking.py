@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -50,6 +47,8 @@ class Tracker:
     """Creates nested runs and logs params, metrics, tags and artifacts in batches."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | None = None):
+        from mlflow.tracking import MlflowClient  # here: a trial process imports no mlflow
+
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         found = self.client.get_experiment_by_name(experiment)
@@ -100,6 +99,8 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
@@ -115,6 +116,8 @@ class Tracker:
         """Many steps of metrics in as few calls as the batch limit allows; `timestamp_ms` is
         the caller's (a repeated call logs the same points), and (key, step) points the run
         already holds from an earlier attempt are skipped."""
+        from mlflow.entities import Metric
+
         now = timestamp_ms or now_ms()
         items = [
             Metric(_metric_key(k), float(v), now, step)
@@ -133,6 +136,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:

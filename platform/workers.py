@@ -96,7 +96,13 @@ class TrialWorkers:
     def placement(self, bundles: list[int]) -> Placement:
         """Ranks in these bundles of the trial's placement group."""
         resources = self.spec.resources
-        return Placement(resources.device, resources.cpus_per_actor, self.gpu_share, {}, bundles)
+        return Placement(
+            resources.device,
+            resources.cpus_per_actor,
+            self.gpu_share,
+            bundles=bundles,
+            threads=resources.threads_per_actor,
+        )
 
     # ----- the learner -------------------------------------------------------------------------
     def learner_at(self, key: str, model_dir: Path) -> Any:

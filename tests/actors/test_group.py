@@ -136,3 +136,31 @@ def test_more_ranks_than_cpus_fails_before_any_actor(ray_cluster):
     cpus = ray.cluster_resources()["CPU"]
     with pytest.raises(StudyError, match="CPUs"):
         ActorGroup(Echo, int(cpus) + 1, num_cpus=1.0, name="learner.ranks")
+
+
+class ThreadProbe:
+    """A model-group worker that reports its math-library threads."""
+
+    def __init__(self, model_dir: str, spec, device: str, seed: int):
+        pass
+
+    def threads(self) -> tuple[int, str | None]:
+        import torch
+
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_placement_threads_reach_the_ranks(ray_cluster, tmp_path):
+    from stageflow.actors.group import ModelGroup, Placement
+
+    class Probes(ModelGroup):
+        worker, name, ranks = ThreadProbe, "probe", 1
+
+    default = Probes(tmp_path, None, Placement("cpu"))
+    chosen = Probes(tmp_path, None, Placement("cpu", threads=2))
+    try:
+        assert default.group.call("threads") == [(1, "1")]  # Ray's default: the rank's CPUs
+        assert chosen.group.call("threads") == [(2, "2")]
+    finally:
+        default.group.shutdown()
+        chosen.group.shutdown()

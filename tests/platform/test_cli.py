@@ -94,6 +94,11 @@ def test_run_eval_study_logs_nested_runs(eval_study):
     assert [m.step for m in history] == [0, 1, 2]
     assert all(-10 < m.value < 0 for m in history)
     assert (tmp_path / "study" / "study.yaml").is_file()
+    # where the driver's time went: in the study directory and on the study run
+    timing = json.loads((tmp_path / "study" / "timing.json").read_text())
+    assert 0 < timing["time/tune_s"] < timing["time/wall_s"]
+    assert {"time/ray_start_s", "time/shared_actors_s", "time/report_s"} <= set(timing)
+    assert by_kind["study"][0].data.metrics["time/tune_s"] > 0
 
 
 def test_quiet_output_has_stageflow_lines_only(eval_study):

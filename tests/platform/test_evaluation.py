@@ -55,3 +55,31 @@ def test_evaluate_scores_each_set_from_its_own_items():
     assert out["metrics"] == pytest.approx(
         {"one/avg_loglik": -1.0, "two/avg_loglik": -2.0, "two/accuracy": 0.5}
     )
+
+
+def test_only_the_answers_the_metrics_read_are_scored():
+    row = {
+        "prompt": "p",
+        "answer": "a",
+        "paraphrased_answers": ["b", "c"],
+        "perturbed_answers": ["d", "e"],
+    }
+    seen: list[list[str]] = []
+
+    def answer_stats(items):
+        seen.append([i["answer"] for i in items])
+        return [stats(-2.0) for _ in items]
+
+    def scored(job: EvalJob) -> list[str]:
+        seen.clear()
+        out = evaluate([job], answer_stats, lambda prompts, **sampling: {})
+        return seen[0] if seen else [], out
+
+    assert scored(EvalJob("s", [row], ["avg_loglik"]))[0] == ["a"]
+    assert scored(EvalJob("s", [row], ["paraphrase_loglik"]))[0] == ["a", "b", "c"]
+    answers, out = scored(EvalJob("s", [row], ["truth_ratio", "avg_loglik"]))
+    assert answers == list("abcde") and out["examples"]["s/truth_ratio"] == [1.0]
+    # the set the analysis compares per example keeps its truth ratios whatever its metrics
+    answers, out = scored(EvalJob("s", [row], ["avg_loglik"], truth_ratios=True))
+    assert answers == list("abcde") and out["examples"]["s/truth_ratio"] == [1.0]
+    assert scored(EvalJob("s", [row], ["avg_loglik"]))[1]["examples"] == {}

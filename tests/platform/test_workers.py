@@ -58,3 +58,16 @@ def test_stopwatch_breakdown():
     assert out["time/wall_s"] >= out["time/train_s"] + out["time/tracking_s"]
     counted = out["time/train_s"] + out["time/tracking_s"]
     assert abs(out["time/other_s"] - (out["time/wall_s"] - counted)) < 1e-6
+
+
+def test_threads_share_one_machine_among_the_trials_at_once(monkeypatch):
+    from stageflow.platform.runner import actor_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    two_ranks = spec("shared")
+    assert actor_threads(two_ranks, concurrent=1, embedded=True) == 4  # 8 cores, 2 ranks
+    assert actor_threads(two_ranks, concurrent=2, embedded=True) == 2
+    assert actor_threads(two_ranks, concurrent=8, embedded=True) == 1  # never fewer than one
+    assert actor_threads(two_ranks, concurrent=1, embedded=False) is None  # a cluster: Ray's
+    chosen = ResourcesSpec(device="cpu", threads_per_actor=3)
+    assert actor_threads(dataclasses.replace(two_ranks, resources=chosen), 1, True) == 3
