@@ -282,6 +282,11 @@ CASES = [
         "resources.cpus_per_actor: expected a positive number, got 0",
     ),
     (
+        "no threads per actor",
+        set_key("resources.threads_per_actor", 0),
+        "resources.threads_per_actor: expected a positive number, got 0",
+    ),
+    (
         "zero evaluation examples",
         set_key("evaluation.sets.facts.max_examples", 0),
         "evaluation.sets.facts.max_examples: expected a positive number, got 0",
