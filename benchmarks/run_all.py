@@ -7,7 +7,7 @@ Command (repo root, the venv active):
     python benchmarks/run_all.py weight_sync ...  # only the named benchmarks, in that order
 
 A benchmark script is a .py file in this folder with a `__main__` block (not this runner, not
-the `results_io` helper). They run sequentially, never in parallel: each one measures time
+the `results_io` helper, not vs_script's baseline `hand_written`). They run sequentially, never in parallel: each one measures time
 and load on a shared machine. `--quick` is passed to the scripts that define that flag. The
 first script that fails stops the run, and this runner exits with that script's exit code.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-NOT_BENCHMARKS = {"run_all", "results_io"}
+NOT_BENCHMARKS = {"run_all", "results_io", "hand_written"}  # hand_written: vs_script's baseline
 
 
 def benchmarks() -> dict[str, Path]:

@@ -3,7 +3,7 @@
 
 Command (repo root, the venv active):
 
-    python benchmarks/vs_script.py           # about 30 min on 2 CPU cores
+    python benchmarks/vs_script.py           # about 33 min on 2 CPU cores
     python benchmarks/vs_script.py --quick   # the quickstart size only
 
 Writes benchmarks/results/vs_script.json and benchmarks/results/vs_script.md.
