@@ -1,5 +1,7 @@
 """The baseline of benchmarks/vs_script.py: the for-loop a researcher would write instead of
 a stageflow study. Plain transformers + torch in one process; nothing shared between paths.
+Its tokenisation, LR schedule and losses are written here on purpose, not imported from
+stageflow: only the data sets' answer checkers are stageflow's.
 
     python benchmarks/hand_written.py PLAN.json
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -80,7 +79,10 @@ def plan(root: Path, overrides: list[str]) -> tuple[Path, Path]:
 
     spec = load_study(QUICKSTART, [*overrides, f"storage_dir={root / 'study'}"])
     study, base = prepare(spec)
-    data = lambda d: str(materialize(d, study.data))  # noqa: E731
+
+    def data(spec_data) -> str:
+        return str(materialize(spec_data, study.data))
+
     stages = {
         name: {
             "objective": s.objective or s.kind,
@@ -190,8 +192,7 @@ def measure_size(size: str) -> dict:
 
 
 def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
-    rows = [measure_size(size) for size in args.sizes.split(",")]
-    return rows, {"torch_threads_script": int(os.environ.get("OMP_NUM_THREADS", 0)) or None}
+    return [measure_size(size) for size in args.sizes.split(",")], {}
 
 
 def intro(meta: dict) -> str:

@@ -359,7 +359,12 @@ def fit_and_report(
 
 
 def log_results(
-    spec: StudySpec, trials: list[Trial], study: StudyDir, study_run: str, tracker, clock
+    spec: StudySpec,
+    trials: list[Trial],
+    study: StudyDir,
+    study_run: str,
+    tracker: Any,
+    clock: Stopwatch,
 ) -> list[tuple[Trial, dict[str, float]]]:
     """The finished trials' table, analysis and report, and the driver's time breakdown so
     far, on the study run; the run ends FINISHED when every trial finished."""
