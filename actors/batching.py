@@ -1,11 +1,9 @@
-"""Tokenisation and collation, shared by learners and rollout workers.
+"""Collation, shared by learners and rollout workers.
 
-A row {"prompt", "answer"} becomes tokenizer(prompt) (with the tokenizer's BOS) followed by
-tokenizer(answer) (no special tokens) and EOS, truncated to `max_len`. Prompt and answer are
-tokenised separately so the loss mask falls exactly on the answer tokens for any tokenizer.
-A `TokenBatch` holds right-padded ids and a mask over the *targets* (ids shifted by one):
-position t of `mask` is 1 when token t+1 is an answer / completion token. Which rows each step
-trains on is the stage's plan (actors/batch_plan.py).
+Rows become token ids as actors/rendering.py says. A `TokenBatch` holds right-padded ids and a
+mask over the *targets* (ids shifted by one): position t of `mask` is 1 when token t+1 is an
+answer / completion token. Which rows each step trains on is the stage's plan
+(actors/batch_plan.py).
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from stageflow.actors.rendering import encode_row
 
 
 @dataclass
@@ -36,31 +36,6 @@ class TokenBatch:
         return int(self.mask.sum())
 
 
-def encode_row(tokenizer: Any, prompt: str, answer: str, max_len: int) -> tuple[list[int], int]:
-    """(token ids of prompt + answer + EOS truncated to max_len, number of prompt tokens)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    ids = list(prompt_ids) + list(answer_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids[:max_len], min(len(prompt_ids), max_len)
-
-
-def encode_item(
-    tokenizer: Any, item: dict[str, Any], max_len: int = 1 << 30
-) -> tuple[list[int], int]:
-    """A `prompt`/`answer` row, or token ids (`prompt_token_ids` + `completion_token_ids`)."""
-    if "prompt_token_ids" in item:
-        prompt = list(item["prompt_token_ids"])
-        return (prompt + list(item["completion_token_ids"]))[:max_len], min(len(prompt), max_len)
-    return encode_row(tokenizer, item["prompt"], item["answer"], max_len)
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt token ids as the learner sees them (the tokenizer's BOS included)."""
-    return [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-
-
 def collate(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int) -> TokenBatch:
     """Right-pad `seqs`; the target mask covers each sequence's tokens after its prompt."""
     width = max(2, max((len(s) for s in seqs), default=2))
@@ -79,7 +54,7 @@ def collate_rows(
     tokenizer: Any, rows: Sequence[dict[str, Any]], max_len: int, pad_id: int | None = None
 ) -> TokenBatch:
     """Tokenise and collate prompt/answer rows (loss mask on the answer tokens)."""
-    encoded = [encode_row(tokenizer, r["prompt"], r["answer"], max_len) for r in rows]
+    encoded = [encode_row(tokenizer, r, max_len) for r in rows]
     pad = tokenizer.pad_token_id if pad_id is None else pad_id
     return collate([e[0] for e in encoded], [e[1] for e in encoded], pad if pad is not None else 0)
 

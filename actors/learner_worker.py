@@ -21,18 +21,19 @@ from typing import Any
 
 import torch
 
+from stageflow.actors import lora
 from stageflow.actors.batch_plan import batch_indices, lr_multiplier, stage_steps
 from stageflow.actors.batching import (
     TokenBatch,
     collate,
     completion_values,
-    encode_item,
     place_completion_values,
 )
 from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
 from stageflow.actors.metrics import AnswerStats
 from stageflow.actors.objectives import LossInputs
 from stageflow.actors.policy import PolicyModule
+from stageflow.actors.rendering import encode_item
 from stageflow.kernels.peak_memory import PeakMemory
 from stageflow.platform.config import LearnerSpec, StageSpec
 from stageflow.platform.registry import OBJECTIVES, load_plugins, objective_of
@@ -83,6 +84,7 @@ class LearnerWorker:
         self.engine: Any = None
         self.ref: PolicyModule | None = None
         self._stage: dict[str, Any] | None = None
+        self.adapter: Any = None  # the stage's LoRA adapter (peft model) under `learner.lora`
 
     @property
     def zero3(self) -> bool:
@@ -90,10 +92,11 @@ class LearnerWorker:
 
     # ----- weights ---------------------------------------------------------------------------
     def gathered_state(
-        self, everywhere: bool = False, on_device: bool = False
+        self, everywhere: bool = False, on_device: bool = False, adapter: bool = False
     ) -> dict[str, torch.Tensor] | None:
         """The full HF state dict on rank 0 (every rank when `everywhere`), on CPU unless
-        `on_device`; ZeRO-3 gathers (a collective: every rank must call it)."""
+        `on_device`; ZeRO-3 gathers (a collective: every rank must call it). Under LoRA the
+        merged weights, or the adapter's own tensors when `adapter`."""
         import deepspeed
 
         params = list(self.policy.parameters())
@@ -109,9 +112,17 @@ class LearnerWorker:
             # ZeRO-3's gathered tensors are freed on leaving the context: copy them; else views.
             target = self.device if on_device else torch.device("cpu")
             copy_out = gather or self.device != target
+            if self.adapter is None:
+                source = self.policy.lm.state_dict()
+            else:
+                source = (
+                    lora.adapter_state(self.adapter)
+                    if adapter
+                    else lora.merged_state(self.policy.lm)
+                )
             state = {
                 k: v.detach().to(target, copy=True) if copy_out else v.detach()
-                for k, v in self.policy.lm.state_dict().items()
+                for k, v in source.items()
             }
         if getattr(self.hf_config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
@@ -136,12 +147,17 @@ class LearnerWorker:
         return None if state is None else write_shared_weights(path, state)
 
     def save(self, out_dir: str) -> str:
-        """Write an HF model directory (safetensors, config, tokenizer) from rank 0, atomically."""
+        """Write an HF model directory (safetensors, config, tokenizer) from rank 0, atomically;
+        under LoRA the merged weights, and the stage's adapter in `adapter/` (peft's format, over
+        the weights the stage started from: the parent prefix's model)."""
         from safetensors.torch import save_file
 
         state = self.gathered_state()
+        adapter = self.gathered_state(adapter=True) if self.adapter is not None else None
         if state is not None:
             with staged_dir(Path(out_dir), replace=True) as staging:
+                if adapter is not None:
+                    lora.save_adapter(self.adapter, staging / "adapter", adapter)
                 save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
                 config = copy.deepcopy(self.hf_config)
                 config.dtype = self.spec.dtype
@@ -178,7 +194,8 @@ class LearnerWorker:
         return module
 
     def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
-        """New optimizer (if `reset_optimizer_per_stage`), new LR schedule, pi_ref when needed."""
+        """New optimizer (if `reset_optimizer_per_stage`), new LR schedule, pi_ref when needed;
+        under `learner.lora` a new adapter over the merged weights (actors/lora.py)."""
         import deepspeed
 
         name = objective_of(stage)
@@ -191,10 +208,14 @@ class LearnerWorker:
             return lr_multiplier(step, total_steps, stage.schedule, stage.warmup_steps)
 
         if self.engine is None or self.spec.reset_optimizer_per_stage:
+            base = self.model_dir if self.engine is None else None  # the weights' directory
             if self.engine is not None:
                 state = self.gathered_state(everywhere=True)
                 self._drop_engine()
                 self._load_policy(self._fresh_lm(state))
+            if self.spec.lora is not None:
+                seed = lora.adapter_seed(self.seed, stage)
+                self.adapter = lora.attach_adapter(self.policy.lm, self.spec.lora, seed, base)
             self.engine, *_ = deepspeed.initialize(
                 model=self.policy,
                 model_parameters=[p for p in self.policy.parameters() if p.requires_grad],

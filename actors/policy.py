@@ -10,6 +10,7 @@ import torch
 
 from stageflow.kernels.logprob import per_token_logprobs
 from stageflow.platform.config import StudyError
+from stageflow.platform.models import LOGIT_TRANSFORMS
 
 
 class LogProbHead(torch.nn.Linear):
@@ -46,6 +47,13 @@ class PolicyModule(torch.nn.Module):
             raise StudyError(
                 "", "model", f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}"
             )
+        for key in LOGIT_TRANSFORMS:  # the head computes log_softmax(h W^T) and nothing else
+            if getattr(lm.config, key, None) not in (None, 1.0):
+                raise StudyError(
+                    "",
+                    "model",
+                    f"its config sets {key}={getattr(lm.config, key)}; expected a model whose LM head is a plain linear layer (the learner's log-prob head applies no logit transform)",
+                )
         lm.lm_head.__class__ = LogProbHead
         lm.lm_head.impl = impl
         self.lm = lm

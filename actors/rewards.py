@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
 from typing import Any, NamedTuple
 
+from stageflow.platform.checks import math_number
 from stageflow.platform.config import StudyError
 from stageflow.platform.registry import REWARDS, Range
 from stageflow.platform.tasks import check_answer
-from stageflow.platform.tasks.math import extract_answer
 from stageflow.platform.tasks.refusal import is_refusal
 
 SPEC_KEYS = ("name", "weight", "params")
@@ -132,12 +132,11 @@ class StageReward:
 # ----- the rewards ------------------------------------------------------------------------------
 @REWARDS.register("math_correct", range=(0.0, 1.0))
 def math_correct(x: Sample) -> float:
-    """r = 1[extract_answer(y) == target]: the rule-checked integer answer (else the row's task rule)."""
-    if "target" in x.row:
-        return float(extract_answer(x.completion) == x.row["target"])
-    if x.row_task is None:
-        raise ValueError("math_correct needs rows with a 'target' or a task with an answer checker")
-    return float(check_answer(x.row_task, x.row, x.completion))
+    """r = 1[extract_answer(y) == target] (`math_number`: a row without a target reads the
+    integer of its answer); a task's row without a target: the task's rule."""
+    if "target" not in x.row and x.row_task is not None:
+        return float(check_answer(x.row_task, x.row, x.completion))
+    return float(math_number(x.row, x.completion))
 
 
 def _pattern_problem(params: dict[str, Any]) -> tuple[str, str] | None:
@@ -202,10 +201,8 @@ def contains_forbidden(text: str, terms: Sequence[str]) -> bool:
 
 
 def answer_correct(x: Sample) -> bool:
-    """The row's task rule, else the first line equals the row's answer."""
-    if x.row_task is not None:
-        return check_answer(x.row_task, x.row, x.completion)
-    return x.completion.strip().split("\n")[0].strip() == str(x.row.get("answer", "")).strip()
+    """The row's checker: its data set's `check`, else its task's rule, else `exact`."""
+    return check_answer(x.row_task, x.row, x.completion)
 
 
 @REWARDS.register("refusal_boundary", range=(0.0, 1.0))

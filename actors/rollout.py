@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stageflow.actors.batching import encode_prompts
 from stageflow.actors.engines import ENGINES
 from stageflow.actors.group import ModelGroup, check_fits, resolve_device
+from stageflow.actors.rendering import Prompt, encode_prompts
 from stageflow.actors.weight_sync import Weights
 from stageflow.platform.config import RolloutSpec, StudyError
 from stageflow.platform.models import check_model_dir
@@ -221,7 +221,7 @@ class RolloutWorker:
     # ----- generation ------------------------------------------------------------------------
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         weights: Weights | None = None,
         n: int = 1,
         temperature: float = 1.0,
@@ -290,7 +290,7 @@ class RolloutGroup(ModelGroup):
         return self.group.call("serve", weights)
 
     def generate(
-        self, prompts: Sequence[str], weights: Weights | None = None, **sampling: Any
+        self, prompts: Sequence[Prompt], weights: Weights | None = None, **sampling: Any
     ) -> dict[str, list]:
         """`RolloutWorker.generate` with the prompts split across workers (results in order)."""
         self.latest = weights or self.latest

@@ -139,12 +139,32 @@ class WeightReloadExtension:
         start = time.perf_counter()
         weights = read(source)
         parsed = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
+        self._reload(weights.items())
         return {
             "tensors": len(weights),
             "parse_s": parsed - start,
             "reload_s": time.perf_counter() - parsed,
         }
+
+    def _reload(self, weights: Any) -> None:
+        """vLLM's in-place reload, then the LM head of a tied-embedding model re-processed: it is
+        never loaded itself (its weight is the embedding's), and on CPU it computes with a
+        packed copy of its weight made at processing time, which would stay the old one."""
+        self.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        head = getattr(model, "lm_head", None)
+        weight = getattr(head, "weight", None)
+        if weight is None or not hasattr(head, "quant_method"):
+            return
+        shares = [
+            m
+            for m in model.modules()
+            if m is not head
+            and getattr(m, "weight", None) is not None
+            and m.weight.data_ptr() == weight.data_ptr()
+        ]
+        if shares:
+            head.quant_method.process_weights_after_loading(head)
 
     def process_id(self) -> int:
         return os.getpid()
@@ -171,7 +191,7 @@ class WeightReloadExtension:
             tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)  # type: ignore[attr-defined]
             self._weight_comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
             received.append((name, tensor))
-        self.reload_weights(weights_iterator=iter(received))  # type: ignore[attr-defined]
+        self._reload(received)
         return len(received)
 
 

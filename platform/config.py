@@ -33,6 +33,7 @@ LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
 # the engines share a node, NCCL between GPUs of a trial's own engines, else the object store.
 WeightTransport = Literal["auto", "shm", "object_store", "nccl"]
 
+DATA_FIELDS = ("prompt", "answer", "messages", "target")  # what DataSpec.fields maps
 Problems = Iterator[tuple[str, str]]  # (key relative to the spec, one-sentence problem)
 
 
@@ -130,7 +131,17 @@ class ModelSpec(Spec):
 
 @dataclass(frozen=True)
 class DataSpec(Spec):
-    """Where a stage's examples come from: a synthetic `task` or a user's JSONL `file`."""
+    """Where a stage's examples come from: a synthetic `task` or a user's `file` (JSONL, JSON,
+    parquet or a `datasets.save_to_disk` folder; platform/data_files.py).
+
+    `fields`: stageflow name (prompt, answer, messages, target) → the file's column; `split`:
+    a task's or a DatasetDict's split (a file has one, 'train'); `shuffle`: a seed (None keeps
+    the file's order), then the first `limit` rows; `check`: the answer checker (`CHECKS`;
+    default: a task's own rule, `exact` for a file); `template`: auto = chat when the model's
+    tokenizer has a chat template; `system`: an optional system prompt.
+    """
+
+    NOUNS: typing.ClassVar[dict[str, str]] = {"template": "template"}
 
     task: Optional[str] = None
     file: Optional[str] = None
@@ -138,11 +149,31 @@ class DataSpec(Spec):
     size: int = 200
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
+    shuffle: Optional[int] = None
+    limit: Optional[int] = None
+    check: Optional[str] = None
+    template: Literal["auto", "chat", "plain"] = "auto"
+    system: Optional[str] = None
 
     def invariants(self) -> Problems:
         if (self.task is None) == (self.file is None):
-            yield "", "expected exactly one of 'task' (a synthetic task) or 'file' (a JSONL file)"
+            yield "", "expected exactly one of 'task' (a synthetic task) or 'file' (a data file)"
         yield from positive("size", self.size)
+        yield from positive("limit", self.limit)
+        for name in self.fields:
+            if name not in DATA_FIELDS:
+                yield f"fields.{name}", choice_problem("stageflow field", name, DATA_FIELDS)
+        if "messages" in self.fields and {"prompt", "answer"} & set(self.fields):
+            yield (
+                "fields",
+                "expected either a 'messages' column or 'prompt' and 'answer' columns, not both",
+            )
+        if self.task is not None and self.fields:
+            yield (
+                "fields",
+                "a synthetic task has no columns to map; expected fields only with a file",
+            )
 
 
 @dataclass(frozen=True)
@@ -236,14 +267,41 @@ class EvaluationSpec(Spec):
 
 
 @dataclass(frozen=True)
+class LoraSpec(Spec):
+    """A LoRA adapter trained at every stage on top of the merged weights (actors/lora.py):
+    W' = W + (alpha / r) B A, with A: r x in, B: out x r. `target_modules`: names of the
+    linear layers that take an adapter; unset: every linear layer but the LM head."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+
+    def invariants(self) -> Problems:
+        yield from positive("r", self.r)
+        yield from positive("alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            yield "dropout", f"expected a probability in [0, 1), got {self.dropout}"
+        if self.target_modules is not None and not self.target_modules:
+            yield "target_modules", "expected module names, or no key for every linear layer"
+        if "lm_head" in (self.target_modules or []):
+            yield (
+                "target_modules",
+                "the LM head runs the fused log-prob kernel and takes no adapter; expected other layers",
+            )
+
+
+@dataclass(frozen=True)
 class LearnerSpec(Spec):
-    """DeepSpeed learner ranks of one trial (data parallel) and how they train."""
+    """DeepSpeed learner ranks of one trial (data parallel) and how they train; with `lora`,
+    each stage trains a new LoRA adapter and the rest of the model stays frozen."""
 
     ranks: int = 1
     zero_stage: int = 1
     dtype: Dtype = "float32"
     kernels: Kernels = "fused"
     reset_optimizer_per_stage: bool = True
+    lora: Optional[LoraSpec] = None
 
     def invariants(self) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -252,6 +310,11 @@ class LearnerSpec(Spec):
                 f"ZeRO stage {self.zero_stage} is out of range; expected 0, 1, 2 or 3",
             )
         yield from positive("ranks", self.ranks)
+        if self.lora is not None and not self.reset_optimizer_per_stage:
+            yield (
+                "reset_optimizer_per_stage",
+                "learner.lora trains a new adapter with a new optimizer at every stage; expected true",
+            )
 
 
 @dataclass(frozen=True)

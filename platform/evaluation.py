@@ -5,7 +5,8 @@ tokenisation as training (answer then EOS) and the fused log-prob kernels, so no
 Only the answers the set's metrics read are scored (a row's answer, its paraphrases, its
 perturbed answers; all of them for the set whose per-example truth ratios the analysis
 compares). Generation metrics come from completions sampled by the trial's rollout engines
-with those weights, checked by the task's rule (exact match for a user's JSONL). The result is
+with those weights, checked by the row's checker (`check_answer`: the data set's `check`, else
+the task's rule, else exact match). The result is
 {"metrics": {"<set>/<metric>": value}, "examples": {"<set>/truth_ratio": [per example]}}.
 """
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from stageflow.actors.metrics import AnswerStats, ExampleStats, truth_ratios
-from stageflow.platform.registry import METRICS, TASKS
+from stageflow.actors.rendering import row_prompt
+from stageflow.platform.registry import METRICS
+from stageflow.platform.tasks import check_answer
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,6 @@ class EvalJob:
         return tuple(k for k in ALL_ANSWERS if k == "answer" or k in read)
 
 
-def exact_match(row: dict, completion: str) -> bool:
-    """The checker for user JSONL sets: the completion's first line equals the answer."""
-    return completion.strip().split("\n")[0].strip() == row["answer"].strip()
-
-
 ALL_ANSWERS = ("answer", "paraphrased", "perturbed")
 
 
@@ -72,7 +70,8 @@ def answer_items(row: dict, kinds: tuple[str, ...] = ALL_ANSWERS) -> list[dict]:
     """The (prompt, answer) items of a row: its answer, paraphrases, then perturbed answers
     (those of `kinds`)."""
     answers = [a for group in row_answers(row, kinds).values() for a in group]
-    return [{"prompt": row["prompt"], "answer": a} for a in answers]
+    turns = {"messages": row["messages"]} if row.get("messages") else {}
+    return [{"prompt": row["prompt"], **turns, "answer": a} for a in answers]
 
 
 def example_stats(
@@ -119,13 +118,15 @@ def evaluate(
 
 
 def sampled_correctness(job: EvalJob, generate: Callable[..., dict]) -> list[list[bool]]:
-    """`job.samples` completions per prompt, each checked by the task's rule."""
-    check = TASKS[job.task].check if job.task else exact_match
+    """`job.samples` completions per prompt, each checked by the row's checker."""
     out = generate(
-        [row["prompt"] for row in job.rows],
+        [row_prompt(row) for row in job.rows],
         n=job.samples,
         temperature=job.temperature,
         max_tokens=job.max_new_tokens,
         seed=job.seed,
     )
-    return [[check(row, text) for text in out["texts"][i]] for i, row in enumerate(job.rows)]
+    return [
+        [check_answer(job.task, row, text) for text in out["texts"][i]]
+        for i, row in enumerate(job.rows)
+    ]

@@ -96,17 +96,24 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config)
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a 1 MB model
     with staged_dir(out_dir) as staging:  # another process may finish the same model first
-        model.save_pretrained(staging, safe_serialization=True)
-        if shown:
-            hf_logging.enable_progress_bar()
+        save_quietly(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / "stageflow_model.json").write_text(json.dumps(asdict(spec), sort_keys=True))
     return out_dir
+
+
+def save_quietly(model, out_dir: Path) -> None:
+    """`model.save_pretrained` as safetensors, without the "Writing model shards" bar."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def ensure_tiny_model(cache_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
@@ -115,6 +122,29 @@ def ensure_tiny_model(cache_dir: str | Path, spec: TinyModelSpec = TinyModelSpec
     if not (path / "model.safetensors").exists():
         build_tiny_model(path, spec)
     return path
+
+
+# Config keys of models that transform the LM head's logits (Gemma2's soft-capping, Granite's
+# and Cohere's scaling); the learner's log-prob head computes log_softmax(h W^T) and no more.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+def logit_transform(model_dir: str | Path) -> str | None:
+    """Why the learner cannot train this model (its config transforms the logits), or None."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in LOGIT_TRANSFORMS:
+        if config.get(key) not in (None, 1.0):
+            return f"a model whose LM head is a plain linear layer (its config sets {key}={config[key]}, which the learner's log-prob head does not apply)"
+    return None
+
+
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether the model's tokenizer carries a chat template (read from its files, no loading)."""
+    path = Path(model_dir)
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
 def check_model_dir(path: str | Path) -> str | None:

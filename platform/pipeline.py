@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from stageflow.actors.rendering import render_row, renders_chat
 from stageflow.platform.config import StudySpec
 from stageflow.platform.evaluation import EvalJob, evaluate
 from stageflow.platform.expand import Trial, trial_spec
+from stageflow.platform.models import has_chat_template
 from stageflow.platform.prefix_cache import Claim, PrefixCache, base_key, stage_seed
 from stageflow.platform.registry import STAGE_KINDS
 from stageflow.platform.rl import rl_summary, stage_reward_range
@@ -39,13 +42,21 @@ class TrialContext:
     tracker: Any
     study_run_id: str
     pool: Any = None  # the shared rollout pool (placement: shared), when the study needs one
-    _rows: dict[Path, list[dict]] = field(default_factory=dict)
+    _rows: dict[tuple, list[dict]] = field(default_factory=dict)
+
+    @cached_property
+    def model_has_template(self) -> bool:
+        return has_chat_template(self.base_model)
 
     def rows(self, data) -> list[dict]:
+        """The rows of a data spec, rendered for the model (chat turns when `data.template`
+        resolves to chat: `auto` does when the model's tokenizer has a chat template)."""
         path = materialize(data, self.study.data)
-        if path not in self._rows:
-            self._rows[path] = read_jsonl(path)
-        return self._rows[path]
+        chat = renders_chat(data.template, self.model_has_template)
+        key = (path, chat, data.system)
+        if key not in self._rows:
+            self._rows[key] = [render_row(r, chat, data.system) for r in read_jsonl(path)]
+        return self._rows[key]
 
     def eval_jobs(self, spec: StudySpec, names: list[str] | None, seed: int) -> list[EvalJob]:
         return [

@@ -1,10 +1,10 @@
 """Name → implementation registries for the parts people extend from YAML.
 
-A new unlearning method, reward, metric or task is one function plus one decorator; a new
-stage kind is one class. The study validator looks names up here, so a registered name is
-valid everywhere. Each registry holds one typed entry kind (`Objective`, `Reward`, `Metric`,
-`Task`, `StageKind`): the decorator's keywords are that type's fields, so a misspelt
-property is an error at import, not a silently ignored key.
+A new unlearning method, reward, metric, task or answer checker is one function plus one
+decorator; a new stage kind is one class. The study validator looks names up here, so a
+registered name is valid everywhere. Each registry holds one typed entry kind (`Objective`,
+`Reward`, `Metric`, `Task`, `Check`, `StageKind`): the decorator's keywords are that type's
+fields, so a misspelt property is an error at import, not a silently ignored key.
 """
 
 from __future__ import annotations
@@ -120,6 +120,14 @@ class Task:
         return {k: v for k, v in keyword_defaults(self.fn).items() if k != "size"}
 
 
+@dataclass(frozen=True)
+class Check:
+    """An answer checker: `fn(row, completion) -> bool`, named by a data set's `check`."""
+
+    name: str
+    fn: Callable[[dict, str], bool]
+
+
 class StageKind:
     """A kind of stage (`kind:` in YAML); `run` is what the trial pipeline calls for it.
 
@@ -217,7 +225,8 @@ OBJECTIVES: Registry[Objective] = Registry("objective", Objective, "stageflow.ac
 REWARDS: Registry[Reward] = Registry("reward", Reward, "stageflow.actors.rewards")
 METRICS: Registry[Metric] = Registry("metric", Metric, "stageflow.actors.metrics")
 TASKS: Registry[Task] = Registry("task", Task, "stageflow.platform.tasks")
-REGISTRIES = (STAGE_KINDS, OBJECTIVES, REWARDS, METRICS, TASKS)
+CHECKS: Registry[Check] = Registry("checker", Check, "stageflow.platform.checks")
+REGISTRIES = (STAGE_KINDS, OBJECTIVES, REWARDS, METRICS, TASKS, CHECKS)
 
 
 def load_plugins() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stageflow.actors.batch_plan import batch_indices, stage_steps
+from stageflow.actors.rendering import row_prompt
 from stageflow.actors.rewards import Sample, StageReward, weighted_range
 from stageflow.actors.weight_sync import Weights, WeightSync
 from stageflow.platform.config import StageSpec
@@ -159,7 +160,7 @@ class GRPOLoop:
     def sample(self, batch: list[tuple[dict, str]], seed: int) -> tuple[list, list, list, float]:
         """G completions per prompt: (samples, rewards R, per-reward terms, weight load seconds),
         prompt-major."""
-        prompts = [row["prompt"] for row, _ in batch]
+        prompts = [row_prompt(row) for row, _ in batch]
         out = self.rollout.generate(prompts, self.weights, seed=seed, **self.sampling)
         samples, rewards, terms = [], [], []
         for i, (row, role) in enumerate(batch):

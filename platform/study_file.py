@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import (
     ConfigKeyError,
     MissingMandatoryValue,
@@ -138,9 +138,22 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudySpe
         missing = _first_missing(merged)
         if missing:
             raise StudyError(source, missing, "a value is required here")
+        _absolute_paths(merged)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _translate(source, err) from None
+
+
+def _absolute_paths(study: DictConfig) -> None:
+    """Relative model and data paths made absolute (relative to the working directory the
+    study is started from): trials run in other directories, a resume from anywhere."""
+    data = [s.get(k) for s in study.stages.values() for k in ("data", "retain")]
+    data += [s.data for s in study.evaluation.sets.values()]
+    for node in [study.model, *(d for d in data if d is not None)]:
+        key = "path" if node is study.model else "file"
+        if node[key] is not None:
+            with read_write(node):  # a frozen dataclass's node is read-only
+                node[key] = str(Path(node[key]).absolute())
 
 
 def _first_missing(node: DictConfig | ListConfig, prefix: str = "") -> str | None:

@@ -14,11 +14,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from stageflow.actors.rendering import encode_prompt, render_row, renders_chat, row_prompt
 from stageflow.actors.rewards import check_rewards
 from stageflow.platform.config import DataSpec, StageSpec, StudyError, StudySpec, positive
+from stageflow.platform.data_files import is_plain, spec_rows
 from stageflow.platform.expand import apply_hparams, grid_points, parse_path
-from stageflow.platform.models import check_model_dir
+from stageflow.platform.models import check_model_dir, has_chat_template, logit_transform
 from stageflow.platform.registry import (
+    CHECKS,
     METRICS,
     OBJECTIVES,
     REWARDS,
@@ -32,16 +35,9 @@ from stageflow.platform.registry import (
 )
 from stageflow.platform.study_dir import StudyDir
 from stageflow.platform.study_file import load_study
-from stageflow.platform.tasks import check_jsonl, generate, read_jsonl
+from stageflow.platform.tasks import check_jsonl, generate
 
 GRID_FORBIDDEN = ("name", "storage_dir", "orderings", "grid", "seeds", "tracking")
-
-
-def data_rows(data: DataSpec) -> list[dict]:
-    """The rows a (checked) data spec stands for, without writing them anywhere."""
-    if data.file is not None:
-        return read_jsonl(data.file)
-    return generate(data.task, data.seed, data.size, dict(data.params))[data.split]
 
 
 def load_and_validate(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
@@ -60,6 +56,17 @@ def validate_study(spec: StudySpec, source: str) -> None:
 class _Validator:
     def __init__(self, spec: StudySpec, source: str):
         self.spec, self.source = spec, source
+        self._rows: dict[str, list[dict]] = {}
+
+    def rows(self, key: str, data: DataSpec) -> list[dict]:
+        """The rows of a data spec (loaded once, written nowhere); a bad file fails at `key`."""
+        text = repr(data)
+        if text not in self._rows:
+            try:
+                self._rows[text] = spec_rows(data)
+            except StudyError as err:
+                raise err.within(self.source, key) from None
+        return self._rows[text]
 
     def fail(self, key: str, problem: str) -> None:
         raise StudyError(self.source, key, problem)
@@ -92,6 +99,7 @@ class _Validator:
         self.check_analysis()
         self.check_engines()
         self.check_model()
+        self.check_lora()
         self.check_prompt_lengths()
         self.check_storage()
         self.check_tracking()
@@ -169,10 +177,13 @@ class _Validator:
     def check_data(self, key: str, data: DataSpec) -> None:
         for sub_key, problem in data.problems():
             self.fail(f"{key}.{sub_key}".rstrip("."), problem)
+        if data.check is not None:
+            self.name_in(CHECKS, data.check, f"{key}.check")
         if data.file is not None:
-            problem = check_jsonl(data.file)
+            problem = check_jsonl(data.file) if is_plain(data) else None
             if problem:
                 self.fail(f"{key}.file", f"{data.file}: expected {problem}")
+            self.rows(key, data)
             return
         self.name_in(TASKS, data.task, f"{key}.task")
         entry = TASKS[data.task]
@@ -317,9 +328,14 @@ class _Validator:
         if not needs:
             return
         tokenizer, limit = self.tokenizer(), self.spec.rollout.max_model_len
+        has_template = self.spec.model.path is not None and has_chat_template(self.spec.model.path)
         for what, datas, new_tokens, first in needs:
-            prompts = [r["prompt"] for data in datas for r in data_rows(data)[:first]]
-            longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
+            prompts = [
+                row_prompt(render_row(r, renders_chat(data.template, has_template), data.system))
+                for data in datas
+                for r in self.rows("", data)[:first]
+            ]
+            longest = max((len(encode_prompt(tokenizer, p)) for p in prompts), default=0)
             if longest + new_tokens > limit:
                 self.fail(
                     "rollout.max_model_len",
@@ -337,10 +353,44 @@ class _Validator:
         return AutoTokenizer.from_pretrained(self.spec.model.path)
 
     def check_model(self) -> None:
-        if self.spec.model.path is not None:
-            problem = check_model_dir(self.spec.model.path)
+        path = self.spec.model.path
+        if path is not None:
+            problem = check_model_dir(path) or logit_transform(path)
             if problem:
-                self.fail("model.path", f"{self.spec.model.path}: expected {problem}")
+                self.fail("model.path", f"{path}: expected {problem}")
+        if path is None or not has_chat_template(path):
+            for key, data in self.data_specs():
+                if data.template == "chat":
+                    self.fail(
+                        f"{key}.template",
+                        "the model's tokenizer has no chat template; expected auto or plain",
+                    )
+
+    def data_specs(self) -> list[tuple[str, DataSpec]]:
+        """Every data spec of the study, with its key."""
+        out = [(f"evaluation.sets.{n}.data", s.data) for n, s in self.spec.evaluation.sets.items()]
+        for name, stage in self.spec.stages.items():
+            if stage.kind != "eval":
+                out.append((f"stages.{name}.data", stage.data))
+                if stage.retain is not None:
+                    out.append((f"stages.{name}.retain", stage.retain))
+        return out
+
+    def check_lora(self) -> None:
+        """learner.lora.target_modules name layers of the model (else peft fails in a trial)."""
+        from stageflow.actors.lora import linear_layers, unknown_target
+
+        lora = self.spec.learner.lora
+        if lora is None or not lora.target_modules:
+            return
+        layers = linear_layers(self.spec.model.path)
+        target = unknown_target(lora.target_modules, layers)
+        if target is not None:
+            names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            self.fail(
+                "learner.lora.target_modules",
+                f"'{target}' names no linear layer of the model; expected some of {', '.join(names)}",
+            )
 
     def check_storage(self) -> None:
         path = StudyDir.of(self.spec).root

@@ -1,7 +1,7 @@
 """Synthetic tasks, seeded and deterministic, written as JSONL splits.
 
 Each task is a generator registered in `TASKS` with its splits, parameters and an
-answer checker; a stage can point at a user's own JSONL (`prompt`/`answer`) instead.
+answer checker; a stage can point at a user's own data file instead (platform/data_files.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from stageflow.platform.registry import TASKS
+from stageflow.platform.registry import CHECKS, TASKS
 from stageflow.platform.study_dir import staged_dir
 
 REQUIRED_FIELDS = ("prompt", "answer")
@@ -42,19 +42,23 @@ def write_task(cache_dir: str | Path, task: str, seed: int, size: int, params=No
 
 
 def materialize(data, cache_dir: str | Path) -> Path:
-    """The JSONL file a `DataSpec` points at: the user's file, or the task's split written once."""
+    """The JSONL file of a `DataSpec`'s rows: a plain user JSONL itself, else the normalised
+    file rows or the task's split (with its selection) written once under `cache_dir`."""
+    from stageflow.platform.data_files import materialize_file, materialize_task
+
     if data.file is not None:
-        return Path(data.file).absolute()
+        return materialize_file(data, cache_dir)
     folder = write_task(cache_dir, data.task, data.seed, data.size, dict(data.params))
-    return folder / f"{data.split}.jsonl"
+    return materialize_task(data, folder / f"{data.split}.jsonl")
 
 
 def dumps(row: dict) -> str:
     return json.dumps(row, sort_keys=True, ensure_ascii=True)
 
 
-def check_jsonl(path: str | Path) -> str | None:
-    """Why `path` is not a usable examples file (with the line number), or None when it is."""
+def check_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) -> str | None:
+    """Why `path` is not a usable examples file (with the line number), or None when it is;
+    `required`: the string fields every line must have."""
     path = Path(path)
     if not path.is_file():
         return "an existing JSONL file"
@@ -69,7 +73,7 @@ def check_jsonl(path: str | Path) -> str | None:
                 return f"valid JSON on every line (line {number}: {err.msg})"
             if not isinstance(row, dict):
                 return f"a JSON object on every line (line {number} is not one)"
-            for name in REQUIRED_FIELDS:
+            for name in required:
                 if not isinstance(row.get(name), str):
                     return f"a string field '{name}' on every line (line {number} has none)"
             count += 1
@@ -81,9 +85,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def check_answer(task: str, row: dict, completion: str) -> bool:
-    """Whether `completion` answers `row` correctly, by the task's rule."""
-    return TASKS[task].check(row, completion)
+def check_answer(task: str | None, row: dict, completion: str) -> bool:
+    """Whether `completion` answers `row` correctly: by the row's `check` (a checker its data
+    set names), else by its task's rule, else by the `exact` checker (a user's data)."""
+    if row.get("check"):
+        return CHECKS[row["check"]].fn(row, completion)
+    if task is not None:
+        return TASKS[task].check(row, completion)
+    return CHECKS["exact"].fn(row, completion)
 
 
 # The generators register themselves on import.

@@ -52,3 +52,27 @@ def learner(ray_cluster, actor_model_dir):
 def qa_rows() -> list[dict]:
     """Sixteen prompt/answer rows sharing one learnable answer."""
     return [{"prompt": f"Q{i}: name? ", "answer": "stageflow ok"} for i in range(16)]
+
+
+@pytest.fixture
+def logprob_gap():
+    """`gap(learner, rollout)`: how far the engine's log-probs are from the learner's."""
+    return max_logprob_gap
+
+
+def max_logprob_gap(learner, rollout) -> float:
+    """Max |vLLM - learner| over the per-token log-probs of sampled completions (T = 1)."""
+    import torch
+
+    prompts = ["Q1: name? ", "Q7: name? ", "xyz"]
+    out = rollout.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=16, seed=5)
+    items, vllm_lps = [], []
+    for prompt_ids, samples, lps in zip(out["prompt_token_ids"], out["token_ids"], out["logprobs"]):
+        for seq, lp in zip(samples, lps):
+            items.append({"prompt_token_ids": prompt_ids, "completion_token_ids": seq})
+            vllm_lps.append(lp)
+    learner_lps = learner.logprobs(items)
+    return max(
+        float((torch.tensor(a) - torch.tensor(b)).abs().max())
+        for a, b in zip(vllm_lps, learner_lps)
+    )

@@ -13,41 +13,25 @@ from stageflow.actors.weight_sync import (
 )
 from stageflow.platform.config import StageSpec
 
-PROMPTS = ["Q1: name? ", "Q7: name? ", "xyz"]
 
-
-def _compare(learner, rollout) -> float:
-    """Max |vLLM - learner| over the per-token log-probs of sampled completions (T = 1)."""
-    out = rollout.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=16, seed=5)
-    items, vllm_lps = [], []
-    for prompt_ids, samples, lps in zip(out["prompt_token_ids"], out["token_ids"], out["logprobs"]):
-        for seq, lp in zip(samples, lps):
-            items.append({"prompt_token_ids": prompt_ids, "completion_token_ids": seq})
-            vllm_lps.append(lp)
-    learner_lps = learner.logprobs(items)
-    return max(
-        float((torch.tensor(a) - torch.tensor(b)).abs().max())
-        for a, b in zip(vllm_lps, learner_lps)
-    )
-
-
-@pytest.mark.parametrize("transport", ["object_store", "shm"])
-def test_logprobs_match_after_sync(learner, rollout, actor_model_dir, qa_rows, transport):
+def test_logprobs_match_after_sync(
+    learner, rollout, actor_model_dir, qa_rows, transport, logprob_gap
+):
     learner.load(actor_model_dir)
     rollout.load_model(actor_model_dir)
-    assert _compare(learner, rollout) < 1e-3  # same base weights on both sides
+    assert logprob_gap(learner, rollout) < 1e-3  # same base weights on both sides
     learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=6), qa_rows)
-    assert _compare(learner, rollout) > 1e-2  # the learner moved, the rollout did not
+    assert logprob_gap(learner, rollout) > 1e-2  # the learner moved, the rollout did not
     sync = WeightSync(learner, rollout, transport)
     try:
         stats = sync.sync()
         assert stats["tensors"] == 21 and stats["bytes"] > 0
-        after = _compare(learner, rollout)
+        after = logprob_gap(learner, rollout)
         print(f"{transport}: max |vLLM - learner| after sync {after:.2e}; {stats}")
         assert after < 1e-3
         learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=2), qa_rows)
         sync.sync()  # the same file / path again
-        assert _compare(learner, rollout) < 1e-3
+        assert logprob_gap(learner, rollout) < 1e-3
     finally:
         sync.close()
 
@@ -77,10 +61,10 @@ def test_shared_file_round_trip(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL weight broadcast)")
-def test_nccl_broadcast_sync(learner, rollout, qa_rows):
+def test_nccl_broadcast_sync(learner, rollout, qa_rows, logprob_gap):
     from stageflow.actors.weight_sync import NcclWeightSync
 
     sync = NcclWeightSync(learner, rollout)
     learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=2), qa_rows)
     sync.sync()
-    assert _compare(learner, rollout) < 1e-3
+    assert logprob_gap(learner, rollout) < 1e-3

@@ -174,6 +174,11 @@ CASES = [
         "learner.zero_stage: ZeRO stage 4 is out of range; expected 0, 1, 2 or 3",
     ),
     (
+        "chat template the tiny model lacks",
+        set_key("stages.inst.data.template", "chat"),
+        "stages.inst.data.template: the model's tokenizer has no chat template; expected auto or plain",
+    ),
+    (
         "unknown rollout backend",
         set_key("rollout.backend", "vlm"),
         "rollout.backend: unknown value 'vlm'; expected one of vllm, hf",
@@ -326,6 +331,20 @@ def test_truncated_model_weights(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert f"model.path: {model}: expected complete safetensors weights" in err
     assert not (tmp_path / "storage").exists()
+
+
+def test_logit_soft_capping_model_refused(tmp_path, capsys):
+    """A model whose config transforms its logits would be trained on the wrong log-probs."""
+    import json
+
+    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=64, num_heads=2))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    code, err = validate(write_study(tmp_path, set_key("model.path", str(model))), capsys=capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "its config sets final_logit_softcapping=30.0" in err and "model.path:" in err
 
 
 def test_run_refuses_bad_input_before_starting_anything(tmp_path, capsys):
