@@ -14,6 +14,7 @@ from stageflow.actors.weight_sync import (
 from stageflow.platform.config import StageSpec
 
 
+@pytest.mark.parametrize("transport", ["object_store", "shm"])
 def test_logprobs_match_after_sync(
     learner, rollout, actor_model_dir, qa_rows, transport, logprob_gap
 ):

@@ -55,7 +55,7 @@ VLLM_SCRIPT = textwrap.dedent(
     from vllm import LLM, SamplingParams
     if __name__ == "__main__":
         llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, gpu_memory_utilization=0.2, seed=0)
-        out = llm.generate(["Q: hi\\nA:"], SamplingParams(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True))
+        out = llm.generate(["Q: hi\\nA:"], SamplingParams(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True), use_tqdm=False)
         print("GENERATED", len(out[0].outputs[0].token_ids), repr(out[0].outputs[0].text))
     """
 )
