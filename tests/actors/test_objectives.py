@@ -44,7 +44,7 @@ def _seq(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.logprobs * x.mask).sum(-1), x.mask.sum(-1)
 
 
-def test_formulas_match_references_md():
+def test_formulas_match_docs_formulas_md():
     x = _inputs()
     nll_tok = -(x.logprobs * x.mask).sum() / x.mask.sum()
     retain_nll = -(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum()
