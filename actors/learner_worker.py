@@ -282,16 +282,24 @@ class LearnerWorker:
         self.engine.step()
         peak_mib = peak.stop()
         elapsed = time.perf_counter() - start
+        gap = torch.zeros(2)  # sum and count of |log pi_theta - log pi_old| over answer tokens
+        if inputs.old_logprobs is not None and local_n:
+            weights = inputs.mask.float()
+            diff = (inputs.logprobs.detach() - inputs.old_logprobs).abs().float()
+            gap = torch.stack([(diff * weights).sum(), weights.sum()]).cpu()
         totals = torch.tensor(
             [
                 float(loss.detach()) / self.world,
                 float(batch.attention_mask.sum()) if local_n else 0.0,
+                *gap.tolist(),
             ]
         )
         torch.distributed.all_reduce(totals)
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         self._stage["step"] += 1
+        gap_mean = float(totals[2] / totals[3].clamp(min=1))
         return {
+            **({"old_logprob_gap": gap_mean} if inputs.old_logprobs is not None else {}),
             "loss": float(totals[0]),
             "lr": float(lr),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

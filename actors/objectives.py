@@ -81,7 +81,7 @@ def simnpo(
 # Hyper-parameters of the RL loop (stageflow.platform.rl) shared by every `rl_loop` objective:
 # completions per prompt G, sampling, optimizer updates per rollout batch, prompts per step
 # (null: the stage's batch_size), std division of the group advantages (false: "Dr GRPO"),
-# entropy bonus coefficient.
+# entropy bonus coefficient, policy versions a batch may lag the learner (0: synchronous).
 RL_LOOP_PARAMS: dict[str, Any] = {
     "group_size": 8,
     "temperature": 1.0,
@@ -90,6 +90,7 @@ RL_LOOP_PARAMS: dict[str, Any] = {
     "prompts_per_step": None,
     "scale_rewards": True,
     "entropy_coef": 0.0,
+    "max_staleness": 0,
 }
 
 

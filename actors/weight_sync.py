@@ -219,19 +219,36 @@ class WeightSync:
         self.learner_host = ray.get(self.leader.__ray_call__.remote(node_address))
         nccl_ok = hasattr(rollout, "actors") and learner.device == "cuda"
         device = learner.device if nccl_ok else "cpu"
+        self.requested = transport
         self.transport = resolve_transport(transport, self.learner_host, rollout.hosts(), device)
         self.owner = owner or uuid.uuid4().hex[:8]
         self.path = os.path.join(SHM_DIR, f"stageflow-weights-{uuid.uuid4().hex[:12]}")
+        self.paths = [self.path]  # shared-memory slots, one per version engines may still read
         self.nccl: NcclWeightSync | None = None
         self.versions = 0
+
+    def keep_versions(self, n: int) -> None:
+        """Keep the last `n` published versions readable (asynchronous RL: an engine may load
+        a version while the learner publishes newer ones): `n` shared-memory slots, written in
+        turn. NCCL pushes into idle engines only: `auto` takes shm or the object store instead."""
+        if n > 1 and self.transport == "nccl":
+            if self.requested != "auto":
+                raise ValueError(
+                    "rollout.weight_sync nccl pushes weights into idle engines; asynchronous RL "
+                    "(max_staleness >= 1) needs shm, object_store or auto"
+                )
+            hosts = self.rollout.hosts()
+            self.transport = resolve_transport("auto", self.learner_host, hosts, "cpu")
+        self.paths += [f"{self.path}-{i}" for i in range(len(self.paths), n)]
 
     def publish(self, tag: str | None = None) -> Weights:
         """The learner's current weights, tagged `tag` (default: the next version of `owner`)."""
         self.versions += 1
         tag = tag or f"{self.owner}/v{self.versions}"
         if self.transport == "shm":
-            self.learner.group.call("write_shared_weights", self.path)
-            return Weights(tag, shm_path=self.path, host=self.learner_host)
+            path = self.paths[self.versions % len(self.paths)]
+            self.learner.group.call("write_shared_weights", path)
+            return Weights(tag, shm_path=path, host=self.learner_host)
         if self.transport == "nccl":
             if self.nccl is None:
                 self.nccl = NcclWeightSync(self.learner, self.rollout)
@@ -258,16 +275,17 @@ class WeightSync:
         }
 
     def close(self) -> None:
-        """Delete the shared-memory file (through learner rank 0, which holds its mapping)."""
+        """Delete the shared-memory files (through learner rank 0, which holds their mapping)."""
         if self.transport == "shm":
             try:
-                ray.get(self.leader.__ray_call__.remote(_release, self.path))
-            except ray.exceptions.RayActorError:  # rank 0 is gone: remove the file here
-                release_shared_weights(self.path)
+                ray.get(self.leader.__ray_call__.remote(_release, self.paths))
+            except ray.exceptions.RayActorError:  # rank 0 is gone: remove the files here
+                _release(None, self.paths)
 
 
-def _release(_worker: Any, path: str) -> None:
-    release_shared_weights(path)
+def _release(_worker: Any, paths: list[str]) -> None:
+    for path in paths:
+        release_shared_weights(path)
 
 
 # ----- GPU: NCCL broadcast from learner rank 0 -----------------------------------------------

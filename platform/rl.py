@@ -6,7 +6,9 @@ or the shared pool's) with the learner's latest published weights, rewards
 sampled completions from the learner, `updates_per_batch` clipped-ratio optimizer steps against
 pi_old, then the new weights are published (`WeightSync`: shared memory on one host) for the
 next batch. Used by `grpo` stages and by the RL unlearning objectives `purge` and `rule`
-(docs/formulas.md#rl-objectives).
+(docs/formulas.md#rl-objectives). With `params.max_staleness: k >= 1` the engines sample the
+next batches while the learner trains (platform/rl_async.py), pi_old being the engines'
+behaviour log-probs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from stageflow.actors.batch_plan import batch_indices, stage_steps
@@ -93,6 +96,30 @@ def run_rl_stage(
     step's prompts from `retain_rows`. Steps: the stage's `steps`, else its epochs over `rows`
     at `prompts_per_step` prompts per step.
     """
+    own_sync = sync is None
+    sync = sync or WeightSync(learner, rollout, owner=owner)
+    try:
+        loop, batches = prepare_rl_stage(
+            learner, rollout, stage, rows, retain_rows, seed=seed, owner=owner, sync=sync
+        )
+        return loop.run(batches)
+    finally:
+        if own_sync:
+            sync.close()
+
+
+def prepare_rl_stage(
+    learner: Any,
+    rollout: Any,
+    stage: StageSpec,
+    rows: list[dict],
+    retain_rows: list[dict] | None,
+    *,
+    seed: int,
+    owner: str,
+    sync: WeightSync,
+) -> tuple[GRPOLoop, list[Batch]]:
+    """The stage's loop (the learner's stage begun) and its batches, (prompt rows, seed) per step."""
     if rollout is None:
         raise ValueError("an RL stage needs rollout engines, but the trial has none")
     if not rows:
@@ -105,26 +132,43 @@ def run_rl_stage(
     steps = stage_steps(stage.steps, stage.epochs, per_step, len(rows))
     plan = batch_indices(len(rows), per_step - n_retain, steps, seed)
     retain_plan = batch_indices(len(retain), n_retain, steps, seed + 1) if retain else None
-    own_sync = sync is None
-    sync = sync or WeightSync(learner, rollout, owner=owner)
+    batches = []
+    for step in range(steps):
+        batch = [(rows[i], "data") for i in plan[step]]
+        batch += [(retain[i], "retain") for i in (retain_plan[step] if retain else [])]
+        batches.append((batch, (seed + 7919 * step) % 2**31))
     reward = StageReward(reward_specs(stage, entry, params), rows)
     loop = GRPOLoop(learner, rollout, sync, owner, stage, params, reward)
     learner.begin_stage(stage, steps * loop.updates)
-    metrics: list[dict[str, float]] = []
-    try:
-        loop.publish()
-        for step in range(steps):
-            batch = [(rows[i], "data") for i in plan[step]]
-            batch += [(retain[i], "retain") for i in (retain_plan[step] if retain else [])]
-            metrics.append(loop.step(batch, seed=(seed + 7919 * step) % 2**31))
-    finally:
-        if own_sync:
-            sync.close()
-    return metrics
+    return loop, batches
+
+
+# One step's prompts: (row, role) pairs ("data" or "retain"), and its sampling seed.
+Batch = tuple[list[tuple[dict, str]], int]
+
+
+@dataclass
+class Rollout:
+    """One step's sampled groups, scored: each sample carries the policy version that produced
+    it and the engine's log-probs of its tokens (the behaviour policy)."""
+
+    samples: list[dict]
+    rewards: list[float]
+    terms: list[dict[str, float]]
+    version: int
+    gen_s: float
+    load_s: float
 
 
 class GRPOLoop:
-    """One RL stage's state between steps: learner, rollout engines, weight sync, reward."""
+    """One RL stage's state between steps: learner, rollout engines, weight sync, reward.
+
+    Policy versions count the weights the learner publishes: version 1 is the stage's start,
+    version v + 1 follows the v-th step's update. `max_staleness` k = 0 samples each batch with
+    the newest weights and then trains on it (`step`); k >= 1 streams rollouts on a second thread
+    while the learner trains (platform/rl_async.py), each batch sampled at most k versions
+    before the learner trains on it. `trained`: per step, the learner's version and each sample's.
+    """
 
     def __init__(
         self,
@@ -143,12 +187,24 @@ class GRPOLoop:
         self.version = 0
         self.group_size = int(params["group_size"])
         self.updates = int(params["updates_per_batch"])
+        self.max_staleness = int(params.get("max_staleness") or 0)
         self.sampling = {
             "n": self.group_size,
             "temperature": float(params["temperature"]),
             "max_tokens": int(params["max_new_tokens"]),
         }
         self.use_ref = (params.get("beta") or 0) > 0
+        self.trained: list[tuple[int, list[int]]] = []
+
+    def run(self, batches: list[Batch]) -> list[dict[str, float]]:
+        """Every step of the stage; per-step metrics in order."""
+        if self.max_staleness:
+            from stageflow.platform.rl_async import run_streamed
+
+            self.sync.keep_versions(self.max_staleness + 1)
+            return run_streamed(self, batches)
+        self.publish()
+        return [self.step(batch, seed) for batch, seed in batches]
 
     def publish(self) -> float:
         """Make the learner's current weights the ones the next batch samples with; seconds."""
@@ -157,11 +213,20 @@ class GRPOLoop:
         self.weights = self.sync.publish(f"{self.owner}/v{self.version}")
         return time.perf_counter() - start
 
-    def sample(self, batch: list[tuple[dict, str]], seed: int) -> tuple[list, list, list, float]:
-        """G completions per prompt: (samples, rewards R, per-reward terms, weight load seconds),
+    def sample(
+        self,
+        batch: list[tuple[dict, str]],
+        seed: int,
+        weights: Weights | None = None,
+        version: int | None = None,
+    ) -> Rollout:
+        """G completions per prompt with `weights` (default: the latest published), scored;
         prompt-major."""
+        start = time.perf_counter()
+        weights, version = weights or self.weights, version or self.version
         prompts = [row_prompt(row) for row, _ in batch]
-        out = self.rollout.generate(prompts, self.weights, seed=seed, **self.sampling)
+        out = self.rollout.generate(prompts, weights, seed=seed, **self.sampling)
+        load_s = max(out.get("load_s") or [0.0])
         samples, rewards, terms = [], [], []
         for i, (row, role) in enumerate(batch):
             for text, ids, lps in zip(out["texts"][i], out["token_ids"][i], out["logprobs"][i]):
@@ -173,19 +238,51 @@ class GRPOLoop:
                         "prompt_token_ids": out["prompt_token_ids"][i],
                         "completion_token_ids": list(ids),
                         "sampled_logprobs": list(lps),
+                        "version": version,
                     }
                 )
-        return samples, rewards, terms, max(out.get("load_s") or [0.0])
+        gen_s = time.perf_counter() - start - load_s
+        return Rollout(samples, rewards, terms, version, gen_s, load_s)
 
     def step(self, batch: list[tuple[dict, str]], seed: int) -> dict[str, float]:
-        """Sample, score, advantages, pi_old / pi_ref log-probs, updates, weight sync."""
+        """The synchronous step: sample, learn, publish the new weights."""
         start = time.perf_counter()
-        samples, rewards, terms, load_s = self.sample(batch, seed)
-        gen_s = time.perf_counter() - start - load_s
+        rollout = self.sample(batch, seed)
+        result = self.learn(rollout)
+        sync_s = self.publish() + rollout.load_s  # this step's load + publishing the next weights
+        step_s = time.perf_counter() - start
+        waited = rollout.gen_s + rollout.load_s  # the learner waits for the samples
+        result.update(
+            sync_s=sync_s,
+            step_time_s=step_s,
+            samples_per_s=len(rollout.samples) / step_s,
+            learner_idle=waited / step_s,
+            rollout_idle=1.0 - waited / step_s,
+        )
+        return result
+
+    def learn(self, rollout: Rollout) -> dict[str, float]:
+        """Advantages, pi_old / pi_ref log-probs, `updates_per_batch` optimizer steps; metrics.
+
+        pi_old: the learner's log-probs when it holds the sampling version (synchronous), else
+        the engine's behaviour log-probs, so the clipped ratio stays correct off-policy.
+        """
+        staleness = [self.version - s["version"] for s in rollout.samples]
+        if max(staleness) > self.max_staleness:  # asserted: never train on older samples
+            raise RuntimeError(
+                f"a sample {max(staleness)} versions old reached the learner "
+                f"(max_staleness {self.max_staleness})"
+            )
+        self.trained.append((self.version, [s["version"] for s in rollout.samples]))
+        samples, rewards, terms = rollout.samples, rollout.rewards, rollout.terms
         p = self.params
         advantages = group_advantages(rewards, self.group_size, scale=bool(p["scale_rewards"]))
         items = [{k: s[k] for k in ("prompt_token_ids", "completion_token_ids")} for s in samples]
-        old = self.learner.logprobs(items)
+        behaviour = self.max_staleness > 0
+        learn_start = time.perf_counter()  # the learner's share of the step from here
+        old = (
+            [s["sampled_logprobs"] for s in samples] if behaviour else self.learner.logprobs(items)
+        )
         ref = self.learner.logprobs(items, reference=True) if self.use_ref else None
         coef = float(p["entropy_coef"])
         for i, item in enumerate(items):
@@ -196,7 +293,6 @@ class GRPOLoop:
                 item["advantages"] = [advantages[i] - coef * lp for lp in old[i]]
             else:
                 item["advantage"] = advantages[i]
-        learn_start = time.perf_counter()
         low, high = 1.0 - float(p["eps_low"]), 1.0 + float(p["eps_high"])
         clipped, updates = [], []
         for update in range(self.updates):
@@ -206,7 +302,6 @@ class GRPOLoop:
                 clipped.append(_mean([float(not low <= r <= high) for r in ratios]))
             updates.append(self.learner.step(items))
         learn_s = time.perf_counter() - learn_start
-        sync_s = self.publish() + load_s  # this step's load + publishing the next weights
         n_tokens = sum(len(s["completion_token_ids"]) for s in samples)
         G = self.group_size
         groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]
@@ -222,15 +317,17 @@ class GRPOLoop:
             "grad_norm": updates[-1]["grad_norm"],
             "lr": updates[-1]["lr"],
             "tokens_per_s": _mean([u["tokens_per_s"] for u in updates]),
-            "gen_tokens_per_s": n_tokens / max(gen_s, 1e-9),
-            "gen_s": gen_s,
+            "gen_tokens_per_s": n_tokens / max(rollout.gen_s, 1e-9),
+            "gen_s": rollout.gen_s,
             "learn_s": learn_s,
-            "sync_s": sync_s,
-            "step_time_s": time.perf_counter() - start,
+            "staleness_mean": _mean(staleness),
+            "staleness_max": float(max(staleness)),
         }
         if ref is not None:
             result["kl"] = _mean([k3(a, b) for o, r in zip(old, ref) for a, b in zip(o, r)])
-        if self.sampling["temperature"] == 1.0:  # rollout vs learner log-probs, same tokens
+        if behaviour:  # the learner's weights before this update vs the behaviour policy
+            result["logprob_gap"] = updates[0].get("old_logprob_gap", float("nan"))
+        elif self.sampling["temperature"] == 1.0:  # rollout vs learner log-probs, same weights
             gaps = [
                 abs(a - b) for s, o in zip(samples, old) for a, b in zip(s["sampled_logprobs"], o)
             ]

@@ -168,10 +168,36 @@ class _Validator:
         for name in ("beta", "eps_low", "eps_high", "entropy_coef"):
             for problem in positive(f"{key}.params.{name}", params[name], allow_zero=True):
                 self.fail(*problem)
+        self.check_staleness(f"{key}.params.max_staleness", params)
         if entry.retain_prompts and stage.retain is None:
             self.fail(
                 f"{key}.retain",
                 f"objective '{objective}' also rewards answers on retain (boundary) prompts; expected a retain data set",
+            )
+
+    def check_staleness(self, key: str, params: dict) -> None:
+        """Asynchronous RL (max_staleness >= 1) needs engines that sample while the learner
+        trains, weights they can load meanwhile, and pi_old from their log-probs at T = 1."""
+        k, rollout = params["max_staleness"], self.spec.rollout
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            self.fail(key, f"expected a whole number of policy versions >= 0, got {k}")
+            return
+        if not k:
+            return
+        if rollout.placement == "colocated":
+            self.fail(
+                key,
+                f"{k} overlaps sampling with training, which colocated engines cannot (they sleep while the learner trains); expected 0 or rollout.placement shared or per_trial",
+            )
+        if rollout.weight_sync == "nccl":
+            self.fail(
+                key,
+                f"{k} loads weights while the engines sample, which an NCCL push cannot; expected 0 or rollout.weight_sync shm, object_store or auto",
+            )
+        if params["temperature"] != 1.0 and rollout.logprobs_mode != "raw_logprobs":
+            self.fail(
+                key,
+                f"{k} takes pi_old from the engines' log-probs, which at temperature {params['temperature']} are not the policy's; expected rollout.logprobs_mode raw_logprobs or temperature 1.0",
             )
 
     def check_data(self, key: str, data: DataSpec) -> None:

@@ -42,6 +42,34 @@ def test_auto_transport_is_shm_on_one_node(learner, rollout):
     assert sync.transport == "shm"
 
 
+def test_kept_versions_take_shared_memory_slots_in_turn(learner, rollout, actor_model_dir, qa_rows):
+    """Asynchronous RL keeps the last n versions readable: n files, written in turn, each
+    holding its version until a newer one takes its slot; close removes them all."""
+    import os
+
+    learner.load(actor_model_dir)
+    sync = WeightSync(learner, rollout, "shm")
+    sync.keep_versions(3)
+    try:
+        paths, states = [], []
+        for _ in range(4):
+            paths.append(sync.publish().shm_path)
+            states.append({k: v.clone() for k, v in learner.state_dict().items()})
+            learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=1), qa_rows)
+        assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
+        for path, version in ((paths[1], 1), (paths[2], 2), (paths[0], 3)):
+            held = read_shared_weights(path)
+            assert all(torch.equal(held[k], states[version][k]) for k in states[version])
+        assert not torch.equal(
+            states[0]["model.embed_tokens.weight"], states[3]["model.embed_tokens.weight"]
+        )
+    finally:
+        sync.close()
+    assert not any(os.path.exists(p) for p in paths)
+    with pytest.raises(ValueError, match="asynchronous RL"):
+        WeightSync(learner, rollout, "nccl").keep_versions(2)
+
+
 def test_shared_file_round_trip(tmp_path):
     state = {
         "a": torch.randn(3, 5),
