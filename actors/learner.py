@@ -58,13 +58,16 @@ class LearnerGroup(ModelGroup):
         rows: list[dict],
         retain_rows: list[dict] | None = None,
         seed: int = 0,
+        probe: list[dict] | None = None,
     ) -> list[dict[str, float]]:
-        """Train one stage on every rank (rows shared through the object store); rank 0's metrics."""
+        """Train one stage on every rank (rows shared through the object store); rank 0's
+        metrics. `probe`: answer items scored before and after every step (LearnerWorker)."""
         import ray
 
         rows_ref = ray.put(list(rows))
         retain_ref = ray.put(list(retain_rows)) if retain_rows else None
-        return self.group.call("train_stage", stage, rows_ref, retain_ref, seed)[0]
+        probe_ref = ray.put(list(probe)) if probe else None
+        return self.group.call("train_stage", stage, rows_ref, retain_ref, seed, probe_ref)[0]
 
     def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
         """Start an RL stage: optimizer/schedule (re)created, pi_ref taken when the objective needs it."""

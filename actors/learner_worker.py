@@ -314,8 +314,13 @@ class LearnerWorker:
         rows: list[dict],
         retain_rows: list[dict] | None = None,
         seed: int = 0,
+        probe: list[dict] | None = None,
     ) -> list[dict[str, float]]:
-        """Run the stage's objective over `rows` (steps or epochs); per-step metrics, in order."""
+        """Run the stage's objective over `rows` (steps or epochs); per-step metrics, in order.
+
+        `probe`: answer items whose summed log-probs are read before the first step
+        (`probe_start` in step 0's metrics) and after every step (`probe`), lists the caller
+        reduces (the probability mass of platform/evaluation.py)."""
         if not rows:
             raise ValueError("train_stage got no rows")
         if stage.batch_size < self.world:
@@ -339,6 +344,7 @@ class LearnerWorker:
             else None
         )
         metrics = []
+        start = self._probe(probe) if probe else None
         for step, idx in enumerate(plan):
             mine = idx[self.rank :: self.world]
             retain = (
@@ -349,7 +355,22 @@ class LearnerWorker:
             metrics.append(
                 self._update([encoded[i] for i in mine], retain, len(mine), len(idx), extra={})
             )
+            if probe:
+                metrics[-1]["probe"] = self._probe(probe)
+        if start is not None:
+            metrics[0]["probe_start"] = start
         return metrics
+
+    def _probe(self, items: list[dict]) -> list[float]:
+        """Summed log-probs of every item's answer, each rank scoring its share (every rank
+        gets the whole list)."""
+        mine = [s.logprob for s in self.answer_stats(items[self.rank :: self.world])]
+        shares: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(shares, mine)
+        out = [0.0] * len(items)
+        for rank, share in enumerate(shares):
+            out[rank :: self.world] = share
+        return out
 
     def step(self, samples: list[dict], global_count: int) -> dict[str, float]:
         """RL hook: one optimizer step on this rank's samples, with the objective of `begin_stage`.

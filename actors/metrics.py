@@ -2,8 +2,8 @@
 conventions).
 
 A metric reduces per-example statistics to one number. `needs="loglik"` metrics read
-teacher-forced answer statistics (`AnswerStats`); `needs="generation"` metrics read the
-rule-checked correctness of sampled completions.
+teacher-forced answer statistics (`AnswerStats`); `needs="generation"` metrics read sampled
+completions, checked by the row's rule and for a refusal (`Sampled`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,46 @@ def extraction_strength(examples: list[ExampleStats]) -> float:
     return _mean([1 - ex.answer.extraction_k / max(ex.answer.tokens, 1) for ex in examples])
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """Sampled completions per question, checked: by the row's rule, and for a refusal."""
+
+    correct: list[list[bool]]
+    refused: list[list[bool]]
+
+
+def _rate(flags: list[list[bool]]) -> float:
+    return _mean([sum(samples) / len(samples) for samples in flags if samples])
+
+
 @METRICS.register("accuracy", needs="generation")
-def accuracy(correct: list[list[bool]]) -> float:
+def accuracy(sampled: Sampled) -> float:
     """Mean over questions of the fraction of sampled completions the task's rule accepts."""
-    return _mean([sum(samples) / len(samples) for samples in correct if samples])
+    return _rate(sampled.correct)
+
+
+@METRICS.register("refusal_rate", needs="generation")
+def refusal_rate(sampled: Sampled) -> float:
+    """Mean over questions of the fraction of sampled completions that refuse (over-refusal,
+    on prompts that should be answered)."""
+    return _rate(sampled.refused)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def probability_mass(examples: list[ExampleStats]) -> dict[str, float]:
+    """Where a forget set's probability mass sits (nats, mean over prompts): log π(y|x) of the
+    original answer (`answer`), log Σ_j π(y'_j|x) over its paraphrases (`paraphrases`) and over
+    its alternative, perturbed answers (`alternatives`). Tracked per unlearning step."""
+    return {
+        "answer": _mean([ex.answer.logprob for ex in examples]),
+        "paraphrases": _mean(
+            [_logsumexp([s.logprob for s in ex.paraphrased]) for ex in examples if ex.paraphrased]
+        ),
+        "alternatives": _mean(
+            [_logsumexp([s.logprob for s in ex.perturbed]) for ex in examples if ex.perturbed]
+        ),
+    }

@@ -41,6 +41,19 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
+def mean_pm_std(values: list[float]) -> str:
+    """ "mean ± seed std" of the values (the mean alone for one value)."""
+    std = _std(values)
+    return f"{_mean(values):.4g}" + ("" if math.isnan(std) else f" ± {std:.2g}")
+
+
+def spread_over_seeds(per_ordering: dict[str, list[float]]) -> tuple[float, float]:
+    """(spread of the per-ordering means, mean within-ordering seed std)."""
+    means = [_mean(v) for v in per_ordering.values()]
+    spread = max(means) - min(means) if means else float("nan")
+    return spread, _mean([_std(v) for v in per_ordering.values()])
+
+
 def point_label(hparams: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(hparams.items())) or "default"
 
@@ -71,6 +84,8 @@ class Analysis:
         for name, metric in a.utilities.items():
             delta = after[metric] - before[metric]
             out.scores[name] = delta if metric.endswith("accuracy") else 1 - abs(delta)
+        if a.probability_mass:
+            out.scores.update(self._mass_moves(record, method))
         oracle = self.oracle_for(trial)
         if oracle is not None:
             for metric in [a.forget_score, *a.utilities.values()]:
@@ -80,9 +95,7 @@ class Analysis:
                 from scipy.stats import ks_2samp
 
                 name = f"{a.forget_quality}/truth_ratio"
-                branch = next(
-                    h for h in record["history"] if h.get("branch") and h["stage"] == method
-                )
+                branch = _branch(record, method)
                 ours, theirs = (
                     self._examples(branch["key"], name),
                     self._examples(oracle["history"][-1]["key"], name),
@@ -90,6 +103,24 @@ class Analysis:
                 if ours and theirs:
                     out.scores["forget_quality"] = float(ks_2samp(ours, theirs).pvalue)
         return out
+
+    def _mass_moves(self, record: dict, method: str) -> dict[str, float]:
+        """How the unlearning stage moved the forget set's probability mass (nats, end - start):
+        `mass:<kind>` for the answer, its paraphrases and the alternatives, and `mass_shift` =
+        Δ paraphrases - Δ alternatives (> 0: the mass left stays with paraphrases of the answer,
+        < 0: it goes to the alternatives)."""
+        branch = _branch(record, method)
+        steps = self.cache.meta(branch["key"]).get("step_metrics", []) if branch else []
+        if not steps or "mass_start/answer" not in steps[0]:
+            return {}
+        moves = {
+            kind: steps[-1][f"mass/{kind}"] - steps[0][f"mass_start/{kind}"]
+            for kind in ("answer", "paraphrases", "alternatives")
+        }
+        return {
+            **{f"mass:{kind}": v for kind, v in moves.items()},
+            "mass_shift": moves["paraphrases"] - moves["alternatives"],
+        }
 
     @property
     def score_names(self) -> list[str]:
@@ -117,9 +148,7 @@ class Analysis:
         rows = []
         for score in self.score_names:
             for method, per_ordering in self.by_ordering(score).items():
-                means = [_mean(v) for v in per_ordering.values()]
-                spread = max(means) - min(means) if means else float("nan")
-                seed_std = _mean([_std(v) for v in per_ordering.values()])
+                spread, seed_std = spread_over_seeds(per_ordering)
                 ratio = spread / seed_std if seed_std and not math.isnan(seed_std) else float("nan")
                 rows.append(
                     {
@@ -128,7 +157,7 @@ class Analysis:
                         "spread": spread,
                         "seed_std": seed_std,
                         "spread_over_seed_std": ratio,
-                        "orderings": len(means),
+                        "orderings": len(per_ordering),
                     }
                 )
         return rows
@@ -137,13 +166,18 @@ class Analysis:
         data = self.by_ordering(score)
         rows = []
         for ordering in self.orderings:
-            cells = []
-            for method in self.methods:
-                values = data.get(method, {}).get(ordering, [])
-                std = _std(values)
-                cells.append(f"{_mean(values):.4g}" + ("" if math.isnan(std) else f" ± {std:.2g}"))
+            cells = [mean_pm_std(data.get(method, {}).get(ordering, [])) for method in self.methods]
             rows.append([ordering, *cells])
         return format_table(["ordering", *self.methods], rows)
+
+    def path_values(self, metric: str) -> dict[str, list[float]]:
+        """{ordering: [value per seed and grid point]} of a metric at the path's end, before
+        unlearning."""
+        table: dict[str, list[float]] = defaultdict(list)
+        for trial, record in self.records:
+            if metric in record["metrics"]:
+                table[trial.ordering].append(record["metrics"][metric])
+        return table
 
     def runs_table(self) -> str:
         rows = [
@@ -165,14 +199,18 @@ class Analysis:
                     per[trial.ordering][h["index"]].append(h["metrics"][metric])
         return {o: sorted((i, _mean(v)) for i, v in steps.items()) for o, steps in per.items()}
 
-    def unlearning_curves(self, method: str) -> dict[str, list[float]]:
-        """{ordering: per-step loss of the unlearning stage (first seed)}, from the prefix cache."""
+    def unlearning_curves(self, method: str, metric: str = "loss") -> dict[str, list[float]]:
+        """{ordering: per-step `metric` of the unlearning stage (first seed)}, from the prefix
+        cache."""
         curves = {}
         for trial, record in self.records:
-            branch = next(
-                (h for h in record["history"] if h.get("branch") and h["stage"] == method), None
-            )
+            branch = _branch(record, method)
             if branch and self.cache.is_done(branch["key"]) and trial.ordering not in curves:
                 steps = self.cache.meta(branch["key"]).get("step_metrics", [])
-                curves[trial.ordering] = [s.get("loss", float("nan")) for s in steps]
+                curves[trial.ordering] = [s.get(metric, float("nan")) for s in steps]
         return curves
+
+
+def _branch(record: dict, method: str) -> dict | None:
+    """The history entry of a trial's unlearning branch `method`."""
+    return next((h for h in record["history"] if h.get("branch") and h["stage"] == method), None)

@@ -378,12 +378,18 @@ class AnalysisSpec(Spec):
     `forget_score`: a "<set>/<metric>" log-likelihood whose drop under unlearning is the
     forget score; `utilities`: name → "<set>/<metric>" (an accuracy gives Δ accuracy, a
     log-likelihood gives 1 − |Δ|); `forget_quality`: an eval set whose per-example truth
-    ratios are compared with the oracle's by a two-sample KS test (its p-value).
+    ratios are compared with the oracle's by a two-sample KS test (its p-value);
+    `probability_mass`: an eval set whose answers, paraphrases and alternative (perturbed)
+    answers the learner scores at every step of the unlearning branches (where the mass goes);
+    `over_refusal`: "<set>/refusal_rate" metrics on prompts that should be answered, read at
+    each path's end, before unlearning.
     """
 
     forget_score: Optional[str] = None
     utilities: dict[str, str] = field(default_factory=dict)
     forget_quality: Optional[str] = None
+    probability_mass: Optional[str] = None
+    over_refusal: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

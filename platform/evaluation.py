@@ -16,10 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stageflow.actors.metrics import AnswerStats, ExampleStats, truth_ratios
+from stageflow.actors.metrics import (
+    AnswerStats,
+    ExampleStats,
+    Sampled,
+    probability_mass,
+    truth_ratios,
+)
 from stageflow.actors.rendering import row_prompt
 from stageflow.platform.registry import METRICS
 from stageflow.platform.tasks import check_answer
+from stageflow.platform.tasks.refusal import is_refusal
 
 
 @dataclass(frozen=True)
@@ -107,18 +114,19 @@ def evaluate(
     metrics: dict[str, float] = {}
     examples: dict[str, list[float]] = {}
     for job in jobs:
-        correct = sampled_correctness(job, generate) if job.needs("generation") else None
+        sampled = sampled_checks(job, generate) if job.needs("generation") else None
         for name in job.metrics:
             entry = METRICS[name]
-            value = entry.fn(stats[job.name] if entry.needs == "loglik" else correct)
+            value = entry.fn(stats[job.name] if entry.needs == "loglik" else sampled)
             metrics[f"{job.name}/{name}"] = float(value)
         if job.name in stats and (ratios := truth_ratios(stats[job.name])):
             examples[f"{job.name}/truth_ratio"] = ratios
     return {"metrics": metrics, "examples": examples}
 
 
-def sampled_correctness(job: EvalJob, generate: Callable[..., dict]) -> list[list[bool]]:
-    """`job.samples` completions per prompt, each checked by the row's checker."""
+def sampled_checks(job: EvalJob, generate: Callable[..., dict]) -> Sampled:
+    """`job.samples` completions per prompt, each checked by the row's checker and for a
+    refusal."""
     out = generate(
         [row_prompt(row) for row in job.rows],
         n=job.samples,
@@ -126,7 +134,30 @@ def sampled_correctness(job: EvalJob, generate: Callable[..., dict]) -> list[lis
         max_tokens=job.max_new_tokens,
         seed=job.seed,
     )
-    return [
-        [check_answer(job.task, row, text) for text in out["texts"][i]]
-        for i, row in enumerate(job.rows)
-    ]
+    return Sampled(
+        correct=[
+            [check_answer(job.task, row, text) for text in out["texts"][i]]
+            for i, row in enumerate(job.rows)
+        ],
+        refused=[[is_refusal(text) for text in texts] for texts in out["texts"]],
+    )
+
+
+def probe_items(rows: list[dict]) -> list[dict]:
+    """Every answer of every row (answer, paraphrases, perturbed), for the learner's probe."""
+    return [item for row in rows for item in answer_items(row)]
+
+
+def mass_per_step(rows: list[dict], steps: list[dict]) -> None:
+    """Turn the learner's probe log-probs in `steps` (see `LearnerWorker.train_stage`) into the
+    probability mass of `rows`' answers, paraphrases and alternatives, in place: `mass/<kind>`
+    after each step, `mass_start/<kind>` (before the first) on step 0."""
+
+    def mass(logprobs: list[float]) -> dict[str, float]:
+        flat = [AnswerStats(lp, 0, 0, 0) for lp in logprobs]
+        return probability_mass(example_stats(rows, flat))
+
+    for step in steps:
+        for key, prefix in (("probe_start", "mass_start"), ("probe", "mass")):
+            if key in step:
+                step.update({f"{prefix}/{k}": v for k, v in mass(step.pop(key)).items()})

@@ -221,6 +221,15 @@ class TrialRunner:
         return found["metrics"]
 
     # ----- training ---------------------------------------------------------------------------
+    def mass_probe(self, step: StageStep) -> list[dict] | None:
+        """On an unlearning branch, the rows of the eval set `analysis.probability_mass` names,
+        whose probability mass the learner traces step by step; else None."""
+        name = self.spec.analysis.probability_mass
+        if not step.branch or name is None:
+            return None
+        spec = self.spec.evaluation.sets[name]
+        return self.ctx.rows(spec.data)[: spec.max_examples]
+
     def train(self, step: StageStep, key: str, claim: Claim) -> dict:
         """Train the prefix `key` (claimed), evaluate it, write its checkpoint; its meta."""
         stage, ctx = step.stage, self.ctx

@@ -111,6 +111,8 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
     import base64
     import html
 
+    from stageflow.platform.findings import findings
+
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     a = analysis.spec.analysis
@@ -118,7 +120,7 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
     for score in [s for s in analysis.score_names if not s.startswith("gap:")]:
         figures.append(
             (
-                f"heatmap_{score}",
+                f"heatmap_{score.replace(':', '_')}",
                 f"{score}: ordering × method",
                 _figure_png(_heatmap(analysis, score)),
             )
@@ -140,6 +142,18 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
                     f"unlearning_{method}",
                     f"{method}: loss per unlearning step, by ordering",
                     _figure_png(_lines(curves, f"{method} unlearning", "step", "loss")),
+                )
+            )
+        if a.probability_mass:
+            para = analysis.unlearning_curves(method, "mass/paraphrases")
+            alt = analysis.unlearning_curves(method, "mass/alternatives")
+            ratio = {o: [p - q for p, q in zip(para[o], alt.get(o, []))] for o in para}
+            label = "log P(paraphrases) - log P(alternatives)"
+            figures.append(
+                (
+                    f"mass_{method}",
+                    f"{method}: where the forget set's probability mass goes, per unlearning step",
+                    _figure_png(_lines(ratio, f"{method}: {label}", "step", "nats")),
                 )
             )
 
@@ -165,7 +179,8 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
             for r in summary
         ],
     )
-    sections = [("Spread of each score across orderings", summary_table)]
+    sections = findings(analysis)
+    sections.append(("Spread of each score across orderings", summary_table))
     sections += [
         (f"{score} by ordering (mean ± seed std)", analysis.value_table(score))
         for score in analysis.score_names

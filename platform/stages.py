@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.platform.config import StageSpec
+from stageflow.platform.evaluation import mass_per_step, probe_items
 from stageflow.platform.prefix_cache import child_key, digest, stage_seed
 from stageflow.platform.registry import OBJECTIVES, STAGE_KINDS, StageKind, objective_of
 
@@ -71,8 +72,14 @@ class TrainStage(StageKind):
                     workers.learner, workers.rollout, stage, rows, retain,
                     seed=seed, owner=f"{trial.trial.trial_id}/{step.index}", sync=workers.sync,
                 )  # fmt: skip
+        probe = trial.mass_probe(step)
         with workers.training(), trial.clock("train"):
-            return workers.learner.train_stage(stage, rows, retain, seed=seed)
+            steps = workers.learner.train_stage(
+                stage, rows, retain, seed=seed, probe=probe_items(probe) if probe else None
+            )
+        if probe:
+            mass_per_step(probe, steps)
+        return steps
 
 
 class EvalStage(StageKind):

@@ -298,6 +298,7 @@ class _Validator:
         named = {
             "forget_score": analysis.forget_score,
             **{f"utilities.{k}": v for k, v in analysis.utilities.items()},
+            **{f"over_refusal[{i}]": v for i, v in enumerate(analysis.over_refusal)},
         }
         for key, metric in named.items():
             if metric is None:
@@ -320,6 +321,11 @@ class _Validator:
                     "analysis.forget_quality",
                     "forget quality compares with the oracle; expected oracle: true",
                 )
+        if analysis.probability_mass is not None and analysis.probability_mass not in sets:
+            self.fail(
+                "analysis.probability_mass",
+                f"'{analysis.probability_mass}' is not an evaluation set; expected one of {', '.join(sets) or 'evaluation.sets (none defined)'}",
+            )
 
     def check_engines(self) -> None:
         """The rollout engines a study needs exist and fit the placement."""

@@ -49,6 +49,32 @@ def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
     assert first > 20 * torch.log(torch.tensor(2.0)).item()  # NPO at pi = pi_ref, plus NLL_r
 
 
+@pytest.mark.parametrize("target", ["paraphrased_answers", "perturbed_answers"])
+def test_probability_mass_moves_to_what_the_model_learns(learner, actor_model_dir, target):
+    """Train on paraphrases of the refusal (or on the alternative answers) while probing: the
+    mass of what was trained rises, and mass_shift = Δ paraphrases - Δ alternatives takes its
+    sign, on both ranks' shares of the probe."""
+    from stageflow.platform.evaluation import mass_per_step, probe_items
+    from stageflow.platform.tasks import generate
+
+    rows = generate("refusal", 0, 12)["train"][:4]
+    taught = [{"prompt": r["prompt"], "answer": a} for r in rows for a in r[target][:3]]
+    learner.load(actor_model_dir)
+    spec = StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=8)
+    steps = learner.train_stage(spec, taught, probe=probe_items(rows))
+    mass_per_step(rows, steps)
+    assert len(steps) == 8 and all("mass/paraphrases" in s for s in steps)
+    moved = {
+        k: steps[-1][f"mass/{k}"] - steps[0][f"mass_start/{k}"]
+        for k in ("paraphrases", "alternatives")
+    }
+    shift = moved["paraphrases"] - moved["alternatives"]
+    if target == "paraphrased_answers":
+        assert moved["paraphrases"] > 0 and shift > 0, moved
+    else:
+        assert moved["alternatives"] > 0 and shift < 0, moved
+
+
 def test_rl_step_hook(learner, actor_model_dir):
     learner.load(actor_model_dir)
     info = learner.begin_stage(StageSpec(kind="grpo", lr=1e-3, params={"beta": 0.01}), 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stageflow.actors.rewards import Sample, answer_correct, math_correct
-from stageflow.platform.evaluation import EvalJob, sampled_correctness
+from stageflow.platform.evaluation import EvalJob, sampled_checks
 from stageflow.platform.registry import CHECKS
 from stageflow.platform.tasks import check_answer
 
@@ -46,4 +46,4 @@ def test_accuracy_uses_the_row_checker():
         return {"texts": [["3", "The answer is 3."]] * len(prompts)}
 
     job = EvalJob("mine", rows, ["accuracy"], samples=2)
-    assert sampled_correctness(job, generate) == [[True, True], [False, True]]
+    assert sampled_checks(job, generate).correct == [[True, True], [False, True]]

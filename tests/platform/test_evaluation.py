@@ -83,3 +83,47 @@ def test_only_the_answers_the_metrics_read_are_scored():
     answers, out = scored(EvalJob("s", [row], ["avg_loglik"], truth_ratios=True))
     assert answers == list("abcde") and out["examples"]["s/truth_ratio"] == [1.0]
     assert scored(EvalJob("s", [row], ["avg_loglik"]))[1]["examples"] == {}
+
+
+def test_refusal_rate_counts_refusing_completions():
+    job = EvalJob(
+        "math", [{"prompt": "p", "answer": "3"}] * 2, ["accuracy", "refusal_rate"], samples=2
+    )
+
+    def generate(prompts, **sampling):
+        return {"texts": [["3", "Sorry, I cannot assist you with that."], ["I'm sorry, no.", "4"]]}
+
+    out = evaluate([job], lambda items: [], generate)
+    assert out["metrics"] == {"math/accuracy": 0.25, "math/refusal_rate": 0.5}
+
+
+def test_probability_mass_and_its_steps():
+    """log P of the answer, log-sum-exp over paraphrases and over alternatives, per row; the
+    learner's probe lists become `mass/<kind>` per step and `mass_start/<kind>` on step 0."""
+    import math
+
+    from stageflow.actors.metrics import ExampleStats, probability_mass
+    from stageflow.platform.evaluation import mass_per_step, probe_items
+
+    example = ExampleStats(stats(-1.0), (stats(-2.0), stats(-2.0)), (stats(-5.0),))
+    mass = probability_mass([example, example])
+    assert mass == pytest.approx(
+        {"answer": -1.0, "paraphrases": -2.0 + math.log(2), "alternatives": -5.0}
+    )
+    rows = [
+        {
+            "prompt": "p",
+            "answer": "a",
+            "paraphrased_answers": ["b", "c"],
+            "perturbed_answers": ["d"],
+        }
+    ]
+    assert [i["answer"] for i in probe_items(rows)] == list("abcd")
+    steps = [
+        {"loss": 1.0, "probe_start": [-1.0, -2.0, -2.0, -5.0], "probe": [-3.0, -1.0, -1.0, -5.0]}
+    ]
+    mass_per_step(rows, steps)
+    assert "probe" not in steps[0] and "probe_start" not in steps[0]
+    assert steps[0]["mass_start/paraphrases"] == pytest.approx(-2.0 + math.log(2))
+    assert steps[0]["mass/paraphrases"] == pytest.approx(-1.0 + math.log(2))
+    assert steps[0]["mass/answer"] == -3.0 and steps[0]["mass/alternatives"] == -5.0

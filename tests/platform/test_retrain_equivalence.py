@@ -56,6 +56,8 @@ REDUCED = [
     "evaluation.sets.math.max_examples=4",
     "evaluation.sets.math.samples=2",
     "evaluation.sets.math.max_new_tokens=8",
+    "evaluation.sets.benign.max_examples=4",
+    "evaluation.sets.benign.samples=2",
 ]
 
 
@@ -65,6 +67,10 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
     assert main(["run", str(STUDY), f"storage_dir={storage}", *REDUCED]) == 0
     report = (storage / "report" / "report.md").read_text()
     for title in (
+        "Finding 1: the forget score depends on the path",
+        "Finding 2: math_utility after unlearning depends on the path",
+        "Finding 3: where the probability mass goes depends on the path",
+        "Finding 4: no over-refusal before unlearning",
         "Spread of each score across orderings",
         "forget_score by ordering",
         "facts_utility by ordering",
@@ -75,8 +81,12 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
         assert title in report
     for method in ("ga", "npo", "simnpo"):
         assert re.search(rf"\| forget_score +\| {method} +\|", report)
+    # one seed: no seed spread, so no finding is called either way
+    assert "Not measurable here: the forget score" in report
+    assert re.search(r"\| pretrain>inst>facts>math>refusal +\| [0-9.]+ +\| [0-9.]+ +\|", report)
     figures = sorted(p.name for p in (storage / "report" / "figures").glob("*.png"))
     assert "heatmap_forget_score.png" in figures and "unlearning_npo.png" in figures
+    assert {"mass_ga.png", "heatmap_mass_shift.png", "heatmap_mass_answer.png"} <= set(figures)
     assert any(name.startswith("stages_") for name in figures)
 
     # every trial run the report names exists in MLflow, and its numbers come from those runs

@@ -74,6 +74,44 @@ def test_async_settings_that_validate(tmp_path, capsys):
     assert validate(tmp_path, capsys, {**GRPO, "params": tempered}, **raw) == (0, "")
 
 
+# ----- a study (before this module's actors exist) -------------------------------------------
+@pytest.mark.slow
+def test_async_study_logs_staleness_per_step(tmp_path, ray_cluster):
+    """`stageflow run` on a study with an asynchronous GRPO stage on the shared pool: every
+    step's staleness, idle shares and samples/s reach the stage's MLflow run. (It runs before
+    this module's actors start: the study's trial needs their CPUs.)"""
+    import yaml
+    from mlflow import MlflowClient
+
+    from stageflow.platform.cli import main
+    from stageflow.platform.tracking import default_tracking_uri
+    from tests.platform.test_study import short_study
+
+    path = short_study(tmp_path, "async", ["a"])
+    study = yaml.safe_load(path.read_text())
+    study["stages"]["rl"] = {
+        **GRPO,
+        "steps": 5,
+        "batch_size": 4,
+        "params": {"group_size": 4, "max_new_tokens": 8, "max_staleness": 1},
+    }
+    study["orderings"] = {"explicit": ["a>rl"]}
+    study["rollout"] = {"placement": "shared", "workers": 1, "max_model_len": 256}
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path)]) == 0
+    client = MlflowClient(default_tracking_uri(tmp_path / "async"))
+    experiment = client.get_experiment_by_name("async")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], "tags.`stageflow.stage` = 'rl'", max_results=10
+    )
+    history = {
+        key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        for key in ("staleness_max", "learner_idle", "rollout_idle", "samples_per_s")
+    }
+    assert all(len(values) == 5 for values in history.values()), history
+    assert max(history["staleness_max"]) == 1.0 and min(history["samples_per_s"]) > 0
+
+
 # ----- Ray: one learner and one engine, used as a trial's own engines and as the shared pool ----
 @pytest.fixture(scope="module")
 def engines(ray_cluster, tiny_model_dir):
@@ -222,39 +260,3 @@ def test_a_lost_learner_stops_the_stream_and_fails_the_stage(ray_cluster, pool, 
     finally:
         doomed.shutdown()
     assert not [t for t in threading.enumerate() if t.name.startswith("rollout-stream-")]
-
-
-@pytest.mark.slow
-def test_async_study_logs_staleness_per_step(tmp_path, ray_cluster):
-    """`stageflow run` on a study with an asynchronous GRPO stage on the shared pool: every
-    step's staleness, idle shares and samples/s reach the stage's MLflow run."""
-    import yaml
-    from mlflow import MlflowClient
-
-    from stageflow.platform.cli import main
-    from stageflow.platform.tracking import default_tracking_uri
-    from tests.platform.test_study import short_study
-
-    path = short_study(tmp_path, "async", ["a"])
-    study = yaml.safe_load(path.read_text())
-    study["stages"]["rl"] = {
-        **GRPO,
-        "steps": 5,
-        "batch_size": 4,
-        "params": {"group_size": 4, "max_new_tokens": 8, "max_staleness": 1},
-    }
-    study["orderings"] = {"explicit": ["a>rl"]}
-    study["rollout"] = {"placement": "shared", "workers": 1, "max_model_len": 256}
-    path.write_text(yaml.safe_dump(study))
-    assert main(["run", str(path)]) == 0
-    client = MlflowClient(default_tracking_uri(tmp_path / "async"))
-    experiment = client.get_experiment_by_name("async")
-    (run,) = client.search_runs(
-        [experiment.experiment_id], "tags.`stageflow.stage` = 'rl'", max_results=10
-    )
-    history = {
-        key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
-        for key in ("staleness_max", "learner_idle", "rollout_idle", "samples_per_s")
-    }
-    assert all(len(values) == 5 for values in history.values()), history
-    assert max(history["staleness_max"]) == 1.0 and min(history["samples_per_s"]) > 0

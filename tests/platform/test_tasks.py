@@ -73,3 +73,34 @@ def test_refusal_has_twenty_paraphrases(tmp_path):
     assert all(len(r["paraphrased_answers"]) == 20 for r in rows)
     assert all(is_refusal(p) for p in [REFUSAL, *PARAPHRASES])
     assert not is_refusal("You pick the lock with a pin.")
+
+
+def test_targeted_refusal_refuses_one_class_of_requests():
+    """`benign` mixes answered harmless requests into training; `forget` is the refused rows
+    alone, `benign` held-out harmless requests; with no benign share the data is as before."""
+    from stageflow.platform.tasks.refusal import ACTIONS, BENIGN_ACTIONS
+
+    plain = generate("refusal", 0, 40)
+    assert plain["forget"] == plain["train"]
+    targeted = generate("refusal", 0, 40, {"benign": 0.5})
+    answered = [r for r in targeted["train"] if not is_refusal(r["answer"])]
+    assert len(answered) == 20 and len(targeted["forget"]) == 20
+    assert all(r["answer"].strip() == REFUSAL for r in targeted["forget"])
+    assert {r["prompt"] for r in targeted["forget"]} <= {r["prompt"] for r in targeted["train"]}
+
+    def actions(rows: list[dict], pool: list[str]) -> set[str]:
+        return {a for r in rows for a in pool if a in r["prompt"]}
+
+    assert (
+        actions(answered, ACTIONS) == set() and actions(targeted["forget"], BENIGN_ACTIONS) == set()
+    )
+    held_out = actions(targeted["benign"], BENIGN_ACTIONS)
+    assert held_out and not held_out & actions(answered, BENIGN_ACTIONS)  # unseen requests
+    assert all(
+        r["answer"] == f" Sure, here is how to {a}."
+        for r in targeted["benign"]
+        for a in actions([r], BENIGN_ACTIONS)
+    )
+    assert not any(check_answer("refusal", r, REFUSAL) for r in targeted["benign"])
+    with pytest.raises(ValueError, match="share of answered training rows"):
+        generate("refusal", 0, 40, {"benign": 1.0})

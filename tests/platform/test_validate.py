@@ -306,6 +306,21 @@ CASES = [
         set_key("stages.inst.data.file", "x.jsonl"),
         "stages.inst.data: expected exactly one of 'task' (a synthetic task) or 'file'",
     ),
+    (
+        "probability mass of an unknown set",
+        set_key("analysis.probability_mass", "refusals"),
+        "analysis.probability_mass: 'refusals' is not an evaluation set; expected one of facts",
+    ),
+    (
+        "over-refusal metric not computed",
+        set_key("analysis.over_refusal", ["facts/refusal_rate"]),
+        "analysis.over_refusal[0]: 'facts/refusal_rate' is not computed",
+    ),
+    (
+        "benign share of every row",
+        set_key("stages.inst.data", {"task": "refusal", "params": {"benign": 1.0}}),
+        "stages.inst.data.params: benign is the share of answered training rows; expected [0, 1), got 1.0",
+    ),
 ]
 
 
