@@ -2,7 +2,7 @@
 
 Command (repo root, the venv active):
 
-    python benchmarks/async_rl.py           # about 7 min on 2 CPU cores
+    python benchmarks/async_rl.py           # about 5 min on 2 CPU cores
     python benchmarks/async_rl.py --quick   # 1 seed, 6 steps
 
 Writes benchmarks/results/async_rl.json and benchmarks/results/async_rl.md.

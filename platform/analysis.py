@@ -47,11 +47,13 @@ def mean_pm_std(values: list[float]) -> str:
     return f"{_mean(values):.4g}" + ("" if math.isnan(std) else f" ± {std:.2g}")
 
 
-def spread_over_seeds(per_ordering: dict[str, list[float]]) -> tuple[float, float]:
-    """(spread of the per-ordering means, mean within-ordering seed std)."""
+def spread_over_seeds(per_ordering: dict[str, list[float]]) -> tuple[float, float, float]:
+    """(spread of the per-ordering means, mean within-ordering seed std, their ratio)."""
     means = [_mean(v) for v in per_ordering.values()]
     spread = max(means) - min(means) if means else float("nan")
-    return spread, _mean([_std(v) for v in per_ordering.values()])
+    seed_std = _mean([_std(v) for v in per_ordering.values()])
+    ratio = spread / seed_std if seed_std and not math.isnan(seed_std) else float("nan")
+    return spread, seed_std, ratio
 
 
 def point_label(hparams: dict[str, Any]) -> str:
@@ -148,8 +150,7 @@ class Analysis:
         rows = []
         for score in self.score_names:
             for method, per_ordering in self.by_ordering(score).items():
-                spread, seed_std = spread_over_seeds(per_ordering)
-                ratio = spread / seed_std if seed_std and not math.isnan(seed_std) else float("nan")
+                spread, seed_std, ratio = spread_over_seeds(per_ordering)
                 rows.append(
                     {
                         "score": score,

@@ -27,10 +27,6 @@ PATH_DEPENDENT = (
 OVER_REFUSAL = 0.1  # refusal rate on prompts to answer above which a path over-refuses
 
 
-def _ratio(spread: float, seed_std: float) -> float:
-    return spread / seed_std if seed_std and not math.isnan(seed_std) else float("nan")
-
-
 def path_dependence(analysis, score: str, unit: float = 1.0) -> tuple[str, list[float]]:
     """The table of a score by ordering and method, with each method's spread, seed std and
     their ratio (spread and std times `unit`); the ratios."""
@@ -40,8 +36,8 @@ def path_dependence(analysis, score: str, unit: float = 1.0) -> tuple[str, list[
         data = per_method.get(method, {})
         if not data:
             continue
-        spread, seed_std = spread_over_seeds(data)
-        ratios.append(_ratio(spread, seed_std))
+        spread, seed_std, ratio = spread_over_seeds(data)
+        ratios.append(ratio)
         rows.append(
             [method]
             + [mean_pm_std([v * unit for v in data.get(o, [])]) for o in analysis.orderings]
