@@ -105,5 +105,8 @@ class LearnerGroup(ModelGroup):
     def load(self, model_dir: str | Path) -> None:
         self.group.call("load", str(model_dir))
 
+    def reseed(self, seed: int) -> None:
+        self.group.call("reseed", seed)
+
     def shutdown(self) -> None:
         self.group.shutdown()

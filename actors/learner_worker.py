@@ -64,10 +64,10 @@ class LearnerWorker:
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.device = torch.device("cuda", 0) if self.device_kind == "cuda" else torch.device("cpu")
-        torch.manual_seed(self.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._load_policy(self._read_model(self.model_dir), new_template=True)
+        self.reseed(self.seed)  # after loading, as a learner kept for another trial is (reseed)
         return self.rank
 
     def _read_model(self, model_dir: str) -> torch.nn.Module:
@@ -167,6 +167,11 @@ class LearnerWorker:
                     shutil.copy(Path(self.model_dir) / "generation_config.json", staging)
         torch.distributed.barrier()
         return str(out_dir)
+
+    def reseed(self, seed: int) -> None:
+        """The random state a new learner of `seed` starts with (a learner kept for another trial)."""
+        self.seed = seed
+        torch.manual_seed(seed)
 
     def load(self, model_dir: str) -> None:
         """Start over from `model_dir`: new weights, no optimizer state, no engine until next stage."""

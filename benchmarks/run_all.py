@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-NOT_BENCHMARKS = {"run_all", "results_io", "hand_written"}  # hand_written: vs_script's baseline
+NOT_BENCHMARKS = {"run_all", "results_io", "hand_written", "test_suite_time", "gpu_check"}
+# hand_written: vs_script's baseline; test_suite_time: `make test-timed`; gpu_check: `make gpu-check`
 
 
 def benchmarks() -> dict[str, Path]:

@@ -2,7 +2,8 @@
 
 For every unlearning method and scored metric (forget score, utilities, forget quality;
 docs/formulas.md#study-analysis): the value by ordering, its spread across orderings, the seed standard
-deviation, their ratio, and the distance to the oracle (the retrain-equivalence gap).
+deviation, the distance to the oracle (the retrain-equivalence gap), and the test of whether the
+ordering changes it (platform/ordering_test.py: declared test, level and Holm families).
 Every number is computed from trial records written by runs, and the report names the
 MLflow runs it comes from.
 """
@@ -13,10 +14,12 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from stageflow.platform.config import StudySpec
 from stageflow.platform.expand import Trial, oracle_path
+from stageflow.platform.ordering_test import OrderingTest, holm, ordering_test, verdict
 from stageflow.platform.report import format_table
 from stageflow.platform.study_dir import StudyDir
 
@@ -64,13 +67,16 @@ class Analysis:
     """Scores every (trial, method) pair of a finished study from its records."""
 
     def __init__(self, spec: StudySpec, study: StudyDir, records: list[tuple[Trial, dict]]):
-        self.spec, self.cache = spec, study.cache()
+        self.spec, self.study, self.cache = spec, study, study.cache()
         self.records = [(t, r) for t, r in records if not t.oracle]
         self.oracles = {(t.path, t.seed, point_label(t.hparams)): r for t, r in records if t.oracle}
         self.outcomes = [self._score(t, r, m) for t, r in self.records for m in t.unlearning]
 
-    def _examples(self, key: str, name: str) -> list[float]:
-        return (self.cache.read_eval(key) or {}).get("examples", {}).get(name, [])
+    def _truth_ratios(self, entry: dict, eval_set: str) -> list[float]:
+        """The per-example truth ratios of `eval_set` at a history entry of a trial."""
+        key = entry.get("evals", {}).get(eval_set)
+        found = self.cache.read_eval(key) if key else None
+        return (found or {}).get("examples", {}).get(f"{eval_set}/truth_ratio", [])
 
     def oracle_for(self, trial: Trial) -> dict | None:
         path = oracle_path(self.spec, trial.path)
@@ -96,12 +102,8 @@ class Analysis:
             if a.forget_quality:
                 from scipy.stats import ks_2samp
 
-                name = f"{a.forget_quality}/truth_ratio"
-                branch = _branch(record, method)
-                ours, theirs = (
-                    self._examples(branch["key"], name),
-                    self._examples(oracle["history"][-1]["key"], name),
-                )
+                ours = self._truth_ratios(_branch(record, method), a.forget_quality)
+                theirs = self._truth_ratios(oracle["history"][-1], a.forget_quality)
                 if ours and theirs:
                     out.scores["forget_quality"] = float(ks_2samp(ours, theirs).pvalue)
         return out
@@ -145,19 +147,75 @@ class Analysis:
                 table[o.method][o.trial.ordering].append(o.scores[score])
         return table
 
+    def by_block(self, score: str) -> dict[str, dict[str, dict[tuple, float]]]:
+        """{method: {ordering: {(seed, grid point): value}}}: the trials of one seed and grid
+        point are a block (they share that seed's prefixes)."""
+        table: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+        for o in self.outcomes:
+            if score in o.scores:
+                block = (o.trial.seed, point_label(o.trial.hparams))
+                table[o.method][o.trial.ordering][block] = o.scores[score]
+        return table
+
+    def family(self, score: str) -> str:
+        """'primary', 'secondary' (the declared scores; each family Holm-corrected over its
+        scores and methods) or 'descriptive' (derived scores: p unadjusted, no verdict)."""
+        a = self.spec.analysis
+        if score == a.primary_score:
+            return "primary"
+        return "secondary" if score in a.declared_scores else "descriptive"
+
+    @cached_property
+    def tests(self) -> dict[str, dict[str, OrderingTest]]:
+        """{score: {method: its ordering test}}, Holm-adjusted within each family."""
+        a = self.spec.analysis
+        out = {
+            score: {m: ordering_test(d, a.test) for m, d in self.by_block(score).items()}
+            for score in self.score_names
+        }
+        for family in ("primary", "secondary"):
+            members = [t for s, ts in out.items() if self.family(s) == family for t in ts.values()]
+            holm(members, a.alpha)
+        return out
+
+    def verdict(self, score: str, what: str) -> str:
+        """The sentence on whether the ordering changes `score` (over its family's tests)."""
+        tests = self.tests.get(score, {})
+        sentence = verdict(tests, what, self.spec.analysis.alpha)
+        family = sum(
+            len(ts) for s, ts in self.tests.items() if self.family(s) == self.family(score)
+        )
+        if family > len(tests):  # Holm ran over more scores than this one's methods
+            sentence = sentence.replace(
+                f"Holm-adjusted over {len(tests)} methods",
+                f"Holm-adjusted over the {family} tests of the {self.family(score)} scores",
+            )
+        return sentence
+
     def summary(self) -> list[dict[str, Any]]:
-        """Per score and method: spread across orderings, seed std and their ratio."""
+        """Per score and method: the spread across orderings with its interval, the seed std,
+        eta squared with its interval, the test's p (Holm-adjusted in its family), p_min."""
         rows = []
         for score in self.score_names:
             for method, per_ordering in self.by_ordering(score).items():
                 spread, seed_std, ratio = spread_over_seeds(per_ordering)
+                t = self.tests[score][method]
                 rows.append(
                     {
                         "score": score,
                         "method": method,
+                        "family": self.family(score),
                         "spread": spread,
+                        "spread_ci": t.spread_ci,
                         "seed_std": seed_std,
                         "spread_over_seed_std": ratio,
+                        "eta2": t.eta2,
+                        "eta2_ci": t.eta2_ci,
+                        "p": t.p,
+                        "p_adjusted": t.p_adjusted,
+                        "p_min": t.p_min,
+                        "significant": t.significant(self.spec.analysis.alpha),
+                        "test": t.test,
                         "orderings": len(per_ordering),
                     }
                 )

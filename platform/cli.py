@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from stageflow.platform.config import StudyError
 
@@ -50,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
             )
         else:
             sub.add_argument("study_dir", help="the study's storage directory (holds study.yaml)")
+        if name == "report":
+            sub.add_argument(
+                "--out",
+                metavar="DIR",
+                help="also write the report (report.md, trials.md, figures/) into DIR",
+            )
         if name in ("run", "resume"):
             sub.add_argument(
                 "--verbose",
@@ -124,13 +131,19 @@ def quiet() -> None:
 
 
 def run_and_summarise(spec, source: str, resume: bool, verbose: bool = False) -> int:
+    import os
+
     from stageflow.platform.expand import expand
     from stageflow.platform.report import trials_table
-    from stageflow.platform.runner import run_study
+    from stageflow.platform.runner import embedded_spec, run_study
     from stageflow.platform.study_dir import StudyDir
+    from stageflow.platform.trial_plan import fingerprints
 
     study, trials = StudyDir.of(spec), expand(spec)
-    finished = study.records(trials)
+    finished = []
+    if any(study.trial_record(t.trial_id).is_file() for t in trials):
+        planned = spec if os.environ.get("RAY_ADDRESS") else embedded_spec(spec)
+        finished = study.records(trials, fingerprints(planned, study, trials))
     if len(finished) == len(trials):  # nothing left: start nothing
         print(f"all {len(trials)} trials of {spec.name} are finished; nothing to run")
         results = [(trial, record["metrics"]) for trial, record in finished]
@@ -150,13 +163,12 @@ def run_and_summarise(spec, source: str, resume: bool, verbose: bool = False) ->
 
 
 def report_summary(report) -> str:
-    """The report's first table: each score's spread across orderings against seed noise."""
+    """The report's first section: the primary score's verdict and every score's ordering test."""
     return "\n".join(report.read_text().split("## ")[1].splitlines()[1:]).strip()
 
 
 def load_study_dir(study_dir: str):
     """The resolved spec a study directory was run with (validated again)."""
-    from pathlib import Path
 
     from stageflow.platform.study_dir import StudyDir
     from stageflow.platform.validate import load_and_validate
@@ -173,13 +185,17 @@ def load_study_dir(study_dir: str):
 
 def cmd_status(args: argparse.Namespace) -> int:
     from stageflow.platform.report import format_table
-    from stageflow.platform.status import trial_progress
+    from stageflow.platform.status import study_status
 
     spec, _ = load_study_dir(args.study_dir)
-    rows = trial_progress(spec)
-    print(format_table(["trial", "ordering", "seed", "progress"], rows))
-    done = sum(1 for r in rows if r[3] == "done")
-    print(f"\n{done} of {len(rows)} trials done")
+    status = study_status(spec)
+    print(format_table(["trial", "ordering", "seed", "progress"], status.rows))
+    print(f"\n{status.done} of {len(status.rows)} trials done")
+    if status.trainings_left >= 0 and status.done < len(status.rows):
+        print(
+            f"left to run: {status.trainings_left} stage trainings, "
+            f"{status.evaluations_left} evaluation-set results"
+        )
     return 0
 
 
@@ -188,15 +204,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     from stageflow.platform.report import trials_table
     from stageflow.platform.runner import read_results, write_analysis
     from stageflow.platform.study_dir import StudyDir
+    from stageflow.platform.trial_plan import fingerprints
 
     spec, _ = load_study_dir(args.study_dir)
     study, trials = StudyDir.of(spec), expand(spec)
-    print(trials_table(read_results(study, trials)))
+    current = fingerprints(spec, study, trials, write=False)
+    table = trials_table(read_results(study, trials, current))
+    print(table)
+    files = {}
     if spec.unlearning:
-        _, files = write_analysis(spec, study, trials)
+        _, files = write_analysis(spec, study, trials, current)
         print("\n" + files["report.md"].read_text().split("## Figures")[0].strip())
         print(f"\nreport: {files['report.html']}")
+    if args.out:
+        export_report(Path(args.out), table, files)
+        print(f"written to {args.out}")
     return 0
+
+
+def export_report(out: Path, trials_table: str, files: dict) -> None:
+    """The trials table (trials.md) and the report's files, copied into `out`."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trials.md").write_text(trials_table + "\n")
+    for name, path in files.items():
+        if name != "report.html":  # the figures are beside report.md; the HTML embeds them
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out / name)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -211,7 +246,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from stageflow.platform.study_dir import StudyDir
     from stageflow.platform.tracking import serve_ui

@@ -383,13 +383,41 @@ class AnalysisSpec(Spec):
     answers the learner scores at every step of the unlearning branches (where the mass goes);
     `over_refusal`: "<set>/refusal_rate" metrics on prompts that should be answered, read at
     each path's end, before unlearning.
+
+    Whether the ordering changes a score is decided by `test` (platform/ordering_test.py) at
+    level `alpha`, Holm-corrected over the unlearning methods and the scores of one family:
+    `primary` (default: forget_score when set) alone is the study's headline; the other
+    declared scores (utilities, forget_quality, mass_shift) form the secondary family.
     """
+
+    NOUNS: typing.ClassVar[dict[str, str]] = {"test": "test"}
 
     forget_score: Optional[str] = None
     utilities: dict[str, str] = field(default_factory=dict)
     forget_quality: Optional[str] = None
     probability_mass: Optional[str] = None
     over_refusal: list[str] = field(default_factory=list)
+    primary: Optional[str] = None
+    test: Literal["permutation", "anova"] = "permutation"
+    alpha: float = 0.05
+
+    def invariants(self) -> Problems:
+        if not 0 < self.alpha < 1:
+            yield "alpha", f"expected a significance level in (0, 1), got {self.alpha}"
+
+    @property
+    def declared_scores(self) -> list[str]:
+        """The scores the study declares, each tested for an ordering effect."""
+        names = ["forget_score"] if self.forget_score else []
+        names += list(self.utilities)
+        names += ["forget_quality"] if self.forget_quality else []
+        return names + (["mass_shift"] if self.probability_mass else [])
+
+    @property
+    def primary_score(self) -> str | None:
+        if self.primary is not None:
+            return self.primary
+        return "forget_score" if self.forget_score else None
 
 
 @dataclass(frozen=True)

@@ -119,14 +119,11 @@ def materialize_task(data: DataSpec, split_file: Path) -> Path:
 
 
 def file_key(data: DataSpec) -> str:
-    """A digest of the file (resolved path, each file's size and mtime) and the options."""
-    path = Path(data.file).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stats = [
-        (str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
-    ]
+    """A digest of the file's (or folder's) content and the options that select its rows."""
+    from stageflow.platform.keys import tree_digest
+
     options = [sorted(data.fields.items()), data.split, data.shuffle, data.limit, data.check]
-    key = json.dumps([FORMAT, str(path), stats, options])
+    key = json.dumps([FORMAT, tree_digest(Path(data.file).resolve()), options])
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

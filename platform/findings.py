@@ -10,41 +10,36 @@ whether it reproduces in this study (docs/formulas.md#study-analysis).
 4. The forget set is targeted: the model does not refuse the prompts it should answer, on any
    path, before unlearning (`analysis.over_refusal`).
 
-A score counts as path-dependent when its spread across orderings is at least
-`PATH_DEPENDENT` seed standard deviations for every unlearning method.
+Whether a score depends on the path is decided by the study's ordering test (platform/
+ordering_test.py: the declared test at `analysis.alpha`, Holm-corrected within its family).
 """
 
 from __future__ import annotations
 
-import math
-
 from stageflow.platform.analysis import mean_pm_std, spread_over_seeds
-from stageflow.platform.report import format_table
+from stageflow.platform.report import format_table, p_cell
 
-PATH_DEPENDENT = (
-    2.0  # spread across orderings / seed std at and above which a score depends on the path
-)
 OVER_REFUSAL = 0.1  # refusal rate on prompts to answer above which a path over-refuses
 
 
-def path_dependence(analysis, score: str, unit: float = 1.0) -> tuple[str, list[float]]:
-    """The table of a score by ordering and method, with each method's spread, seed std and
-    their ratio (spread and std times `unit`); the ratios."""
+def path_dependence(analysis, score: str, unit: float = 1.0) -> str:
+    """The table of a score by ordering and method, with each method's spread (times `unit`),
+    seed std, effect size and test."""
     per_method = analysis.by_ordering(score)
-    rows, ratios = [], []
+    rows = []
     for method in analysis.methods:
         data = per_method.get(method, {})
         if not data:
             continue
-        spread, seed_std, ratio = spread_over_seeds(data)
-        ratios.append(ratio)
+        spread, seed_std, _ = spread_over_seeds(data)
+        t = analysis.tests[score][method]
         rows.append(
             [method]
             + [mean_pm_std([v * unit for v in data.get(o, [])]) for o in analysis.orderings]
-            + [spread * unit, seed_std * unit, ratios[-1]]
+            + [spread * unit, seed_std * unit, t.eta2, p_cell(t.p_adjusted, t.p)]
         )
-    headers = ["method", *analysis.orderings, "spread", "seed std", "spread / seed std"]
-    return format_table(headers, rows), ratios
+    headers = ["method", *analysis.orderings, "spread", "seed std", "eta2", "p (Holm)"]
+    return format_table(headers, rows)
 
 
 def pooled(analysis, score: str) -> list[float]:
@@ -52,37 +47,23 @@ def pooled(analysis, score: str) -> list[float]:
     return [v for per in analysis.by_ordering(score).values() for vs in per.values() for v in vs]
 
 
-def verdict(ratios: list[float], what: str) -> str:
-    if not ratios or any(math.isnan(r) for r in ratios):
-        return f"Not measurable here: {what} needs at least two seeds per ordering."
-    low, high = min(ratios), max(ratios)
-    if low >= PATH_DEPENDENT:
-        return (
-            f"Reproduces here: {what} varies across orderings by {low:.1f}-{high:.1f} seed "
-            f"standard deviations for every method."
-        )
-    return (
-        f"Does not reproduce here: {what} varies across orderings by {low:.1f}-{high:.1f} seed "
-        f"standard deviations (below {PATH_DEPENDENT:g} for at least one method)."
-    )
-
-
 def findings(analysis) -> list[tuple[str, str]]:
     """(title, body) of each finding the study's analysis settings can speak to."""
     a = analysis.spec.analysis
     out = []
     if a.forget_score:
-        table, ratios = path_dependence(analysis, "forget_score")
+        table = path_dependence(analysis, "forget_score")
+        what = f"the forget score (drop of {a.forget_score})"
         out.append(
             (
                 "Finding 1: the forget score depends on the path",
-                f"{table}\n\n{verdict(ratios, f'the forget score (drop of {a.forget_score})')}",
+                f"{table}\n\n{analysis.verdict('forget_score', what)}",
             )
         )
     for name, metric in a.utilities.items():
         points = metric.endswith("accuracy")
-        table, ratios = path_dependence(analysis, name, 100.0 if points else 1.0)
-        body = f"{table}\n\n{verdict(ratios, f'{name} ({metric})')}"
+        table = path_dependence(analysis, name, 100.0 if points else 1.0)
+        body = f"{table}\n\n{analysis.verdict(name, f'{name} ({metric})')}"
         if points:
             spreads = [
                 spread_over_seeds(d)[0] * 100 for d in analysis.by_ordering(name).values() if d
@@ -94,7 +75,7 @@ def findings(analysis) -> list[tuple[str, str]]:
             )
         out.append((f"Finding 2: {name} after unlearning depends on the path", body))
     if a.probability_mass:
-        table, ratios = path_dependence(analysis, "mass_shift")
+        table = path_dependence(analysis, "mass_shift")
         moves = [
             f"{kind} {mean_pm_std(pooled(analysis, f'mass:{kind}'))}"
             for kind in ("answer", "paraphrases", "alternatives")
@@ -105,7 +86,7 @@ def findings(analysis) -> list[tuple[str, str]]:
                 f"mass_shift = Δ log P(paraphrases) - Δ log P(alternatives) over the unlearning "
                 f"stage (nats; > 0: the mass stays with paraphrases of the refusal, < 0: it "
                 f"moves to the alternative answers). Change over all paths: {'; '.join(moves)}."
-                f"\n\n{table}\n\n{verdict(ratios, 'mass_shift')}",
+                f"\n\n{table}\n\n{analysis.verdict('mass_shift', 'mass_shift')}",
             )
         )
     if a.over_refusal:

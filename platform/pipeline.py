@@ -2,63 +2,52 @@
 each, the unlearning branches at the end, everything logged to MLflow.
 
 Each stage is run by its kind (`platform/stages.py`). A stage whose prefix is already finished
-(by this or another trial) is not trained again: its checkpoint and evaluation are reused and
-the trial run links the stage run that trained it with a tag. A trained prefix is evaluated on
-the weights the learner holds, before its checkpoint is committed, so every finished prefix
-has its evaluation. Where the trial's time went is logged as `time/<phase>_s`.
+(by this or another trial) is not trained again: its checkpoint is reused and the trial run
+links the stage run that trained it with a tag. The trial walks its plan (platform/
+trial_plan.py): every checkpoint and every evaluation set's result has a key covering all that
+made it, so an evaluation whose set changed is computed again on the cached checkpoint. A
+trained prefix is evaluated on the weights the learner holds, before its checkpoint is
+committed. Where the trial's time went is logged as `time/<phase>_s`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stageflow.actors.rendering import render_row, renders_chat
 from stageflow.platform.config import StudySpec
 from stageflow.platform.evaluation import EvalJob, evaluate
-from stageflow.platform.expand import Trial, trial_spec
-from stageflow.platform.models import has_chat_template
-from stageflow.platform.prefix_cache import Claim, PrefixCache, base_key, stage_seed
+from stageflow.platform.expand import Trial
+from stageflow.platform.keys import digest
+from stageflow.platform.prefix_cache import Claim, PrefixCache
 from stageflow.platform.registry import STAGE_KINDS
 from stageflow.platform.rl import rl_summary, stage_reward_range
 from stageflow.platform.stages import Point, StageStep
 from stageflow.platform.study_dir import StudyDir
-from stageflow.platform.tasks import materialize, read_jsonl
 from stageflow.platform.tracking import now_ms
+from stageflow.platform.trial_plan import PlannedStep, Planner, TrialPlan
 from stageflow.platform.workers import Stopwatch, TrialWorkers
 
 
 @dataclass
 class TrialContext:
-    """What every trial of a study shares: its spec, files and the shared actors it calls."""
+    """What every trial of a study shares: its spec, files, planner and the shared actors."""
 
     spec: StudySpec
     study: StudyDir
     base_model: Path
-    base_identity: str
+    planner: Planner
     tracker: Any
     study_run_id: str
     pool: Any = None  # the shared rollout pool (placement: shared), when the study needs one
-    _rows: dict[tuple, list[dict]] = field(default_factory=dict)
-
-    @cached_property
-    def model_has_template(self) -> bool:
-        return has_chat_template(self.base_model)
 
     def rows(self, data) -> list[dict]:
-        """The rows of a data spec, rendered for the model (chat turns when `data.template`
-        resolves to chat: `auto` does when the model's tokenizer has a chat template)."""
-        path = materialize(data, self.study.data)
-        chat = renders_chat(data.template, self.model_has_template)
-        key = (path, chat, data.system)
-        if key not in self._rows:
-            self._rows[key] = [render_row(r, chat, data.system) for r in read_jsonl(path)]
-        return self._rows[key]
+        """The rows of a data spec, rendered for the model (the rows its keys digest)."""
+        return self.planner.rows(data)
 
-    def eval_jobs(self, spec: StudySpec, names: list[str] | None, seed: int) -> list[EvalJob]:
+    def eval_jobs(self, spec: StudySpec, names: list[str], seed: int) -> list[EvalJob]:
         return [
             EvalJob(
                 name=name,
@@ -72,7 +61,7 @@ class TrialContext:
                 truth_ratios=name == spec.analysis.forget_quality,
             )
             for name, s in spec.evaluation.sets.items()
-            if names is None or name in names
+            if name in names
         ]
 
 
@@ -87,13 +76,15 @@ def step_time_split(steps: list[dict[str, float]]) -> dict[str, float]:
 
 
 class TrialRunner:
-    """Runs one trial; holds its actors (`TrialWorkers`), its MLflow run and its time breakdown."""
+    """Runs one trial along its plan; holds its actors (`TrialWorkers`), its MLflow run and its
+    time breakdown."""
 
     def __init__(
         self, ctx: TrialContext, trial: Trial, report: Callable[[dict], None] | None = None
     ):
         self.ctx, self.trial = ctx, trial
-        self.spec = trial_spec(ctx.spec, trial)
+        self.plan: TrialPlan = ctx.planner.plan(trial)
+        self.spec = self.plan.spec
         self.cache: PrefixCache = ctx.study.cache()
         self.report = report or (lambda metrics: None)
         self.clock = Stopwatch()
@@ -101,7 +92,7 @@ class TrialRunner:
             self.spec, ctx.base_model, trial.seed, trial.trial_id, ctx.pool, self.clock
         )
         self.trained = 0
-        self.history: list[dict[str, Any]] = []  # per stage: index, stage, prefix key, metrics
+        self.history: list[dict[str, Any]] = []  # per stage: index, keys, metrics
 
     # ----- tracking ---------------------------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -122,11 +113,12 @@ class TrialRunner:
         self.run_id = self.call(
             "start_run",
             trial.label,
-            key=f"trial:{trial.trial_id}",
+            key=f"trial:{trial.trial_id}:{self.plan.fingerprint}",
             parent_id=ctx.study_run_id,
             tags={
                 "stageflow.kind": "trial",
                 "stageflow.trial_id": trial.trial_id,
+                "stageflow.fingerprint": self.plan.fingerprint,
                 "stageflow.ordering": trial.ordering,
                 "stageflow.oracle": trial.oracle,
             },
@@ -139,39 +131,48 @@ class TrialRunner:
             },
             description=trial.description,
         )
+        finished = False
         try:
             final = self._run_path()
+            finished = True
         except BaseException:
             self.call("end_run", self.run_id, "FAILED")
             raise
         finally:
             with self.clock("shutdown"):
-                self.workers.close()
+                self.workers.close(keep_learner=finished)
         done = len(trial.path) + 1
         self.log(self.run_id, {"stages_trained": self.trained, **self.clock.breakdown()}, done)
         self.call("end_run", self.run_id)
         return final
 
     def _run_path(self) -> dict[str, float]:
-        trial = self.trial
-        point = Point(base_key(self.ctx.base_identity, trial.seed), self.ctx.base_model)
-        final = self.evaluate_once(point.key, point)
+        plan = self.plan
+        point = Point(plan.base, self.ctx.base_model)
+        final = self.evaluations(point, plan.base_evals, plan.base_eval_seed)
         self.log(self.run_id, final, 0)
-        self.history.append({"index": 0, "stage": "base", "key": point.key, "metrics": final})
-        for index, name in enumerate(trial.path, start=1):
-            point, metrics = self._stage(StageStep(index, name, self.spec.stages[name], point))
+        self.history.append(
+            {
+                "index": 0,
+                "stage": "base",
+                "key": plan.base,
+                "evals": plan.base_evals,
+                "metrics": final,
+            }
+        )
+        end = point  # the path's end so far; every unlearning branch starts from the last
+        for step in plan.steps:
+            after, metrics = self._stage(step, end)
+            if step.branch:
+                metrics = {f"{step.name}/{k}": v for k, v in metrics.items()}
+            else:
+                end = after
             final = {**final, **metrics}
-            self.report({"stage_index": index, "stage": name, **metrics})
-        for branch in trial.unlearning:
-            step = StageStep(len(trial.path) + 1, branch, self.spec.stages[branch], point, True)
-            _, metrics = self._stage(step)
-            unlearned = {f"{branch}/{k}": v for k, v in metrics.items()}
-            final.update(unlearned)
-            self.report({"stage_index": step.index, "stage": branch, **unlearned})
+            self.report({"stage_index": step.index, "stage": step.name, **metrics})
         return final
 
-    def _stage(self, step: StageStep) -> tuple[Point, dict[str, float]]:
-        point, metrics = STAGE_KINDS[step.stage.kind].run(self, step)
+    def _stage(self, step: PlannedStep, parent: Point) -> tuple[Point, dict[str, float]]:
+        point, metrics = STAGE_KINDS[step.stage.kind].run(self, StageStep(step, parent))
         logged = {f"{step.name}/{k}": v for k, v in metrics.items()} if step.branch else metrics
         self.log(self.run_id, logged, step.index)
         self.history.append(
@@ -179,6 +180,7 @@ class TrialRunner:
                 "index": step.index,
                 "stage": step.name,
                 "key": point.key,
+                "evals": step.evals,
                 "branch": step.branch,
                 "metrics": metrics,
             }
@@ -186,11 +188,10 @@ class TrialRunner:
         return point, metrics
 
     # ----- evaluation -------------------------------------------------------------------------
-    def evaluate(self, record_key: str, point: Point, names: list[str] | None = None) -> dict:
-        """Evaluate `point` with the trial's actors (the learner holding its weights)."""
-        jobs = self.ctx.eval_jobs(self.spec, names, seed=stage_seed(record_key))
-        if not jobs:
-            return {"metrics": {}, "examples": {}}
+    def evaluate(self, point: Point, names: list[str], seed: int) -> dict[str, dict]:
+        """Evaluate `point` on the sets `names` with the trial's actors (the learner holding
+        its weights); {set name: {"metrics": ..., "examples": ...}}."""
+        jobs = self.ctx.eval_jobs(self.spec, names, seed=seed)
         learner = self.workers.learner_at(point.key, point.model_dir)
         weights = None
         if any(job.needs("generation") for job in jobs):
@@ -203,22 +204,28 @@ class TrialRunner:
             with self.clock("eval_loglik"):
                 return learner.answer_stats(items)
 
-        return evaluate(jobs, answer_stats, generate)
+        return split_by_set(evaluate(jobs, answer_stats, generate), names)
 
-    def evaluate_once(self, record_key: str, point: Point, names: list[str] | None = None):
-        """The evaluation stored under `record_key`, computed by the first trial that needs it
-        (a claim keeps two trials from computing it together)."""
-        found = self.cache.read_eval(record_key)
-        if found is None:
-            done = lambda: self.cache.eval_path(record_key).is_file()  # noqa: E731
-            claim = self.cache.acquire(f"{record_key}-evaluating", self.trial.trial_id, done)
+    def evaluations(self, point: Point, evals: dict[str, str], seed: int) -> dict[str, float]:
+        """The metrics of the sets `evals` names ({set: evaluation key}) on `point`: read from
+        the cache, the missing ones computed once by the first trial that needs them (a claim
+        keeps two trials from computing them together)."""
+        missing = {name: key for name, key in evals.items() if self.cache.read_eval(key) is None}
+        if missing:
+            done = lambda: all(self.cache.eval_path(k).is_file() for k in missing.values())  # noqa: E731
+            claim_key = f"{digest(sorted(missing.values()))}-evaluating"
+            claim = self.cache.acquire(claim_key, self.trial.trial_id, done)
             if claim is not None:
                 try:
-                    self.cache.write_eval(record_key, self.evaluate(record_key, point, names))
+                    results = self.evaluate(point, list(missing), seed)
+                    for name, key in missing.items():
+                        self.cache.write_eval(key, results[name])
                 finally:
                     self.cache.release(claim)
-            found = self.cache.read_eval(record_key)
-        return found["metrics"]
+        metrics: dict[str, float] = {}
+        for key in evals.values():
+            metrics.update(self.cache.read_eval(key)["metrics"])
+        return metrics
 
     # ----- training ---------------------------------------------------------------------------
     def mass_probe(self, step: StageStep) -> list[dict] | None:
@@ -230,9 +237,9 @@ class TrialRunner:
         spec = self.spec.evaluation.sets[name]
         return self.ctx.rows(spec.data)[: spec.max_examples]
 
-    def train(self, step: StageStep, key: str, claim: Claim) -> dict:
-        """Train the prefix `key` (claimed), evaluate it, write its checkpoint; its meta."""
-        stage, ctx = step.stage, self.ctx
+    def train(self, step: StageStep, claim: Claim) -> dict:
+        """Train the prefix `step.key` (claimed), evaluate it, write its checkpoint; its meta."""
+        stage, ctx, key = step.stage, self.ctx, step.key
         run_id = self.call(
             "start_run",
             f"{step.index}:{step.name}",
@@ -252,6 +259,7 @@ class TrialRunner:
                 "batch_size": stage.batch_size,
                 "steps": stage.steps,
                 "epochs": stage.epochs,
+                "seed": step.seed,
                 **{f"params.{k}": v for k, v in stage.params.items()},
             },
         )
@@ -261,7 +269,7 @@ class TrialRunner:
         kind = STAGE_KINDS[stage.kind]
         kind.prepare(self, step)
         started = now_ms()  # the training itself, for the stage's window in time
-        steps = kind.train(self, step, key, rows, retain)
+        steps = kind.train(self, step, rows, retain)
         ended = now_ms()
         for phase, seconds in step_time_split(steps).items():
             self.clock.add(f"in_{phase}", seconds)  # parts of train / rl_stage, not added twice
@@ -270,6 +278,7 @@ class TrialRunner:
             "key": key,
             "parent": step.parent.key,
             "stage": step.name,
+            "seed": step.seed,
             "trial_id": self.trial.trial_id,
             "stage_run_id": run_id,
             "step_metrics": steps,
@@ -278,11 +287,10 @@ class TrialRunner:
         }
         if any("reward_mean" in s for s in steps):
             meta["rl_summary"] = rl_summary(steps, stage_reward_range(stage))
-        metrics = {}
-        if self.spec.evaluation.after_every_stage:
-            result = self.evaluate(key, Point(key, self.cache.model_dir(key)))
-            self.cache.write_eval(key, result)
-            metrics = result["metrics"]
+        # evaluated on the weights the learner holds, before the checkpoint is committed
+        metrics = self.evaluations(
+            Point(key, self.cache.model_dir(key)), step.evals, step.eval_seed
+        )
         staging = self.cache.staging_dir(claim)
         with self.clock("checkpoint_write"):
             self.workers.learner.save(staging / "model")
@@ -294,15 +302,28 @@ class TrialRunner:
         return meta
 
 
+def split_by_set(result: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """{set: its part of an evaluation result} ("<set>/<metric>" keys)."""
+    return {
+        name: {
+            part: {k: v for k, v in values.items() if k.split("/", 1)[0] == name}
+            for part, values in result.items()
+        }
+        for name in names
+    }
+
+
 def run_trial(
     ctx: TrialContext, trial: Trial, report: Callable[[dict], None] | None = None
 ) -> dict[str, Any]:
     """Run a trial's path and unlearning branches; returns the trial's record: final
-    metrics, per-stage history (prefix keys, metrics), its MLflow run id and time breakdown."""
+    metrics, per-stage history (prefix and evaluation keys, metrics), its plan's fingerprint,
+    its MLflow run id and time breakdown."""
     runner = TrialRunner(ctx, trial, report)
     final = runner.run()
     return {
         "trial": trial.to_dict(),
+        "fingerprint": runner.plan.fingerprint,
         "metrics": final,
         "history": runner.history,
         "run_id": runner.run_id,

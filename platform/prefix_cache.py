@@ -1,7 +1,7 @@
 """Content-addressed checkpoints of stage prefixes, shared by every trial of a study.
 
-The key of a prefix hashes the base model, the seed, the learner settings and the ordered
-effective stage configs so far, so two trials that share a prefix share its checkpoint.
+A prefix's key (platform/keys.py) covers everything that made its weights, so two trials that
+share a prefix share its checkpoint and a changed study never reads another's.
 A prefix is trained once: a trial claims it with an atomic `mkdir`, trains, evaluates, writes
 the checkpoint under a temporary name and renames it into place. A claim whose owner died
 is released: on the owner's host by its pid, elsewhere by its heartbeat (the owner touches
@@ -11,7 +11,6 @@ crashed trial or a lost node never blocks the study.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,41 +30,6 @@ HEARTBEAT_S = 20.0
 CLAIM_STALE_S = 180.0  # a claim of another host untouched this long: its owner is gone
 
 
-def digest(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_identity(model_dir: str | Path, sample_bytes: int = 1 << 20) -> str:
-    """Identifies a base model by content, not location: its config and, per weight file,
-    the size and the first and last MiB (cheap even for a large checkpoint)."""
-    model_dir = Path(model_dir)
-    parts = [(model_dir / "config.json").read_text()]
-    for weights in sorted(model_dir.glob("*.safetensors")):
-        size = weights.stat().st_size
-        with weights.open("rb") as f:
-            head = f.read(sample_bytes)
-            f.seek(max(0, size - sample_bytes))
-            tail = f.read(sample_bytes)
-        parts.append((weights.name, size, hashlib.sha256(head + tail).hexdigest()))
-    return digest(*parts)
-
-
-def base_key(base_identity: str, seed: int) -> str:
-    """The key of a trial's starting point: the base model and the trial's seed."""
-    return digest(base_identity, seed)
-
-
-def child_key(parent: str, stage: Any, spec: Any) -> str:
-    """The prefix key after `stage`: everything that can change the trained weights."""
-    return digest(parent, asdict(stage), asdict(spec.learner), spec.model.dtype)
-
-
-def stage_seed(key: str) -> int:
-    """The seed of what runs on a prefix (batch order, sampling), derived from its key."""
-    return int(key[:8], 16) % (2**31)
-
-
 @dataclass(frozen=True)
 class Claim:
     key: str
@@ -74,7 +38,7 @@ class Claim:
 
 class PrefixCache:
     """Finished prefixes are folders `<key>/` holding `model/` (an HF dir) and `meta.json`;
-    evaluations are `<key>.eval.json` beside them."""
+    each evaluation set's result on a checkpoint is `<evaluation key>.eval.json` beside them."""
 
     def __init__(self, root: str | Path, poll_s: float = 0.5):
         self.root = Path(root)

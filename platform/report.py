@@ -26,6 +26,69 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
+def p_cell(adjusted: float | None, raw: float | None) -> str:
+    """A p-value: Holm-adjusted within its family, else the raw p marked unadjusted."""
+    if adjusted is not None:
+        return f"{adjusted:.3g}"
+    return "n/a" if raw is None else f"{raw:.3g} (unadjusted)"
+
+
+def interval(value: float, ci: tuple[float, float]) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]" if not math.isnan(ci[0]) else f"{value:.3g}"
+
+
+def summary_table(summary: list[dict]) -> str:
+    """Per score and method: effect sizes with their 95% bootstrap intervals and the test."""
+    return format_table(
+        [
+            "score",
+            "method",
+            "family",
+            "spread [95% CI]",
+            "seed std",
+            "eta2 [95% CI]",
+            "p (Holm)",
+            "smallest p",
+            "significant",
+        ],
+        [
+            [
+                r["score"],
+                r["method"],
+                r["family"],
+                interval(r["spread"], r["spread_ci"]),
+                r["seed_std"],
+                interval(r["eta2"], r["eta2_ci"]),
+                p_cell(r["p_adjusted"], r["p"]),
+                f"{r['p_min']:.3g}",
+                "yes" if r["significant"] else "no",
+            ]
+            for r in summary
+        ],
+    )
+
+
+def ordering_section(analysis) -> tuple[str, str]:
+    """The study's answer first: the primary score's verdict, the test, then every score."""
+    a = analysis.spec.analysis
+    summary = analysis.summary()
+    lines = []
+    if a.primary_score:
+        lines.append(
+            f"**Primary score, {a.primary_score}:** {analysis.verdict(a.primary_score, a.primary_score)}"
+        )
+    tests = {r["test"].split(" (")[0] for r in summary if r["p"] is not None}
+    lines.append(
+        f"Test: {', '.join(sorted(tests)) or a.test} at alpha = {a.alpha:g}; the primary score's "
+        f"methods form one Holm family, the other declared scores a second; derived scores "
+        f"(gap:*, mass:*) are descriptive (unadjusted p, no verdict). Intervals: 95% percentile "
+        f"bootstrap over seeds. docs/ordering_test.md says how to read this."
+    )
+    return "Does the ordering change the outcome?", "\n\n".join([*lines, summary_table(summary)])
+
+
 def trials_table(results: list[tuple[object, dict[str, float]]]) -> str:
     """One row per trial and model: the path's end, then each unlearning branch after it."""
     metrics = sorted({k for _, final in results for k in final if k.count("/") == 1})
@@ -157,35 +220,13 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
                 )
             )
 
-    summary = analysis.summary()
-    summary_table = format_table(
-        [
-            "score",
-            "method",
-            "spread across orderings",
-            "seed std",
-            "spread / seed std",
-            "orderings",
-        ],
-        [
-            [
-                r["score"],
-                r["method"],
-                r["spread"],
-                r["seed_std"],
-                r["spread_over_seed_std"],
-                r["orderings"],
-            ]
-            for r in summary
-        ],
-    )
-    sections = findings(analysis)
-    sections.append(("Spread of each score across orderings", summary_table))
+    sections = [ordering_section(analysis), *findings(analysis)]
     sections += [
         (f"{score} by ordering (mean ± seed std)", analysis.value_table(score))
         for score in analysis.score_names
     ]
     sections.append(("Runs these numbers come from", analysis.runs_table()))
+    sections.append(("How this study ran", how_it_ran(analysis.study)))
 
     md = [f"# Study report: {analysis.spec.name}", ""]
     for title, table in sections:
@@ -212,22 +253,51 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
     return written
 
 
-def study_description(analysis, results: list, files: dict[str, Path]) -> str:
-    """The study run's description in MLflow: its summary table (the per-ordering table when
-    the study unlearns nothing) and where the report and figures are among its artifacts."""
-    summary = analysis.summary()
-    if summary:
-        title = "Spread of each score across orderings"
-        table = format_table(
-            ["score", "method", "spread across orderings", "seed std", "spread / seed std"],
-            [
-                [r["score"], r["method"], r["spread"], r["seed_std"], r["spread_over_seed_std"]]
-                for r in summary
-            ],
+def clock(seconds: float) -> str:
+    """'4 min 05 s' (or '38.2 s' under a minute)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def how_it_ran(study) -> str:
+    """The driver's time breakdown of the last run and the provenance of its numbers."""
+    from stageflow.platform.study_dir import read_json
+
+    timing, made = read_json(study.timing) or {}, read_json(study.provenance) or {}
+    lines = []
+    if timing:
+        phases = ", ".join(
+            f"{name[5:-2].replace('_', ' ')} {clock(v)}"
+            for name, v in timing.items()
+            if name not in ("time/wall_s", "time/other_s")
         )
+        lines.append(
+            f"Wall time of the last run, until this report: {clock(timing['time/wall_s'])} ({phases})."
+        )
+    if made:
+        git = made.get("git") or {}
+        commit = git.get("commit", "unknown")[:10] + (
+            " with local changes" if git.get("modified") else ""
+        )
+        libraries = ", ".join(f"{k} {v}" for k, v in sorted(made.get("libraries", {}).items()))
+        lines.append(
+            f"stageflow {made.get('stageflow')} (commit {commit}, code version {made.get('code_version')}); "
+            f"Python {made.get('python')}; {libraries}; CPU: {made.get('cpu')}, {made.get('cpu_threads')} "
+            f"threads, {made.get('threads_per_actor') or 'default'} per actor."
+        )
+    return "\n\n".join(lines) or "No timing or provenance recorded (a study run before they were)."
+
+
+def study_description(analysis, results: list, files: dict[str, Path]) -> str:
+    """The study run's description in MLflow: the ordering test's answer and table (the
+    per-ordering table when the study unlearns nothing) and where the report and figures are
+    among its artifacts."""
+    if analysis.summary():
+        title, body = ordering_section(analysis)
     else:
-        title, table = "Final metrics by trial", trials_table(results)
+        title, body = "Final metrics by trial", trials_table(results)
     figures = [f"- report/{name}" for name in files if name.startswith("figures/")]
-    lines = [f"**{title}** ({len(results)} trials)", "", table, ""]
+    lines = [f"**{title}** ({len(results)} trials)", "", body, ""]
     lines += ["Report: report/report.md and report/report.html (artifacts of this run)."]
     return "\n".join(lines + (["", "Figures:", *figures] if figures else []))

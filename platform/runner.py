@@ -11,6 +11,7 @@ finished prefix (Tune's FailureConfig); the shared actors are restartable.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from pathlib import Path
@@ -18,12 +19,14 @@ from typing import Any
 
 from stageflow.platform.config import StudyError, StudySpec
 from stageflow.platform.expand import Trial, expand
+from stageflow.platform.keys import digest
 from stageflow.platform.models import ensure_tiny_model
-from stageflow.platform.prefix_cache import digest, model_identity
+from stageflow.platform.provenance import provenance
 from stageflow.platform.registry import load_plugins
-from stageflow.platform.study_dir import StudyDir, write_atomic, write_json
+from stageflow.platform.study_dir import StudyDir, read_json, write_atomic, write_json
 from stageflow.platform.study_file import spec_to_dict, spec_to_yaml
 from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, start_tracker
+from stageflow.platform.trial_plan import study_identity, study_planner
 from stageflow.platform.workers import Stopwatch, needs_rollout, trial_bundles
 
 POOL_NAME = "stageflow-rollout"
@@ -66,11 +69,10 @@ def init_ray(spec: StudySpec, verbose: bool = False) -> bool:
             address,
             f"cannot connect to a Ray cluster there ({problem}); expected the address of a running cluster, e.g. HEAD:6379",
         )
-    need = sum(b["CPU"] for b in trial_bundles(spec)) + pool_cpus(spec)
     keep_loopback()
     ray.init(
         address="local",  # a new instance even when another Ray runs on this machine
-        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        num_cpus=embedded_cpus(spec),
         _node_ip_address="127.0.0.1",
         **options,
     )
@@ -113,11 +115,33 @@ def unreachable(address: str) -> str | None:
     return None
 
 
-def check_fits_cluster(spec: StudySpec, source: str) -> int:
-    """How many trials can run at once; a StudyError when not even one fits the cluster."""
-    import ray
+def embedded_cpus(spec: StudySpec) -> int:
+    """The CPUs of the embedded local Ray started for a study: the machine's, or what one trial
+    and the shared pool need when that is more."""
+    need = sum(b["CPU"] for b in trial_bundles(spec)) + pool_cpus(spec)
+    return max(os.cpu_count() or 1, int(need + 0.999))
 
-    resources = ray.cluster_resources()
+
+def with_threads(spec: StudySpec, threads: int | None) -> StudySpec:
+    return dataclasses.replace(
+        spec, resources=dataclasses.replace(spec.resources, threads_per_actor=threads)
+    )
+
+
+def embedded_spec(spec: StudySpec) -> StudySpec:
+    """The spec as a run on the embedded local Ray will make its keys (the threads it will
+    give each actor), known without starting Ray."""
+    concurrent = check_fits_cluster(spec, "", {"CPU": float(embedded_cpus(spec))})
+    return with_threads(spec, actor_threads(spec, concurrent, embedded=True))
+
+
+def check_fits_cluster(spec: StudySpec, source: str, resources: dict | None = None) -> int:
+    """How many trials can run at once; a StudyError when not even one fits the cluster
+    (`resources`: the cluster's, default the connected Ray's)."""
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
     if spec.rollout.placement == "colocated" and resources.get("GPU", 0) < 1:
         raise StudyError(
             source,
@@ -173,16 +197,19 @@ def prepare(spec: StudySpec) -> tuple[StudyDir, Path]:
     return study, base
 
 
-def read_results(study: StudyDir, trials: list[Trial]) -> list[tuple[Trial, dict[str, float]]]:
-    return [(trial, record["metrics"]) for trial, record in study.records(trials)]
+def read_results(
+    study: StudyDir, trials: list[Trial], current: dict[str, str]
+) -> list[tuple[Trial, dict[str, float]]]:
+    """(trial, final metrics) of the trials whose record their current plan made."""
+    return [(trial, record["metrics"]) for trial, record in study.records(trials, current)]
 
 
-def write_analysis(spec: StudySpec, study: StudyDir, trials: list[Trial]):
+def write_analysis(spec: StudySpec, study: StudyDir, trials: list[Trial], current: dict[str, str]):
     """The path-dependence analysis and its report files under `<study dir>/report`."""
     from stageflow.platform.analysis import Analysis
     from stageflow.platform.report import study_report
 
-    analysis = Analysis(spec, study, study.records(trials))
+    analysis = Analysis(spec, study, study.records(trials, current))
     return analysis, study_report(analysis, study.report)
 
 
@@ -195,16 +222,17 @@ def trainable(config: dict, shared: dict) -> None:
 
     load_plugins()
     trial = Trial.from_dict(config["trial"])
-    study = StudyDir(Path(shared["storage"]))
+    study, base_model = StudyDir(Path(shared["storage"])), Path(shared["base_model"])
+    planner = study_planner(shared["spec"], study, base_model, identity=shared["identity"])
     record = study.read_record(trial.trial_id)
-    if record is not None:  # finished before an interruption: report, never re-run
-        tune.report(record["metrics"])
+    if record is not None and record.get("fingerprint") == planner.plan(trial).fingerprint:
+        tune.report(record["metrics"])  # finished before an interruption: never re-run
         return
     ctx = TrialContext(
         spec=shared["spec"],
         study=study,
-        base_model=Path(shared["base_model"]),
-        base_identity=shared["base_identity"],
+        base_model=base_model,
+        planner=planner,
         tracker=ray.get_actor(shared["tracker"], namespace=NAMESPACE),
         study_run_id=shared["study_run_id"],
         pool=ray.get_actor(shared["pool"], namespace=NAMESPACE) if shared["pool"] else None,
@@ -212,6 +240,12 @@ def trainable(config: dict, shared: dict) -> None:
     result = run_trial(ctx, trial, report=tune.report)
     study.write_record(trial.trial_id, result)
     tune.report({**result["metrics"], "done": True})
+
+
+def study_digest(spec: StudySpec, study: StudyDir) -> str:
+    """The study's configuration as `study.yaml` holds it (resume reads the same): its MLflow
+    study run is one per configuration, the latest holding every current trial."""
+    return digest(spec_to_dict(dataclasses.replace(spec, storage_dir=str(study.root))))
 
 
 def shared_actor_suffix(experiment: str, storage: Path) -> str:
@@ -273,13 +307,22 @@ def run_study(
     with clock("ray_start"):
         embedded = init_ray(spec, verbose)
     concurrent = check_fits_cluster(spec, source)
+    threads = actor_threads(spec, concurrent, embedded)
+    spec = with_threads(spec, threads)  # study.yaml holds the threads the keys are made with
     with clock("prepare"):
         study, base_model = prepare(spec)
-    threads = actor_threads(spec, concurrent, embedded)
-    spec = dataclasses.replace(
-        spec, resources=dataclasses.replace(spec.resources, threads_per_actor=threads)
-    )
     study.cache().clear_claims()  # no trial runs now: every claim is stale
+    with clock("plan"):
+        identity = study_identity(study, base_model)
+        planner = study_planner(spec, study, base_model, identity=identity)
+        current = {t.trial_id: planner.plan(t).fingerprint for t in trials}
+    stale = study.stale_records(trials, current)
+    if stale:
+        print(
+            f"{len(stale)} finished trials were made by another configuration (study, data, model "
+            f"or code); they run again, reusing every checkpoint and evaluation that still applies"
+        )
+    write_json(study.provenance, provenance(threads))
     with clock("shared_actors"):
         actors = SharedActors(spec, study, base_model)
     # the actors end explicitly when the study ends, also when it fails: a traceback kept by
@@ -289,13 +332,22 @@ def run_study(
         study_run = ray.get(
             tracker.start_run.remote(
                 spec.name,
-                key=f"study:{study.root}",
+                key=f"study:{study.root}:{study_digest(spec, study)}",
                 tags={"stageflow.kind": "study", "stageflow.storage_dir": study.root},
                 params=spec_to_dict(spec),
             )
         )
+        finished = [record["run_id"] for _, record in study.records(trials, current)]
+        ray.get(tracker.adopt.remote(study_run, finished, str(study.root)))
         ray.get(tracker.log_text.remote(study_run, spec_to_yaml(spec), "study.yaml"))
-        tags = {"stageflow.rollout.placement": spec.rollout.placement}
+        made = read_json(study.provenance)
+        ray.get(tracker.log_text.remote(study_run, json.dumps(made, indent=1), "provenance.json"))
+        git = made.get("git") or {}
+        tags = {
+            "stageflow.code_version": made["code_version"],
+            "stageflow.commit": git.get("commit", "unknown"),
+            "stageflow.rollout.placement": spec.rollout.placement,
+        }
         if actors.engines is not None:
             info = actors.engines.info()
             tags.update({"stageflow.rollout.backend": info[0]["backend"]})
@@ -305,7 +357,8 @@ def run_study(
             "spec": spec,
             "storage": str(study.root),
             "base_model": str(base_model),
-            "base_identity": model_identity(base_model),
+            "identity": identity,
+            "current": current,
             **actors.names,
             "study_run_id": study_run,
         }
@@ -341,7 +394,8 @@ def fit_and_report(
         callbacks=[ProgressPrinter(trials)],
         verbose=0,
     )
-    if resume and tune.Tuner.can_restore(str(study.tune)):
+    stale = study.stale_records(trials, shared["current"])
+    if resume and not stale and tune.Tuner.can_restore(str(study.tune)):
         tuner = tune.Tuner.restore(
             str(study.tune), trainable=fn, resume_errored=True, restart_errored=False
         )
@@ -349,13 +403,14 @@ def fit_and_report(
         tuner = tune.Tuner(
             fn,
             param_space={"trial": tune.grid_search([t.to_dict() for t in trials])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            # reused trial actors keep their placement group and learner (platform/workers.py)
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
             run_config=run_config,
         )
     with clock("tune"):
         tuner.fit()
     with clock("report"):
-        return log_results(spec, trials, study, study_run, tracker, clock)
+        return log_results(spec, trials, study, study_run, tracker, clock, shared["current"])
 
 
 def log_results(
@@ -365,23 +420,27 @@ def log_results(
     study_run: str,
     tracker: Any,
     clock: Stopwatch,
+    current: dict[str, str],
 ) -> list[tuple[Trial, dict[str, float]]]:
     """The finished trials' table, analysis and report, and the driver's time breakdown so
-    far, on the study run; the run ends FINISHED when every trial finished."""
+    far, on the study run; the run ends FINISHED when every trial finished. `current`: each
+    trial's plan fingerprint (a record of another plan is not a result of this study)."""
     import ray
 
     from stageflow.platform.report import study_description, trials_table
 
-    results = read_results(study, trials)
+    results = read_results(study, trials, current)
+    write_json(study.timing, clock.breakdown())  # until the report (rewritten at the end)
     ray.get(tracker.log_text.remote(study_run, trials_table(results) + "\n", "results.md"))
-    analysis, files = write_analysis(spec, study, trials)
+    analysis, files = write_analysis(spec, study, trials, current)
     for name, path in files.items():
         folder = str(Path("report", name).parent)
         ray.get(tracker.log_artifact.remote(study_run, str(path), folder))
     summary = {
         f"{r['score']}/{r['method']}/{k}": r[k]
         for r in analysis.summary()
-        for k in ("spread", "seed_std")
+        for k in ("spread", "seed_std", "eta2", "p", "p_adjusted")
+        if r[k] is not None
     }
     ray.get(tracker.log_metrics.remote(study_run, {**summary, **clock.breakdown()}))
     description = study_description(analysis, results, files)

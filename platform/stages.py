@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stageflow.platform.config import StageSpec
 from stageflow.platform.evaluation import mass_per_step, probe_items
-from stageflow.platform.prefix_cache import child_key, digest, stage_seed
 from stageflow.platform.registry import OBJECTIVES, STAGE_KINDS, StageKind, objective_of
+from stageflow.platform.trial_plan import PlannedStep
 
 
 @dataclass(frozen=True)
@@ -27,20 +26,27 @@ class Point:
 
 @dataclass(frozen=True)
 class StageStep:
-    """One stage of a trial: where it sits on the path and the model it starts from."""
+    """One stage of a trial as planned (its key, seed and evaluations), and the model it
+    starts from."""
 
-    index: int
-    name: str
-    stage: StageSpec
+    planned: PlannedStep
     parent: Point
-    branch: bool = False  # an unlearning branch from the path's end
+
+    index = property(lambda self: self.planned.index)
+    name = property(lambda self: self.planned.name)
+    stage = property(lambda self: self.planned.stage)
+    branch = property(lambda self: self.planned.branch)  # an unlearning branch at the path's end
+    key = property(lambda self: self.planned.key)
+    seed = property(lambda self: self.planned.seed)
+    evals = property(lambda self: self.planned.evals)
+    eval_seed = property(lambda self: self.planned.eval_seed)
 
 
 class TrainStage(StageKind):
     """Train the stage's objective from the parent prefix, once per study (prefix cache)."""
 
     def run(self, trial: Any, step: StageStep) -> tuple[Point, dict[str, float]]:
-        key = child_key(step.parent.key, step.stage, trial.spec)
+        key = step.key
         with trial.clock("wait_prefix"):
             claim = trial.cache.acquire(key, owner=trial.trial.trial_id)
         if claim is None:  # trained by another trial (or an earlier attempt of this one)
@@ -48,24 +54,25 @@ class TrainStage(StageKind):
             trial.tag({f"stageflow.reused.{step.index}.{step.name}": meta["stage_run_id"]})
         else:
             try:
-                meta = trial.train(step, key, claim)
+                meta = trial.train(step, claim)
             except BaseException:
                 trial.cache.release(claim)
                 raise
-        evaluation = trial.cache.read_eval(key) or {"metrics": {}}
-        metrics = {**evaluation["metrics"], **(meta.get("rl_summary") or {})}
-        return Point(key, trial.cache.model_dir(key)), metrics
+        point = Point(key, trial.cache.model_dir(key))
+        evaluation = trial.evaluations(point, step.evals, step.eval_seed)
+        return point, {**evaluation, **(meta.get("rl_summary") or {})}
 
     def prepare(self, trial: Any, step: StageStep) -> None:
         """Start what training needs besides the learner: an RL stage's rollout engines."""
         if OBJECTIVES[objective_of(step.stage)].rl_loop:
             _ = trial.workers.rollout  # the trial's own engines start on first use
 
-    def train(self, trial: Any, step: StageStep, key: str, rows: list[dict], retain: Any):
-        """Per-step metrics of training prefix `key` (the learner holds the parent's weights)."""
+    def train(self, trial: Any, step: StageStep, rows: list[dict], retain: Any):
+        """Per-step metrics of training prefix `step.key` (the learner holds the parent's
+        weights)."""
         from stageflow.platform.rl import run_rl_stage
 
-        stage, workers, seed = step.stage, trial.workers, stage_seed(key)
+        stage, workers, seed = step.stage, trial.workers, step.seed
         if OBJECTIVES[objective_of(stage)].rl_loop:
             with trial.clock("rl_stage"):
                 return run_rl_stage(
@@ -88,9 +95,7 @@ class EvalStage(StageKind):
     trains = False
 
     def run(self, trial: Any, step: StageStep) -> tuple[Point, dict[str, float]]:
-        names = list(step.stage.sets) or None
-        record = f"{step.parent.key}-eval-{digest(step.stage.sets)}"
-        return step.parent, trial.evaluate_once(record, step.parent, names)
+        return step.parent, trial.evaluations(step.parent, step.evals, step.eval_seed)
 
 
 for _kind, _default, _doc in [

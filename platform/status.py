@@ -1,42 +1,56 @@
-"""Progress of a study's trials, read from its study directory (no Ray, no actors)."""
+"""Progress of a study's trials, read from its study directory (no Ray, no actors).
+
+Each trial's plan (platform/trial_plan.py) is compared with what the study directory holds:
+a record made by the same plan is done, a record made by another plan (the study, its data,
+the model or the code changed) is stale and its trial runs again; the checkpoints and
+evaluations whose keys the plans name and the cache lacks are what a run will compute.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 from stageflow.platform.config import StudySpec
-from stageflow.platform.expand import expand, trial_spec
-from stageflow.platform.prefix_cache import base_key, child_key, model_identity
+from stageflow.platform.expand import expand
 from stageflow.platform.study_dir import StudyDir
+from stageflow.platform.trial_plan import base_model_dir, study_planner
 
 
-def base_model_dir(spec: StudySpec, study: StudyDir) -> Path:
-    if spec.model.path:
-        return Path(spec.model.path)
-    return study.models / f"tiny-{spec.model.tiny.digest()}"
+@dataclass
+class StudyStatus:
+    rows: list[list[object]]  # [trial id, ordering, seed, progress]
+    done: int
+    trainings_left: int  # distinct stage trainings a run will do
+    evaluations_left: int  # distinct evaluation-set results a run will compute
 
 
-def trial_progress(spec: StudySpec) -> list[list[object]]:
-    """[trial id, ordering, seed, 'done' | 'k/n stages' | 'pending'] for every trial."""
+def study_status(spec: StudySpec) -> StudyStatus:
     study = StudyDir.of(spec)
-    cache = study.cache()
+    cache, trials = study.cache(), expand(spec)
     base = base_model_dir(spec, study)
-    identity = model_identity(base) if base.is_dir() else None
-    rows = []
-    for trial in expand(spec):
-        tspec = trial_spec(spec, trial)
-        trained = [n for n in trial.path if tspec.stages[n].kind != "eval"]
-        done, key = 0, base_key(identity, trial.seed) if identity else None
-        for name in trained:
-            key = key and child_key(key, tspec.stages[name], tspec)
-            if not (key and cache.is_done(key)):
+    if not base.is_dir():  # nothing ran yet (the tiny model is built by the first run)
+        rows = [[t.trial_id, t.display, t.seed, "pending"] for t in trials]
+        return StudyStatus(rows, 0, -1, -1)
+    planner = study_planner(spec, study, base, write=False)
+    rows, done, trainings, evaluations = [], 0, set(), set()
+    for trial in trials:
+        plan = planner.plan(trial)
+        record = study.read_record(trial.trial_id)
+        trained = plan.trained
+        cached = 0
+        for step in trained:
+            if step.branch or not cache.is_done(step.key):
                 break
-            done += 1
-        if study.trial_record(trial.trial_id).is_file():
+            cached += 1
+        if record is not None and record.get("fingerprint") == plan.fingerprint:
             progress = "done"
+            done += 1
         else:
-            progress = (
-                f"{done}/{len(trained) + len(trial.unlearning)} stages" if done else "pending"
-            )
+            trainings.update(s.key for s in trained if not cache.is_done(s.key))
+            keys = [*plan.base_evals.values(), *(k for s in plan.steps for k in s.evals.values())]
+            evaluations.update(k for k in keys if cache.read_eval(k) is None)
+            progress = f"{cached}/{len(trained)} stages" if cached else "pending"
+            if record is not None:
+                progress = f"changed, runs again ({progress} still valid)"
         rows.append([trial.trial_id, trial.display, trial.seed, progress])
-    return rows
+    return StudyStatus(rows, done, len(trainings), len(evaluations))

@@ -6,11 +6,13 @@ Layout under `StudyDir.root` (spec.storage_dir, default runs/<name>):
     models/        the locally built base model
     data/          generated task data, one folder of JSONL splits per (task, seed, size)
     prefixes/      the prefix cache: <key>/{model/, meta.json}, <key>.eval.json, <key>.claim/
-    trials/        one record per finished trial: <trial id>.json
+    trials/        one record per finished trial: <trial id>.json (with its plan's fingerprint)
     tune/          the Ray Tune experiment (what resume restores)
     report/        report.md, report.html, figures/
     artifacts/     MLflow artifacts of the default store
     mlflow.db      the default MLflow store
+    provenance.json  stageflow's version and commit, library versions, CPU, threads
+    identity-memo.json  the base model's file digests by size, mtime and inode
 
 Every file another process may read while it is written goes through `write_atomic` or
 `staged_dir` (write beside, then rename into place), so a reader sees all of it or nothing.
@@ -91,6 +93,7 @@ class StudyDir:
     artifacts = property(lambda self: self.root / "artifacts")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
     timing = property(lambda self: self.root / "timing.json")  # the driver's time breakdown
+    provenance = property(lambda self: self.root / "provenance.json")  # versions, CPU, commit
 
     @property
     def tracking_uri(self) -> str:
@@ -112,7 +115,22 @@ class StudyDir:
     def write_record(self, trial_id: str, record: dict) -> None:
         write_json(self.trial_record(trial_id), record)
 
-    def records(self, trials: list) -> list[tuple[Any, dict]]:
-        """(trial, record) of the finished trials, in the study's trial order."""
+    def records(self, trials: list, fingerprints: dict[str, str]) -> list[tuple[Any, dict]]:
+        """(trial, record) of the finished trials, in the study's trial order: those whose
+        record was made by the trial's current plan (`fingerprints`: trial id -> its plan's
+        fingerprint); a stale record (the study, its data or the code changed) is not one."""
         found = [(trial, self.read_record(trial.trial_id)) for trial in trials]
-        return [(trial, record) for trial, record in found if record is not None]
+        return [
+            (trial, record)
+            for trial, record in found
+            if record is not None and record.get("fingerprint") == fingerprints.get(trial.trial_id)
+        ]
+
+    def stale_records(self, trials: list, fingerprints: dict[str, str]) -> list[Any]:
+        """The trials whose record another plan made (they run again)."""
+        found = [(trial, self.read_record(trial.trial_id)) for trial in trials]
+        return [
+            trial
+            for trial, record in found
+            if record is not None and record.get("fingerprint") != fingerprints.get(trial.trial_id)
+        ]

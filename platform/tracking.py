@@ -140,6 +140,19 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def adopt(self, study_run: str, trial_runs: list[str], storage_dir: str) -> None:
+        """Make `study_run` (this configuration's) the parent of the finished trials it reuses,
+        and tag the study's earlier study runs `stageflow.superseded_by` it: the runs of
+        trials that changed or no longer exist stay under those, as history."""
+        for run_id in trial_runs:
+            self.set_tags(run_id, {"mlflow.parentRunId": study_run})
+        query = (
+            f"tags.`stageflow.kind` = 'study' and tags.`stageflow.storage_dir` = '{storage_dir}'"
+        )
+        for run in self.client.search_runs([self.experiment_id], filter_string=query):
+            if run.info.run_id != study_run and "stageflow.superseded_by" not in run.data.tags:
+                self.set_tags(run.info.run_id, {"stageflow.superseded_by": study_run})
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 

@@ -37,7 +37,13 @@ from stageflow.platform.study_dir import StudyDir
 from stageflow.platform.study_file import load_study
 from stageflow.platform.tasks import check_jsonl, generate
 
-GRID_FORBIDDEN = ("name", "storage_dir", "orderings", "grid", "seeds", "tracking")
+# Settings made once per study (its model, its trials' shape, its shared actors, its analysis):
+# a grid over them could not be applied to one trial, so it is refused.
+GRID_FORBIDDEN = (
+    "name", "storage_dir", "model", "orderings", "unlearning", "oracle", "grid", "seeds",
+    "resources", "tracking", "analysis",
+)  # fmt: skip
+GRID_PLACEMENT = ("learner.ranks", "rollout.placement", "rollout.workers")  # a trial's bundles
 
 
 def load_and_validate(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
@@ -272,11 +278,23 @@ class _Validator:
             self.fail("orderings.explicit", "expected at least one path like 'a>b>c'")
 
     def check_grid(self) -> None:
+        """Every swept setting is applied to each trial, or refused here."""
         for key, values in self.spec.grid.items():
             if key.split(".")[0] in GRID_FORBIDDEN:
                 self.fail(
                     f"grid.{key}",
-                    f"'{key}' cannot be swept; expected a stage, learner, rollout or evaluation setting",
+                    f"'{key}' cannot be swept (it is set once per study); expected a stage, learner, rollout or evaluation setting",
+                )
+            if key in GRID_PLACEMENT:
+                self.fail(
+                    f"grid.{key}",
+                    f"'{key}' sizes every trial's placement group, which is made once per study; expected one value (run one study per value)",
+                )
+            shared = self.spec.rollout.placement == "shared"
+            if shared and key.startswith("rollout.") and key != "rollout.weight_sync":
+                self.fail(
+                    f"grid.{key}",
+                    f"the shared engine pool is started once for the study with one value of '{key}'; expected rollout.placement: per_trial (each trial's own engines get its value) or no sweep of it",
                 )
             if not values:
                 self.fail(f"grid.{key}", "expected a non-empty list of values")
@@ -321,6 +339,11 @@ class _Validator:
                     "analysis.forget_quality",
                     "forget quality compares with the oracle; expected oracle: true",
                 )
+        if analysis.primary is not None and analysis.primary not in analysis.declared_scores:
+            self.fail(
+                "analysis.primary",
+                f"'{analysis.primary}' is not a score of this study; expected one of {', '.join(analysis.declared_scores) or 'forget_score or a utility (none declared)'}",
+            )
         if analysis.probability_mass is not None and analysis.probability_mass not in sets:
             self.fail(
                 "analysis.probability_mass",

@@ -112,9 +112,11 @@ class TrialWorkers:
         if self.learner is None:
             with self.clock("learner_start"):
                 bundles = list(range(1, 1 + self.spec.learner.ranks))
-                self.learner = LearnerGroup(
-                    model_dir, self.spec.learner, self.placement(bundles), self.seed
-                )
+                placement = self.placement(bundles)
+                self._kept_as = repr((str(self.base_model), self.spec.learner, placement))
+                self.learner = take_kept(self._kept_as, model_dir, self.seed)
+                if self.learner is None:
+                    self.learner = LearnerGroup(model_dir, self.spec.learner, placement, self.seed)
         elif self.learner_key != key:
             with self.clock("checkpoint_load"):
                 self.learner.load(model_dir)
@@ -188,12 +190,39 @@ class TrialWorkers:
             if colocated:
                 self._rollout.wake()
 
-    def close(self) -> None:
-        """End the trial's own actors (the shared pool lives on)."""
+    def close(self, keep_learner: bool = False) -> None:
+        """End the trial's own actors (the shared pool lives on); `keep_learner`: keep the
+        learner for the next trial this process runs (after a trial that finished)."""
         if self._sync is not None:
             self._sync.close()
         if self._rollout is not None and hasattr(self._rollout, "shutdown"):
             self._rollout.shutdown()
         if self.learner is not None:
-            self.learner.shutdown()
+            if keep_learner:
+                KEPT_LEARNERS[self._kept_as] = self.learner
+            else:
+                self.learner.shutdown()
         self._rollout = self._sync = self.learner = None
+
+
+# Learners kept warm across the trials one Tune actor runs (Tune reuses a trial's actor and its
+# placement group for the next trial of the same shape, so a learner in the group's bundles
+# outlives the trial that started it): a trial then pays a checkpoint load, not a learner start
+# (new processes importing torch, transformers and DeepSpeed). Keyed by base model, learner
+# settings and placement; a learner that died meanwhile is not handed out.
+KEPT_LEARNERS: dict[str, Any] = {}
+
+
+def take_kept(key: str, model_dir: Path, seed: int) -> Any:
+    """The learner kept under `key`, loaded from `model_dir` and reseeded as a new learner of
+    `seed` would be; None when there is none or it is gone."""
+    learner = KEPT_LEARNERS.pop(key, None)
+    if learner is None:
+        return None
+    try:
+        learner.load(model_dir)
+        learner.reseed(seed)
+    except Exception:  # its placement group or node went away: start a new one
+        learner.shutdown()
+        return None
+    return learner

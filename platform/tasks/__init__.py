@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,17 @@ def generate(task: str, seed: int, size: int, params: dict[str, Any] | None = No
     return entry.fn(random.Random(f"{task}:{seed}"), size, **options)
 
 
+@lru_cache(maxsize=1)
+def generators_version() -> str:
+    """The generators' source: data written by other generator code is never reused."""
+    sources = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    return hashlib.sha256(sources).hexdigest()[:12]
+
+
 def task_dir(cache_dir: str | Path, task: str, seed: int, size: int, params: dict | None) -> Path:
-    key = json.dumps([task, seed, size, sorted((params or {}).items())], default=str)
+    key = json.dumps(
+        [task, seed, size, sorted((params or {}).items()), generators_version()], default=str
+    )
     return Path(cache_dir) / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -30,6 +30,26 @@ def test_two_ranks_zero2_sft_loss_falls(learner, actor_model_dir, qa_rows):
     assert all(m["lr"] == pytest.approx(5e-3) and m["grad_norm"] > 0 for m in metrics)
 
 
+def test_a_kept_learner_trains_as_a_new_one(ray_cluster, actor_model_dir, qa_rows):
+    """A learner kept for the next trial (platform/workers.py: load + reseed) gives the weights a
+    new learner of that seed gives, bit for bit, whatever it trained before."""
+    from stageflow.actors.learner import LearnerGroup
+
+    learner = LearnerGroup(actor_model_dir, LearnerSpec(ranks=1, zero_stage=1), CPU, seed=3)
+    try:
+        learner.train_stage(SFT, qa_rows, seed=11)
+        new = learner.state_dict()
+        other = [{"prompt": f"X{i}", "answer": "something else"} for i in range(8)]
+        learner.train_stage(stage(lr=1e-2), other, seed=5)  # another trial's work
+        learner.load(actor_model_dir)
+        learner.reseed(3)
+        learner.train_stage(SFT, qa_rows, seed=11)
+        kept = learner.state_dict()
+    finally:
+        learner.shutdown()
+    assert new.keys() == kept.keys() and all(torch.equal(new[k], kept[k]) for k in new)
+
+
 def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
     learner.load(actor_model_dir)
     learner.train_stage(SFT, qa_rows, seed=0)

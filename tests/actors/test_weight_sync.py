@@ -88,12 +88,33 @@ def test_shared_file_round_trip(tmp_path):
     release_shared_weights(path)
 
 
+@pytest.fixture(scope="module")
+def cuda_pair(ray_cluster, actor_model_dir):
+    """A learner rank and a vLLM engine on two GPUs of their own (NCCL needs one per rank)."""
+    from stageflow.actors.group import Placement
+    from stageflow.actors.learner import LearnerGroup
+    from stageflow.actors.rollout import RolloutGroup
+    from stageflow.platform.config import LearnerSpec, RolloutSpec
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices (an NCCL broadcast from a learner GPU to an engine GPU)")
+    gpu = Placement(device="cuda")
+    engine = RolloutGroup(
+        actor_model_dir, RolloutSpec(max_model_len=256, gpu_memory_utilization=0.3), gpu
+    )
+    learner = LearnerGroup(actor_model_dir, LearnerSpec(ranks=1, zero_stage=0), gpu)
+    yield learner, engine
+    learner.shutdown()
+    engine.shutdown()
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL weight broadcast)")
-def test_nccl_broadcast_sync(learner, rollout, qa_rows, logprob_gap):
+def test_nccl_broadcast_sync(cuda_pair, qa_rows, logprob_gap):
     from stageflow.actors.weight_sync import NcclWeightSync
 
-    sync = NcclWeightSync(learner, rollout)
+    learner, engine = cuda_pair
+    sync = NcclWeightSync(learner, engine)
     learner.train_stage(StageSpec(kind="sft", lr=1e-2, batch_size=4, steps=2), qa_rows)
+    assert logprob_gap(learner, engine) > 1e-2
     sync.sync()
-    assert logprob_gap(learner, rollout) < 1e-3
+    assert logprob_gap(learner, engine) < 1e-3

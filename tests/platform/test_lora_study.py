@@ -1,4 +1,4 @@
-"""`learner.lora` through the platform: its settings in the prefix key, bad settings refused
+"""`learner.lora` through the platform (its settings in the prefix key: test_keys.py): bad settings refused
 before any work (exit 2, one sentence), and a LoRA study run end to end by the CLI."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stageflow.platform.cli import main
-from stageflow.platform.config import LearnerSpec, LoraSpec, StageSpec, StudySpec
-from stageflow.platform.prefix_cache import PrefixCache, child_key
+from stageflow.platform.prefix_cache import PrefixCache
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
 
@@ -48,18 +47,6 @@ def lora_study(tmp_path: Path, lora: dict | None = None, **learner) -> Path:
     path = tmp_path / "lora.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
-
-
-def test_lora_settings_are_part_of_the_prefix_key():
-    stage = StageSpec(kind="sft")
-
-    def key(lora: LoraSpec | None) -> str:
-        return child_key("parent", stage, StudySpec(name="k", learner=LearnerSpec(lora=lora)))
-
-    variants = [None, LoraSpec(), LoraSpec(r=4), LoraSpec(r=4, target_modules=["q_proj"])]
-    keys = [key(lora) for lora in variants]
-    assert len(set(keys)) == len(variants)
-    assert key(LoraSpec(r=4)) == keys[2]  # the same settings, the same prefix
 
 
 BAD = [

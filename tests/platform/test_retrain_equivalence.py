@@ -71,7 +71,7 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
         "Finding 2: math_utility after unlearning depends on the path",
         "Finding 3: where the probability mass goes depends on the path",
         "Finding 4: no over-refusal before unlearning",
-        "Spread of each score across orderings",
+        "Does the ordering change the outcome?",
         "forget_score by ordering",
         "facts_utility by ordering",
         "math_utility by ordering",
@@ -116,4 +116,4 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
     assert {"report/report.md", "report/report.html", "report/figures"} <= artifacts
     assert any(k.startswith("forget_score/ga/spread") for k in study_run.data.metrics)
     assert main(["report", str(storage)]) == 0
-    assert "Spread of each score across orderings" in capsys.readouterr().out
+    assert "Does the ordering change the outcome?" in capsys.readouterr().out

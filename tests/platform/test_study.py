@@ -107,13 +107,6 @@ def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster
     assert "| a>b>c" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_four_stage_permutations_train_64_prefixes_not_96(tmp_path, ray_cluster, capsys):
-    check_prefix_counts(
-        tmp_path, "perm4", ["a", "b", "c", "d"], trials=24, trainings=64, capsys=capsys
-    )
-
-
 def run_cli(*args: str, env=None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stageflow.platform.cli", *args],

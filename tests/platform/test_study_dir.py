@@ -15,8 +15,13 @@ def test_layout_and_records(tmp_path):
     assert study.tracking_uri == f"sqlite:///{study.root / 'mlflow.db'}"
     assert StudyDir.of(StudySpec(name="q")).root.parts[-2:] == ("runs", "q")
     done, pending = Trial(("a", "b"), 0), Trial(("b", "a"), 0)
-    study.write_record(done.trial_id, {"metrics": {"x": 1.0}})
-    assert study.records([pending, done]) == [(done, {"metrics": {"x": 1.0}})]
+    record = {"metrics": {"x": 1.0}, "fingerprint": "f1"}
+    study.write_record(done.trial_id, record)
+    current = {done.trial_id: "f1", pending.trial_id: "f0"}
+    assert study.records([pending, done], current) == [(done, record)]
+    changed = {**current, done.trial_id: "f2"}  # its plan changed: the record is stale
+    assert study.records([pending, done], changed) == []
+    assert study.stale_records([pending, done], changed) == [done]
     assert read_json(study.trial_record(pending.trial_id)) is None
 
 

@@ -1,0 +1,178 @@
+"""Study edits end to end: a grid over an evaluation setting evaluates every point on shared
+training, a grid over a rollout setting trains the sampling stage per point, a data file edited
+between two runs retrains from the first stage that reads it (and `status` says so first),
+and the same study run twice gives bit-identical metrics."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stageflow.platform.cli import main
+from stageflow.platform.prefix_cache import PrefixCache
+
+TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
+STEPS = {"steps": 2, "batch_size": 4, "lr": 1e-3}
+
+
+def write_study(tmp_path: Path, name: str, **study) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"name": name, "storage_dir": str(tmp_path / name), "model": {"tiny": TINY}, **study}
+        )
+    )
+    return path
+
+
+def records(storage: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (storage / "trials").glob("*.json")}
+
+
+def evaluations(storage: Path) -> int:
+    return len(list((storage / "prefixes").glob("*.eval.json")))
+
+
+EVAL_GRID = {
+    "stages": {
+        "a": {"kind": "sft", "data": {"task": "facts", "size": 8}, **STEPS},
+        "b": {"kind": "sft", "data": {"task": "inst", "size": 8}, **STEPS},
+    },
+    "orderings": {"explicit": ["a>b"]},
+    "evaluation": {
+        "sets": {
+            "facts": {
+                "data": {"task": "facts", "split": "train", "size": 8},
+                "metrics": ["accuracy", "avg_loglik"],
+                "max_examples": 4,
+                "max_new_tokens": 4,
+                "temperature": 1.0,
+                "samples": 2,
+            },
+            "inst": {
+                "data": {"task": "inst", "split": "eval", "size": 8},
+                "metrics": ["avg_loglik"],
+                "max_examples": 2,
+            },
+        }
+    },
+    "grid": {"evaluation.sets.facts.max_new_tokens": [2, 24]},
+    "rollout": {"workers": 1, "max_model_len": 256},
+}
+
+
+@pytest.fixture(scope="module")
+def eval_grid_runs(tmp_path_factory, ray_cluster):
+    """The evaluation-grid study run twice, in two study directories."""
+    tmp = tmp_path_factory.mktemp("evalgrid")
+    out = []
+    for name in ("first", "second"):
+        assert main(["run", str(write_study(tmp, name, **EVAL_GRID))]) == 0
+        out.append(tmp / name)
+    return out
+
+
+def test_a_grid_over_an_evaluation_setting_evaluates_every_point(eval_grid_runs):
+    storage = eval_grid_runs[0]
+    assert len(PrefixCache(storage / "prefixes").trained()) == 2  # a and a>b, once for both points
+    # facts: per grid point at the base, a and a>b; inst: once per checkpoint
+    assert evaluations(storage) == 2 * 3 + 3
+    found = list(records(storage).values())
+    assert len(found) == 2
+    by_point = {r["trial"]["hparams"]["evaluation.sets.facts.max_new_tokens"]: r for r in found}
+    for short, long in zip(by_point[2]["history"], by_point[24]["history"]):
+        assert short["key"] == long["key"]  # the same checkpoint
+        assert short["evals"]["facts"] != long["evals"]["facts"]  # each point's own evaluation
+        assert short["evals"]["inst"] == long["evals"]["inst"]
+    for record in found:  # each point sampled with its own max_new_tokens
+        assert record["timing"]["time/eval_generation_s"] > 0
+
+
+def test_the_same_study_twice_gives_bit_identical_metrics(eval_grid_runs):
+    first, second = (records(storage) for storage in eval_grid_runs)
+    assert first.keys() == second.keys()
+    for trial_id, record in first.items():
+        assert record["metrics"] == second[trial_id]["metrics"]  # every float, every bit
+        assert record["fingerprint"] == second[trial_id]["fingerprint"]
+
+
+def test_a_swept_rollout_setting_with_a_shared_pool_is_refused(tmp_path, capsys):
+    path = write_study(
+        tmp_path, "sharedgrid", **{**EVAL_GRID, "grid": {"rollout.max_model_len": [256, 320]}}
+    )
+    assert main(["validate", str(path)]) == 2
+    assert (
+        "grid.rollout.max_model_len: the shared engine pool is started once"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_grid_over_a_rollout_setting_trains_the_rl_stage_per_point(tmp_path, ray_cluster):
+    study = {
+        "stages": {
+            "sft": {"kind": "sft", "data": {"task": "math", "size": 8}, **STEPS},
+            "rl": {
+                "kind": "grpo",
+                "data": {"task": "math", "size": 8},
+                "steps": 1,
+                "batch_size": 2,
+                "params": {"group_size": 2, "max_new_tokens": 8},
+                "rewards": [{"name": "math_correct"}],
+            },
+        },
+        "orderings": {"explicit": ["sft>rl"]},
+        "evaluation": {"sets": {}},
+        # the trial's own engines (transformers generate: an explicit, cheap backend) get its value
+        "rollout": {"placement": "per_trial", "backend": "hf", "workers": 1, "max_model_len": 256},
+        "grid": {"rollout.max_model_len": [256, 320]},
+    }
+    storage = tmp_path / "rlgrid"
+    assert main(["run", str(write_study(tmp_path, "rlgrid", **study))]) == 0
+    trained = [m["stage"] for m in PrefixCache(storage / "prefixes").trained()]
+    assert sorted(trained) == ["rl", "rl", "sft"]
+
+
+def test_an_edited_data_file_retrains_from_the_stage_that_reads_it(tmp_path, ray_cluster, capsys):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"Q: what is {i}?\nA:", "answer": f" {i}"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study = {
+        "stages": {
+            "a": {"kind": "sft", "data": {"task": "inst", "size": 8}, **STEPS},
+            "b": {"kind": "sft", "data": {"file": str(data)}, **STEPS},
+            "c": {"kind": "sft", "data": {"task": "facts", "size": 8}, **STEPS},
+        },
+        "orderings": {"explicit": ["a>b>c", "a>c"]},
+        "evaluation": {"sets": {"inst": EVAL_GRID["evaluation"]["sets"]["inst"]}},
+    }
+    path, storage = write_study(tmp_path, "edited", **study), tmp_path / "edited"
+    assert main(["run", str(path)]) == 0
+    before = records(storage)
+    assert len(PrefixCache(storage / "prefixes").trained()) == 4  # a, a>b, a>b>c, a>c
+    capsys.readouterr()
+    assert main(["status", str(storage)]) == 0
+    assert "2 of 2 trials done" in capsys.readouterr().out
+
+    data.write_text(data.read_text().replace('" 3"', '" three"'))  # the same file, one row edited
+    assert main(["status", str(storage)]) == 0
+    status = capsys.readouterr().out
+    assert (
+        "1 of 2 trials done" in status and "changed, runs again (1/3 stages still valid)" in status
+    )
+    assert "left to run: 2 stage trainings, 2 evaluation-set results" in status
+    assert main(["run", str(path)]) == 0
+    trained = Counter(m["stage"] for m in PrefixCache(storage / "prefixes").trained())
+    assert trained == {"a": 1, "b": 2, "c": 3}  # b and the c after it trained again
+    after = records(storage)
+    unchanged = next(t for t, r in before.items() if r["trial"]["path"] == ["a", "c"])
+    assert after[unchanged] == before[unchanged]  # not run again
+    changed = next(t for t in before if t != unchanged)
+    assert after[changed]["fingerprint"] != before[changed]["fingerprint"]
+    assert after[changed]["history"][1]["key"] == before[changed]["history"][1]["key"]  # a reused
+    capsys.readouterr()
+    assert main(["status", str(storage)]) == 0
+    assert "2 of 2 trials done" in capsys.readouterr().out
