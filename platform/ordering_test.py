@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -179,7 +180,7 @@ def unblocked_permutation(
     distinct = total // symmetry
     labels = np.repeat(np.arange(len(sizes)), sizes)
     if total <= EXACT_LIMIT:
-        assignments = np.array(list(_assignments(sizes)))  # total x N, group index per value
+        assignments = all_assignments(tuple(sizes))  # total x N, group index per value
     else:
         assignments = rng.permuted(np.broadcast_to(labels, (DRAWS, len(labels))), axis=1)
     counts = np.array(sizes, dtype=float)
@@ -194,6 +195,12 @@ def unblocked_permutation(
         max(1.0 / distinct, 1 / (1 + DRAWS)),
         f"{DRAWS} random assignments",
     )
+
+
+@lru_cache(maxsize=16)
+def all_assignments(sizes: tuple[int, ...]) -> np.ndarray:
+    """(assignments x positions) group indices: every way to give the groups their sizes."""
+    return np.array(list(_assignments(list(sizes))))
 
 
 def _assignments(sizes: list[int]):
