@@ -14,12 +14,12 @@ from typing import Any
 from stageflow.platform.keys import code_version, cpu_threads, library_versions, package_dirs
 
 
-def git_commit(folder: Path) -> dict[str, Any] | None:
+def git_commit(folders: list[Path]) -> dict[str, Any] | None:
     """The commit of the checkout stageflow runs from (editable install), and whether its
-    tracked files differ from it; None outside a git checkout."""
+    source folders differ from it (docs do not count); None outside a git checkout."""
     try:
         head = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            ["git", "-C", str(folders[0]), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -27,7 +27,7 @@ def git_commit(folder: Path) -> dict[str, Any] | None:
         if head.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(folders[0]), "status", "--porcelain", "--", *map(str, folders)],
             capture_output=True,
             text=True,
             timeout=10,
@@ -56,7 +56,7 @@ def provenance(threads_per_actor: int | None = None) -> dict[str, Any]:
     folders = package_dirs()
     return {
         "stageflow": version,
-        "git": git_commit(folders[0]) if folders else None,
+        "git": git_commit(folders) if folders else None,
         "code_version": code_version(),
         "libraries": library_versions(),
         "python": sys.version.split()[0],
