@@ -208,12 +208,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     spec, _ = load_study_dir(args.study_dir)
     study, trials = StudyDir.of(spec), expand(spec)
-    current = fingerprints(spec, study, trials, write=False)
-    table = trials_table(read_results(study, trials, current))
+    table = trials_table(read_results(study, trials, None))  # what was run, with what it was
     print(table)
+    stale = study.stale_records(trials, fingerprints(spec, study, trials, write=False))
+    if stale:
+        print(
+            f"note: {len(stale)} of these trials were made by another version of stageflow, its "
+            f"libraries, the model or the data than this checkout has (their provenance is in "
+            f"the report); `stageflow run` would run them again"
+        )
     files = {}
     if spec.unlearning:
-        _, files = write_analysis(spec, study, trials, current)
+        _, files = write_analysis(spec, study, trials, None)
         print("\n" + files["report.md"].read_text().split("## Figures")[0].strip())
         print(f"\nreport: {files['report.html']}")
     if args.out:

@@ -11,9 +11,10 @@ Keys chain: a checkpoint's key starts from its parent's, an evaluation's from it
 - evaluation key = checkpoint key + the set's name, whole spec and rows + its seed + the
   learner settings + the device and threads + for a set that generates, `SAMPLING` settings.
 
-The code version digests stageflow's own source files and the versions of the libraries that
-compute numbers (`NUMERIC_LIBRARIES`), so an entry written by other code is never read: no
-version number has to be bumped by hand. A data set is keyed by its rows' content, so a
+The code version digests stageflow's own source files (but `PRESENTATION`: those that only
+check inputs or present results) and the versions of the libraries that compute numbers
+(`NUMERIC_LIBRARIES`), so an entry written by other code is never read: no version number has
+to be bumped by hand. A data set is keyed by its rows' content, so a
 generator's output, a file's bytes, a column map or a chat template that changed are all seen.
 
 Randomness never comes from a key: `stage_seed(trial seed, names of the stages so far)`, so a
@@ -116,14 +117,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# Modules that check inputs or present results and never compute a checkpoint or an evaluation:
+# editing them leaves every cached result valid. Everything else of stageflow counts.
+PRESENTATION = {
+    "platform/analysis.py", "platform/cli.py", "platform/findings.py", "platform/ordering_test.py",
+    "platform/progress.py", "platform/provenance.py", "platform/report.py", "platform/status.py",
+    "platform/submit.py", "platform/tracking.py", "platform/validate.py",
+}  # fmt: skip
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """stageflow's source (every .py file of its packages) and the numeric libraries' versions."""
+    """stageflow's source (every .py file of its packages but `PRESENTATION`) and the numeric
+    libraries' versions."""
     sources = []
     for folder in package_dirs():
         for path in sorted(folder.rglob("*.py")):
             rel = f"{folder.name}/{path.relative_to(folder)}"
-            sources.append((rel, hashlib.sha256(path.read_bytes()).hexdigest()))
+            if rel not in PRESENTATION:
+                sources.append((rel, hashlib.sha256(path.read_bytes()).hexdigest()))
     return digest(sorted(sources), library_versions())
 
 

@@ -272,9 +272,9 @@ def how_it_ran(study) -> str:
             for name, v in timing.items()
             if name not in ("time/wall_s", "time/other_s")
         )
-        lines.append(
-            f"Wall time of the last run, until this report: {clock(timing['time/wall_s'])} ({phases})."
-        )
+        until = "" if "time/shutdown_s" in timing else ", until this report"
+        wall = clock(timing["time/wall_s"])
+        lines.append(f"Wall time of the last run{until}: {wall} ({phases}).")
     if made:
         git = made.get("git") or {}
         commit = git.get("commit", "unknown")[:10] + (

@@ -198,13 +198,16 @@ def prepare(spec: StudySpec) -> tuple[StudyDir, Path]:
 
 
 def read_results(
-    study: StudyDir, trials: list[Trial], current: dict[str, str]
+    study: StudyDir, trials: list[Trial], current: dict[str, str] | None
 ) -> list[tuple[Trial, dict[str, float]]]:
-    """(trial, final metrics) of the trials whose record their current plan made."""
+    """(trial, final metrics) of the trials whose record their current plan made (every
+    record when `current` is None)."""
     return [(trial, record["metrics"]) for trial, record in study.records(trials, current)]
 
 
-def write_analysis(spec: StudySpec, study: StudyDir, trials: list[Trial], current: dict[str, str]):
+def write_analysis(
+    spec: StudySpec, study: StudyDir, trials: list[Trial], current: dict[str, str] | None
+):
     """The path-dependence analysis and its report files under `<study dir>/report`."""
     from stageflow.platform.analysis import Analysis
     from stageflow.platform.report import study_report

@@ -115,15 +115,20 @@ class StudyDir:
     def write_record(self, trial_id: str, record: dict) -> None:
         write_json(self.trial_record(trial_id), record)
 
-    def records(self, trials: list, fingerprints: dict[str, str]) -> list[tuple[Any, dict]]:
+    def records(self, trials: list, fingerprints: dict[str, str] | None) -> list[tuple[Any, dict]]:
         """(trial, record) of the finished trials, in the study's trial order: those whose
         record was made by the trial's current plan (`fingerprints`: trial id -> its plan's
-        fingerprint); a stale record (the study, its data or the code changed) is not one."""
+        fingerprint; a stale record, of a study, data or code that changed since, is not
+        one), or every record when `fingerprints` is None (a report of what was run)."""
         found = [(trial, self.read_record(trial.trial_id)) for trial in trials]
         return [
             (trial, record)
             for trial, record in found
-            if record is not None and record.get("fingerprint") == fingerprints.get(trial.trial_id)
+            if record is not None
+            and (
+                fingerprints is None
+                or record.get("fingerprint") == fingerprints.get(trial.trial_id)
+            )
         ]
 
     def stale_records(self, trials: list, fingerprints: dict[str, str]) -> list[Any]:

@@ -157,7 +157,7 @@ def remove_node_when(cluster, run: subprocess.Popen, pick, timeout_s: float = 90
 
 
 def trial_nodes(watch: ActorWatch) -> dict[tuple, set[str]]:
-    """{trial (its owner's address): nodes of its learner ranks and engines}."""
+    """{Tune trial actor (its address): nodes of the learner ranks and engines it started}."""
     out: dict[tuple, set[str]] = {}
     for cls in ("LearnerWorker", "RolloutWorker"):
         for info in watch.of(cls):
@@ -198,8 +198,8 @@ def undisturbed(cluster, tmp_path_factory):
 def test_per_trial_engines_spread_trials_and_overlap_rl_stages(undisturbed):
     storage, watch = undisturbed
     records = check_records(storage, "mn", trials=4)
-    placed = trial_nodes(watch)
-    assert len(placed) >= 4 and all(len(nodes) == 1 for nodes in placed.values())  # one node each
+    placed = trial_nodes(watch)  # a Tune actor kept for the next trial runs it on its node
+    assert len(placed) >= 2 and all(len(nodes) == 1 for nodes in placed.values())  # one node each
     assert len(set().union(*placed.values())) >= 2  # trials landed on several nodes
     rl = sorted(
         (m["train_start_ms"], m["train_end_ms"]) for m in records["trained"] if m["stage"] == "rl"

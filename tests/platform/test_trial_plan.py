@@ -30,10 +30,17 @@ def keys(plan) -> dict[str, str]:
 
 def test_shared_prefixes_share_keys_and_seeds():
     found = plans(["seeds=[0,1]"])
-    a, b = found[("pretrain>refusal>facts", 0, ())], found[("pretrain>facts>refusal", 0, ())]
-    c = found[("pretrain>refusal>facts", 1, ())]
+    a, b = (
+        found[("pretrain>refusal>facts>inst", 0, ())],
+        found[("pretrain>facts>refusal>inst", 0, ())],
+    )
+    c, d = (
+        found[("pretrain>refusal>facts>inst", 1, ())],
+        found[("pretrain>facts>inst>refusal", 0, ())],
+    )
     assert keys(a)["pretrain"] == keys(b)["pretrain"] != keys(c)["pretrain"]
     assert a.steps[0].seed == b.steps[0].seed != c.steps[0].seed
+    assert keys(b)["facts"] == keys(d)["facts"] != keys(a)["facts"]
     assert keys(a)["refusal"] != keys(b)["refusal"] and keys(a)["ga"] != keys(b)["ga"]
     assert a.steps[0].evals == b.steps[0].evals  # the same checkpoint, the same evaluations
 
