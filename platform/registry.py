@@ -162,8 +162,13 @@ class Registry(Generic[E]):
         if not self._loaded:
             import importlib
 
+            before = dict(self._entries)
             self._loaded = True  # before the import: the module registers through `add`
-            importlib.import_module(self.plugin)
+            try:
+                importlib.import_module(self.plugin)
+            except BaseException:  # a failed import leaves the registry as it was, not loaded
+                self._entries, self._loaded = before, False
+                raise
         return self._entries
 
     def register(self, name: str, **fields: Any) -> Callable[[Any], Any]:
