@@ -8,7 +8,8 @@ placement (`rollout.weight_sync: auto`):
 - `shm` (learner rank 0 and every engine on one host): rank 0 copies the gathered weights
   (ZeRO-3 included) into a shared-memory file it keeps across syncs (a JSON header, then each
   tensor's raw bytes, 64-byte aligned); the engine's vLLM extension maps the file and hands
-  zero-copy views to vLLM's in-place `reload_weights`. One copy on each side.
+  zero-copy views to vLLM's in-place `reload_weights`. One copy on each side. Rank 0 holds a
+  lock on each file while it lives; files whose writer died (killed, no `close`) are swept.
 - `object_store` (engines on other hosts): rank 0 serialises to safetensors bytes, which go
   through the Ray object store straight to each engine (never through the driver).
 - `nccl` (a trial's own engines on GPUs): rank 0 broadcasts each tensor into the engines over
@@ -20,6 +21,7 @@ prefix no learner of the trial holds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -35,8 +37,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: the trial proc
 from stageflow.actors.group import free_address, node_address
 
 SHM_DIR = "/dev/shm"
+SHM_PREFIX = "stageflow-weights-"
 ALIGN = 64
+ORPHAN_AGE_S = 60.0  # a file this young may be a writer's between creating and locking it
 _WRITERS: dict[str, torch.Tensor] = {}  # path -> this process's shared mapping of it
+_LOCKS: dict[str, int] = {}  # path -> a descriptor holding a shared flock while this process lives
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,11 @@ def write_shared_weights(path: str, state: dict[str, torch.Tensor]) -> int:
     total = data_start + offset
     buf = _WRITERS.get(path)
     if buf is None or buf.numel() != total:
-        with open(path, "ab"):
-            pass
-        os.truncate(path, total)
+        if path not in _LOCKS:  # the writer's lock: the file lives as long as this process
+            sweep_orphaned_weights(os.path.dirname(path))
+            _LOCKS[path] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(_LOCKS[path], fcntl.LOCK_SH)
+        os.ftruncate(_LOCKS[path], total)
         buf = _WRITERS[path] = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
     buf[:8] = torch.tensor([len(header)], dtype=torch.int64).view(torch.uint8)
     buf[8 : 8 + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
@@ -116,10 +123,36 @@ def read_shared_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def release_shared_weights(path: str) -> None:
-    """Forget this process's mapping of `path` and delete the file."""
+    """Forget this process's mapping of `path`, drop its lock and delete the file."""
     _WRITERS.pop(path, None)
+    if (fd := _LOCKS.pop(path, None)) is not None:
+        os.close(fd)
     if os.path.exists(path):
         os.unlink(path)
+
+
+def sweep_orphaned_weights(directory: str = SHM_DIR) -> list[str]:
+    """Delete the weight files no living process holds: a writer killed (or ended without
+    `WeightSync.close`) drops its lock with its process, and its file goes at the next sweep."""
+    removed = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if not name.startswith(SHM_PREFIX) or path in _LOCKS:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime > ORPHAN_AGE_S:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no writer holds it
+                os.unlink(path)
+                removed.append(path)
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 class WeightReloadExtension:
@@ -222,7 +255,7 @@ class WeightSync:
         self.requested = transport
         self.transport = resolve_transport(transport, self.learner_host, rollout.hosts(), device)
         self.owner = owner or uuid.uuid4().hex[:8]
-        self.path = os.path.join(SHM_DIR, f"stageflow-weights-{uuid.uuid4().hex[:12]}")
+        self.path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{uuid.uuid4().hex[:12]}")
         self.paths = [self.path]  # shared-memory slots, one per version engines may still read
         self.nccl: NcclWeightSync | None = None
         self.versions = 0
@@ -286,6 +319,7 @@ class WeightSync:
 def _release(_worker: Any, paths: list[str]) -> None:
     for path in paths:
         release_shared_weights(path)
+    sweep_orphaned_weights()  # and what killed writers on this host left
 
 
 # ----- GPU: NCCL broadcast from learner rank 0 -----------------------------------------------

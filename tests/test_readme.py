@@ -44,8 +44,8 @@ def found_in(number: str, unit: str, sources: str) -> bool:
 
 
 def regions() -> list[tuple[int, str, list[str] | None]]:
-    """(line number, line, the region's sources or None) of every README line outside code
-    blocks that are not in a region, with code lines marked by a leading '```' state."""
+    """(line number, line, the region's sources or None) of every README line but the markers
+    and code fences; a line inside a code block starts with "CODE:"."""
     out, sources, fenced = [], None, False
     for number, line in enumerate(README.read_text().splitlines(), start=1):
         if line.startswith("#") and not fenced:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from stageflow.actors.weight_sync import (
+    ORPHAN_AGE_S,
+    SHM_PREFIX,
     WeightSync,
     read_shared_weights,
     release_shared_weights,
+    sweep_orphaned_weights,
     write_shared_weights,
 )
 from stageflow.platform.config import StageSpec
@@ -86,6 +94,36 @@ def test_shared_file_round_trip(tmp_path):
         assert back[name].dtype == state[name].dtype
         assert torch.equal(back[name], state[name])
     release_shared_weights(path)
+
+
+WRITER = """
+import sys, time, torch
+from stageflow.actors.weight_sync import write_shared_weights
+write_shared_weights(sys.argv[1], {"w": torch.ones(4)})
+print("written", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_writers_file_is_swept_a_living_ones_kept(tmp_path):
+    old = time.time() - 2 * ORPHAN_AGE_S
+    writers = {}
+    for name in ("killed", "alive"):
+        path = tmp_path / f"{SHM_PREFIX}{name}"
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"written"
+        os.utime(path, (old, old))
+        writers[name] = (path, proc)
+    killed, alive = writers["killed"], writers["alive"]
+    try:
+        killed[1].kill()  # SIGKILL: no close, no atexit
+        killed[1].wait()
+        assert sweep_orphaned_weights(str(tmp_path)) == [str(killed[0])]
+        assert not killed[0].exists() and alive[0].exists()  # a living writer's file stays
+    finally:
+        alive[1].kill()
+        alive[1].wait()
+    assert sweep_orphaned_weights(str(tmp_path)) == [str(alive[0])]
 
 
 @pytest.fixture(scope="module")
