@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stageflow.platform.config import LearnerSpec, StageSpec
+from stageflow.core.config import LearnerSpec, StageSpec
 
 STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's CPU op builds in about a minute; an older lock is orphaned
 

@@ -13,7 +13,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from stageflow.platform.config import RolloutSpec
+from stageflow.actors.dispatch import rpc_name
+from stageflow.actors.weight_sync import WeightReloadExtension, read_shared_weights
+from stageflow.core.config import RolloutSpec
 
 Samples = list[tuple[list[list[int]], list[list[float]]]]  # per prompt: (ids [n], logprobs [n])
 
@@ -89,7 +91,7 @@ class VLLMEngine(Engine):
             max_model_len=spec.max_model_len,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30),
-            worker_extension_cls="stageflow.actors.weight_sync.WeightReloadExtension",
+            worker_extension_cls=f"{WeightReloadExtension.__module__}.WeightReloadExtension",
             logprobs_mode=spec.logprobs_mode,
             seed=seed,
             enforce_eager=device == "cpu",
@@ -103,13 +105,17 @@ class VLLMEngine(Engine):
         return f"vllm {vllm.__version__}"
 
     def engine_pid(self) -> int:
-        return self.llm.collective_rpc("process_id")[0]
+        return self.llm.collective_rpc(rpc_name(WeightReloadExtension.process_id))[0]
 
     def load_bytes(self, payload: bytes) -> dict[str, float]:
-        return self.llm.collective_rpc("reload_from_bytes", args=(payload,))[0]
+        return self.llm.collective_rpc(
+            rpc_name(WeightReloadExtension.reload_from_bytes), args=(payload,)
+        )[0]
 
     def load_shared(self, path: str) -> dict[str, float]:
-        return self.llm.collective_rpc("reload_from_shared", args=(path,))[0]
+        return self.llm.collective_rpc(
+            rpc_name(WeightReloadExtension.reload_from_shared), args=(path,)
+        )[0]
 
     def generate(self, prompt_ids, n, temperature, top_p, max_tokens, seed, ignore_eos) -> Samples:
         from vllm import SamplingParams
@@ -200,8 +206,6 @@ class HFEngine(Engine):
         return self._load(load(payload))
 
     def load_shared(self, path: str) -> dict[str, float]:
-        from stageflow.actors.weight_sync import read_shared_weights
-
         return self._load(read_shared_weights(path))
 
     def generate(self, prompt_ids, n, temperature, top_p, max_tokens, seed, ignore_eos) -> Samples:

@@ -3,8 +3,9 @@
 `ActorGroup(cls, n)` starts n Ray actors of `cls`, one placement-group bundle per rank (or
 inside the enclosing Tune trial's placement group), optionally wires them up for
 torch.distributed (rank 0 picks a free port; every rank gets MASTER_ADDR, MASTER_PORT, RANK,
-WORLD_SIZE, LOCAL_RANK), and runs a method on every rank (`call`) or on a batch split across
-ranks (`call_split`). Learners and rollout workers are both built on it.
+WORLD_SIZE, LOCAL_RANK), and runs a worker method on its ranks as the method declares
+(`run`, actors/dispatch.py). Learners and rollout workers are both `ModelGroup`s on it, whose
+methods are their workers' @dispatch methods.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from stageflow.platform.config import StudyError
+from stageflow.actors.dispatch import (
+    RANK0,
+    REF0,
+    SPLIT,
+    SPLIT_RANK0,
+    bind_worker_methods,
+    check_call,
+    mode_of,
+)
+from stageflow.core.config import StudyError
 
 PLACEMENT_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 600.0  # a vLLM engine start takes 25-30 s here, more on a busy machine
@@ -228,50 +238,43 @@ class ActorGroup:
         ray.get([a.__ray_call__.remote(_set_env, e) for a, e in zip(self.actors, envs)])
 
     # ----- calls -----------------------------------------------------------------------------
-    def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        """Start `method(*args, **kwargs)` on every rank; one ObjectRef per rank."""
-        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Run `method` on every rank and gather the results (rank order).
+    def run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`method`, a @dispatch method of the worker class, on the ranks as it declares
+        (actors/dispatch.py); arguments are checked here, before anything is sent.
 
         In a group that is not distributed, a dead rank is replaced and the call retried once.
         """
+        mode = mode_of(method)
+        check_call(method, args, kwargs)
+        name = method.__name__
+        if mode is REF0:  # every rank takes part (a gather); rank 0's result stays in the store
+            refs = self._start(name, args, kwargs)
+            ray.wait(refs, num_returns=len(refs))
+            return refs[0]
+        if mode in (SPLIT, SPLIT_RANK0):
+            combine = first if mode is SPLIT_RANK0 else concat
+            return self._retried(lambda: combine(ray.get(self._start_split(name, args, kwargs))))
+        results = self._retried(lambda: ray.get(self._start(name, args, kwargs)))
+        return results[0] if mode is RANK0 else results
+
+    def _start(self, name: str, args: tuple, kwargs: dict) -> list[ray.ObjectRef]:
+        return [getattr(a, name).remote(*args, **kwargs) for a in self.actors]
+
+    def _start_split(self, name: str, args: tuple, kwargs: dict) -> list[ray.ObjectRef]:
+        """`args[0]` split into one contiguous chunk per rank (a list per item, or a dict of
+        such lists, comes back from each)."""
+        chunks = split_evenly(args[0], self.num_ranks)
+        return [
+            getattr(a, name).remote(c, *args[1:], **kwargs) for a, c in zip(self.actors, chunks)
+        ]
+
+    def _retried(self, call: Callable[[], Any]) -> Any:
         try:
-            return ray.get(self.call_async(method, *args, **kwargs))
+            return call()
         except RayActorError:
             if self.distributed or not self.replace_dead():
                 raise
-            return ray.get(self.call_async(method, *args, **kwargs))
-
-    def call_split(
-        self,
-        method: str,
-        batch: Sequence[Any],
-        *args: Any,
-        combine: Callable[[list[Any]], Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Split `batch` into one contiguous chunk per rank, run `method(chunk, ...)`, combine.
-
-        By default (`concat`) `method` returns a list with one item per item of its chunk, or a
-        dict of such lists; `combine=first` keeps rank 0's result (e.g. metrics of a collective
-        optimizer step).
-        """
-
-        def run() -> Any:
-            chunks = split_evenly(batch, self.num_ranks)
-            refs = [
-                getattr(a, method).remote(c, *args, **kwargs) for a, c in zip(self.actors, chunks)
-            ]
-            return (combine or concat)(ray.get(refs))
-
-        try:
-            return run()
-        except RayActorError:
-            if self.distributed or not self.replace_dead():
-                raise
-            return run()
+            return call()
 
     # ----- fault tolerance -------------------------------------------------------------------
     def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
@@ -346,6 +349,10 @@ class ModelGroup:
     worker: type
     name = "group"
     distributed = False
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        bind_worker_methods(cls, cls.worker)  # the worker's @dispatch methods, typed
 
     def __init__(
         self,

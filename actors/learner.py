@@ -1,12 +1,14 @@
 """Learners: one DeepSpeed engine per rank (ZeRO 0-3, data parallel), as Ray actors in one group.
 
 `LearnerGroup` starts `spec.ranks` `LearnerWorker` actors (actors/learner_worker.py) through
-`ActorGroup` (torch.distributed over gloo on CPU, nccl on GPU) and exposes what a trial needs:
-`train_stage` (supervised or unlearning objectives over a stage's rows), `begin_stage` + `step`
-(the RL hook), `logprobs` and `answer_stats` (evaluation on the weights it holds), the full
-weights gathered on rank 0 (`state_dict`, `weights_payload_ref`, shared memory through
-weight_sync), `save` (an HF model directory vLLM and transformers load) and `load`. The LM head
-runs the fused per-token log-prob kernel (`kernels: fused`), so the N x V logits are never held.
+`ActorGroup` (torch.distributed over gloo on CPU, nccl on GPU). Its methods are the worker's
+@dispatch methods (actors/dispatch.py): `train_stage` (supervised or unlearning objectives over
+a stage's rows), `begin_stage` + `step` (the RL hook), `logprobs` and `answer_stats`
+(evaluation on the weights it holds), the full weights gathered on rank 0 (`state_dict`,
+`weights_payload`, `write_shared_weights` for weight_sync), `save` (an HF model directory vLLM
+and transformers load), `load` and `reseed`; the few defined here add what the caller's side
+needs (rows put in the object store once, a Path back). The LM head runs the fused per-token
+log-prob kernel (`kernels: fused`), so the N x V logits are never held.
 """
 
 from __future__ import annotations
@@ -14,13 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from stageflow.actors.group import ModelGroup, check_fits, first
+from stageflow.actors.group import ModelGroup, check_fits
 from stageflow.actors.learner_worker import LearnerWorker
-from stageflow.actors.metrics import AnswerStats
-from stageflow.platform.config import LearnerSpec, StageSpec, StudyError
-from stageflow.platform.models import check_model_dir
+from stageflow.core.config import LearnerSpec, StageSpec, StudyError
+from stageflow.core.models import check_model_dir
 
 
 def check_learner(model_dir: str | Path, spec: LearnerSpec, cpus_per_actor: float) -> None:
@@ -40,7 +39,7 @@ class LearnerGroup(ModelGroup):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         try:
-            self.group.call("setup")
+            self.setup()
         except Exception:
             self.group.shutdown()
             raise
@@ -67,46 +66,16 @@ class LearnerGroup(ModelGroup):
         rows_ref = ray.put(list(rows))
         retain_ref = ray.put(list(retain_rows)) if retain_rows else None
         probe_ref = ray.put(list(probe)) if probe else None
-        return self.group.call("train_stage", stage, rows_ref, retain_ref, seed, probe_ref)[0]
-
-    def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
-        """Start an RL stage: optimizer/schedule (re)created, pi_ref taken when the objective needs it."""
-        return self.group.call("begin_stage", stage, total_steps)[0]
+        return self.group.run(
+            LearnerWorker.train_stage, stage, rows_ref, retain_ref, seed, probe_ref
+        )
 
     def step(self, samples: list[dict]) -> dict[str, float]:
         """One RL optimizer step over `samples`, split across ranks; rank 0's metrics."""
-        return self.group.call_split("step", list(samples), len(samples), combine=first)
-
-    def logprobs(
-        self, items: list[dict], temperature: float = 1.0, reference: bool = False
-    ) -> list[list[float]]:
-        """Per-token log-probs of answers / completions (under pi_ref when `reference`), items
-        split across ranks."""
-        return self.group.call_split("logprobs", list(items), temperature, reference)
-
-    def answer_stats(self, items: list[dict]) -> list[AnswerStats]:
-        """Teacher-forced answer statistics of `prompt`/`answer` items, split across ranks."""
-        return self.group.call_split("answer_stats", list(items))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.group.call("state_dict")[0]
-
-    def weights_payload_ref(self) -> Any:
-        """ObjectRef to rank 0's safetensors payload (no copy through the driver)."""
-        import ray
-
-        refs = self.group.call_async("weights_payload")
-        ray.wait(refs, num_returns=len(refs))
-        return refs[0]
+        return self.group.run(LearnerWorker.step, list(samples), len(samples))
 
     def save(self, out_dir: str | Path) -> Path:
-        return Path(self.group.call("save", str(out_dir))[0])
-
-    def load(self, model_dir: str | Path) -> None:
-        self.group.call("load", str(model_dir))
-
-    def reseed(self, seed: int) -> None:
-        self.group.call("reseed", seed)
+        return Path(self.group.run(LearnerWorker.save, str(out_dir)))
 
     def shutdown(self) -> None:
         self.group.shutdown()

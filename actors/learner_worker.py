@@ -12,6 +12,7 @@ The module is one actor class whose methods share the DeepSpeed engine's state, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -30,14 +31,16 @@ from stageflow.actors.batching import (
     place_completion_values,
 )
 from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
+from stageflow.actors.dispatch import ALL, RANK0, REF0, SPLIT, SPLIT_RANK0, dispatch
 from stageflow.actors.metrics import AnswerStats
 from stageflow.actors.objectives import LossInputs
 from stageflow.actors.policy import PolicyModule
-from stageflow.actors.rendering import encode_item
+from stageflow.actors.rendering import Completion, encode_item
+from stageflow.actors.weight_sync import write_shared_weights
+from stageflow.core.config import LearnerSpec, StageSpec
+from stageflow.core.files import staged_dir
+from stageflow.core.registry import OBJECTIVES, load_plugins, objective_of
 from stageflow.kernels.peak_memory import PeakMemory
-from stageflow.platform.config import LearnerSpec, StageSpec
-from stageflow.platform.registry import OBJECTIVES, load_plugins, objective_of
-from stageflow.platform.study_dir import staged_dir
 
 FORWARD_MICRO_BATCH = 32  # sequences per no-grad forward (log-probs, evaluation)
 
@@ -51,6 +54,7 @@ class LearnerWorker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     # ----- set-up ----------------------------------------------------------------------------
+    @dispatch(ALL)
     def setup(self) -> int:
         """Join the process group (after the group set MASTER_ADDR etc.) and load the model."""
         import deepspeed
@@ -128,24 +132,27 @@ class LearnerWorker:
             state.pop("lm_head.weight", None)
         return state
 
+    @dispatch(RANK0)
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (None on the other ranks, which must still take part)."""
         return self.gathered_state()
 
+    @dispatch(REF0)
     def weights_payload(self) -> bytes | None:
-        """Rank 0: the full weights as safetensors bytes (what rollout engines load)."""
+        """Rank 0: the full weights as safetensors bytes (what rollout engines load); a group
+        call returns an ObjectRef to them (no copy through the caller)."""
         from safetensors.torch import save
 
         state = self.gathered_state()
         return None if state is None else save(state)
 
+    @dispatch(RANK0)
     def write_shared_weights(self, path: str) -> int | None:
         """Rank 0: copy the full weights into the shared-memory file `path` (see weight_sync)."""
-        from stageflow.actors.weight_sync import write_shared_weights
-
         state = self.gathered_state()
         return None if state is None else write_shared_weights(path, state)
 
+    @dispatch(RANK0)
     def save(self, out_dir: str) -> str:
         """Write an HF model directory (safetensors, config, tokenizer) from rank 0, atomically;
         under LoRA the merged weights, and the stage's adapter in `adapter/` (peft's format, over
@@ -168,12 +175,14 @@ class LearnerWorker:
         torch.distributed.barrier()
         return str(out_dir)
 
+    @dispatch(ALL)
     def reseed(self, seed: int) -> None:
         """The random state a new learner of `seed` starts with (a learner kept for another trial)."""
         self.seed = seed
         torch.manual_seed(seed)
 
-    def load(self, model_dir: str) -> None:
+    @dispatch(ALL)
+    def load(self, model_dir: str | Path) -> None:
         """Start over from `model_dir`: new weights, no optimizer state, no engine until next stage."""
         self._drop_engine()
         self.model_dir = str(model_dir)
@@ -198,6 +207,7 @@ class LearnerWorker:
             p.requires_grad_(False)
         return module
 
+    @dispatch(RANK0)
     def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
         """New optimizer (if `reset_optimizer_per_stage`), new LR schedule, pi_ref when needed;
         under `learner.lora` a new adapter over the merged weights (actors/lora.py)."""
@@ -235,10 +245,11 @@ class LearnerWorker:
             self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
             self.engine._config.gradient_clipping = float(stage.grad_clip or 0.0)
         self.ref = self._snapshot() if entry.needs_reference(params) else None
-        self._stage = {"entry": entry, "params": params, "step": 0}
+        loss = dataclasses.asdict(entry.loss_params(params))  # the loss's own, typed
+        self._stage = {"entry": entry, "params": params, "loss": loss, "step": 0}
         return {"objective": name, **params}
 
-    def _encode(self, items: list[dict], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+    def _encode(self, items: list[Any], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
         return [encode_item(self.tokenizer, it, max_len) for it in items]
 
     def _batch(self, encoded: list[tuple[list[int], int]]) -> TokenBatch:
@@ -258,7 +269,7 @@ class LearnerWorker:
         self, encoded: list, retain: list, local_n: int, global_n: int, extra: dict
     ) -> dict:
         """One optimizer step on this rank's share: forward (forget + retain together), loss, step."""
-        entry, params = self._stage["entry"], self._stage["params"]
+        entry, loss_params = self._stage["entry"], self._stage["loss"]
         batch = self._batch(encoded + retain)
         split = len(encoded) or 1  # an empty share runs the one-row dummy batch of `_batch`
         start = time.perf_counter()
@@ -277,7 +288,7 @@ class LearnerWorker:
                 ref, (0, logprobs.shape[1] - ref.shape[1])
             )
         weight = local_n * self.world / max(global_n, 1)
-        loss = entry.fn(inputs, **params) * weight
+        loss = entry.fn(inputs, **loss_params) * weight
         lr = self.engine.lr_scheduler.get_last_lr()[0]
         self.engine.backward(loss)
         own_norm = None
@@ -313,6 +324,7 @@ class LearnerWorker:
             "peak_mem_mib": peak_mib,
         }
 
+    @dispatch(RANK0)
     def train_stage(
         self,
         stage: StageSpec,
@@ -325,7 +337,7 @@ class LearnerWorker:
 
         `probe`: answer items whose summed log-probs are read before the first step
         (`probe_start` in step 0's metrics) and after every step (`probe`), lists the caller
-        reduces (the probability mass of platform/evaluation.py)."""
+        reduces (the probability mass of platform/engine/evaluation.py)."""
         if not rows:
             raise ValueError("train_stage got no rows")
         if stage.batch_size < self.world:
@@ -377,29 +389,30 @@ class LearnerWorker:
             out[rank :: self.world] = share
         return out
 
-    def step(self, samples: list[dict], global_count: int) -> dict[str, float]:
-        """RL hook: one optimizer step on this rank's samples, with the objective of `begin_stage`.
-
-        A sample: `prompt_token_ids`, `completion_token_ids`, `advantage` (float) or `advantages`
-        (per completion token), optional `old_logprobs` / `ref_logprobs` (per completion token).
-        """
+    @dispatch(SPLIT_RANK0)
+    def step(self, samples: list[Completion], global_count: int) -> dict[str, float]:
+        """RL hook: one optimizer step on this rank's samples, with the objective of `begin_stage`
+        (per-sequence advantages, or per-token ones when the samples carry them)."""
         if self._stage is None:
             raise RuntimeError("call begin_stage before step")
         encoded = self._encode(samples)
         batch = self._batch(encoded)
         extra: dict[str, torch.Tensor] = {}
         if samples:
-            if "advantages" in samples[0]:
+            if samples[0].token_advantages is not None:
                 extra["advantages"] = place_completion_values(
-                    [s["advantages"] for s in samples], batch
+                    [s.token_advantages for s in samples], batch
                 )
             else:
-                extra["advantages"] = torch.tensor(
-                    [float(s.get("advantage", 0.0)) for s in samples]
+                extra["advantages"] = torch.tensor([float(s.advantage) for s in samples])
+            if samples[0].old_logprobs is not None:
+                extra["old_logprobs"] = place_completion_values(
+                    [s.old_logprobs for s in samples], batch
                 )
-            for key in ("old_logprobs", "ref_logprobs"):
-                if samples[0].get(key) is not None:
-                    extra[key] = place_completion_values([s[key] for s in samples], batch)
+            if samples[0].ref_logprobs is not None:
+                extra["ref_logprobs"] = place_completion_values(
+                    [s.ref_logprobs for s in samples], batch
+                )
         else:
             extra["advantages"] = torch.zeros(1)
         extra = {k: v.to(self.device) for k, v in extra.items()}
@@ -436,11 +449,15 @@ class LearnerWorker:
             return self.ref
         return self.engine if self.engine is not None else self.policy
 
+    @dispatch(SPLIT)
     def logprobs(
-        self, items: list[dict], temperature: float = 1.0, reference: bool = False
+        self,
+        items: list[dict] | list[Completion],
+        temperature: float = 1.0,
+        reference: bool = False,
     ) -> list[list[float]]:
-        """Per-token log-probs of each item's answer (`prompt`/`answer`) or completion (token ids);
-        under pi_ref (taken by `begin_stage`) when `reference`."""
+        """Per-token log-probs of each item's answer (a `prompt`/`answer` row) or completion (a
+        `Completion`); under pi_ref (taken by `begin_stage`) when `reference`."""
 
         def read(module: Any, batch: TokenBatch) -> list[list[float]]:
             values = self._forward(module, batch, temperature=temperature)
@@ -448,6 +465,7 @@ class LearnerWorker:
 
         return self._no_grad_forwards(items, self._module(reference), read)
 
+    @dispatch(SPLIT)
     def answer_stats(self, items: list[dict]) -> list[AnswerStats]:
         """Teacher-forced statistics of each `prompt`/`answer` item's answer tokens (EOS
         included, as trained): summed log-prob, length, argmax hits, extraction prefix k."""

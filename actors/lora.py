@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stageflow.platform.config import LoraSpec, StageSpec
+from stageflow.core.config import LoraSpec, StageSpec
 
 ADAPTER = "default"  # peft's name of a model's only adapter
 BASE_LAYER = ".base_layer."
@@ -90,7 +90,7 @@ def save_adapter(model: Any, out_dir: Path, state: dict[str, torch.Tensor]) -> N
 def linear_layers(model_dir: str | Path | None) -> list[str]:
     """Names of the model's layers an adapter can target: those with a 2-D weight, less the
     token embeddings and the LM head (vocab-sized rows). Read from the safetensors headers
-    (nothing loaded); `None`: the tiny default model, a Llama (platform/models.py)."""
+    (nothing loaded); `None`: the tiny default model, a Llama (core/models.py)."""
     if model_dir is None:
         from transformers import LlamaConfig, LlamaForCausalLM
 

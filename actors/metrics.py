@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from stageflow.platform.registry import METRICS
+from stageflow.core.registry import METRICS
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,16 @@ accept it, its hyper-parameters with defaults, whether it needs pi_ref or a reta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from stageflow.core.lazy import lazy_module
+from stageflow.core.registry import OBJECTIVES
 
-from stageflow.kernels import losses
-from stageflow.platform.registry import OBJECTIVES
+if TYPE_CHECKING:
+    import torch
+
+# torch loads with the first loss, not when validation reads the registry
+losses = lazy_module("stageflow.kernels.losses")
 
 
 @dataclass
@@ -78,30 +82,18 @@ def simnpo(
     return with_retain(losses.simnpo_loss(x.logprobs, x.mask, beta=beta, delta=delta), x, alpha)
 
 
-# Hyper-parameters of the RL loop (stageflow.platform.rl) shared by every `rl_loop` objective:
-# completions per prompt G, sampling, optimizer updates per rollout batch, prompts per step
-# (null: the stage's batch_size), std division of the group advantages (false: "Dr GRPO"),
-# entropy bonus coefficient, policy versions a batch may lag the learner (0: synchronous).
-RL_LOOP_PARAMS: dict[str, Any] = {
-    "group_size": 8,
-    "temperature": 1.0,
-    "max_new_tokens": 32,
-    "updates_per_batch": 1,
-    "prompts_per_step": None,
-    "scale_rewards": True,
-    "entropy_coef": 0.0,
-    "max_staleness": 0,
-}
+# the clip range and the KL coefficient of every RL objective
+CLIP_AND_KL = ("eps_low", "eps_high", "beta")
 
 
-@OBJECTIVES.register("grpo", kinds=("grpo",), extra_params=RL_LOOP_PARAMS, rl_loop=True)
+@OBJECTIVES.register("grpo", kinds=("grpo",), rl_loop=True, nonnegative=CLIP_AND_KL)
 def grpo(
-    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, **loop: Any
+    x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0
 ) -> torch.Tensor:
     """GRPO: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta k3(pi_theta || pi_ref), token mean.
 
-    rho = pi_theta / pi_old per token; the k3 term needs `ref_logprobs` when beta > 0. `loop`:
-    the RL loop's parameters (RL_LOOP_PARAMS), used by stageflow.platform.rl, not by the loss.
+    rho = pi_theta / pi_old per token; the k3 term needs `ref_logprobs` when beta > 0. The RL
+    loop's own parameters (`RLLoopParams`: group size, sampling...) are not the loss's.
     """
     if x.advantages is None:
         raise ValueError("grpo needs per-sequence or per-token advantages")
@@ -117,18 +109,20 @@ def grpo(
     )
 
 
-# ----- RL-based unlearning: the GRPO loop with an unlearning reward (stageflow.platform.rl) ------
+# ----- RL-based unlearning: the GRPO loop with an unlearning reward (stageflow.platform.engine.rl) ------
 def register_rl_unlearning(name: str, doc: str, beta: float, **entry: Any) -> None:
     """An `unlearn` objective trained by the RL loop with the GRPO loss and its own rewards."""
 
     def loss(
-        x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = beta, **_: Any
+        x: LossInputs, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = beta
     ) -> torch.Tensor:
         return grpo(x, eps_low=eps_low, eps_high=eps_high, beta=beta)
 
     loss.__name__, loss.__doc__ = name, doc
-    extra = {**entry.pop("params"), **RL_LOOP_PARAMS}
-    OBJECTIVES.register(name, kinds=("unlearn",), extra_params=extra, rl_loop=True, **entry)(loss)
+    extra = entry.pop("params")
+    OBJECTIVES.register(
+        name, kinds=("unlearn",), extra_params=extra, rl_loop=True, nonnegative=CLIP_AND_KL, **entry
+    )(loss)
 
 
 register_rl_unlearning(

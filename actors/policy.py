@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from stageflow.core.models import LOGIT_TRANSFORMS
 from stageflow.kernels.logprob import per_token_logprobs
-from stageflow.platform.config import StudyError
-from stageflow.platform.models import LOGIT_TRANSFORMS
 
 
 class LogProbHead(torch.nn.Linear):
@@ -43,17 +42,12 @@ class PolicyModule(torch.nn.Module):
 
     def __init__(self, lm: torch.nn.Module, impl: str = "fused"):
         super().__init__()
+        # internal errors: `stageflow validate` refused these models before any work
         if type(lm.lm_head) is not torch.nn.Linear:
-            raise StudyError(
-                "", "model", f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}"
-            )
+            raise RuntimeError(f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}")
         for key in LOGIT_TRANSFORMS:  # the head computes log_softmax(h W^T) and nothing else
             if getattr(lm.config, key, None) not in (None, 1.0):
-                raise StudyError(
-                    "",
-                    "model",
-                    f"its config sets {key}={getattr(lm.config, key)}; expected a model whose LM head is a plain linear layer (the learner's log-prob head applies no logit transform)",
-                )
+                raise RuntimeError(f"the model's config sets {key}; the log-prob head applies none")
         lm.lm_head.__class__ = LogProbHead
         lm.lm_head.impl = impl
         self.lm = lm

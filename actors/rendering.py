@@ -12,6 +12,7 @@ the loss covers the answer and that token only. Torch-free: the trial process im
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat turns [{"role", "content"}, ...]
@@ -76,13 +77,27 @@ def encode_row(tokenizer: Any, row: dict[str, Any], max_len: int) -> tuple[list[
     return ids[:max_len], min(len(prompt_ids), max_len)
 
 
+@dataclass
+class Completion:
+    """A sampled completion as the learner scores and trains on it (the RL loop's unit): token
+    ids, its group's advantage A (or one advantage per completion token, with an entropy
+    bonus), and pi_old's and pi_ref's log-probs of its tokens when known."""
+
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    advantage: float = 0.0
+    token_advantages: list[float] | None = None
+    old_logprobs: list[float] | None = None
+    ref_logprobs: list[float] | None = None
+
+
 def encode_item(
-    tokenizer: Any, item: dict[str, Any], max_len: int = 1 << 30
+    tokenizer: Any, item: dict[str, Any] | Completion, max_len: int = 1 << 30
 ) -> tuple[list[int], int]:
-    """A `prompt`/`answer` row, or token ids (`prompt_token_ids` + `completion_token_ids`)."""
-    if "prompt_token_ids" in item:
-        prompt = list(item["prompt_token_ids"])
-        return (prompt + list(item["completion_token_ids"]))[:max_len], min(len(prompt), max_len)
+    """A `prompt`/`answer` row, or a `Completion`'s token ids."""
+    if isinstance(item, Completion):
+        prompt = list(item.prompt_token_ids)
+        return (prompt + list(item.completion_token_ids))[:max_len], min(len(prompt), max_len)
     return encode_row(tokenizer, item, max_len)
 
 

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
 from typing import Any, NamedTuple
 
-from stageflow.platform.checks import math_number
-from stageflow.platform.config import StudyError
-from stageflow.platform.registry import REWARDS, Range
-from stageflow.platform.tasks import check_answer
-from stageflow.platform.tasks.refusal import is_refusal
+from stageflow.core.checks import math_number
+from stageflow.core.config import StudyError
+from stageflow.core.registry import REWARDS, Range
+from stageflow.core.tasks import check_answer
+from stageflow.core.tasks.refusal import is_refusal
 
 SPEC_KEYS = ("name", "weight", "params")
 STOPWORDS = {

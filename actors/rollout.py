@@ -11,71 +11,33 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stageflow.actors.dispatch import ALL, SPLIT, dispatch, rpc_name
 from stageflow.actors.engines import ENGINES
 from stageflow.actors.group import ModelGroup, check_fits, resolve_device
 from stageflow.actors.rendering import Prompt, encode_prompts
 from stageflow.actors.weight_sync import Weights
-from stageflow.platform.config import RolloutSpec, StudyError
-from stageflow.platform.models import check_model_dir
+from stageflow.core.config import RolloutSpec, StudyError
+from stageflow.core.models import check_model_dir
+from stageflow.core.serving import serving_problem
 
-# vLLM-CPU attention kernels support only these head sizes (vllm/v1/attention/backends/cpu_attn.py).
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-COMMON_ARCHITECTURES = {
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "GemmaForCausalLM",
-    "Gemma2ForCausalLM",
-    "Phi3ForCausalLM",
-}
 # Config keys that may differ between two checkpoints served by one engine.
 _NON_ARCH_KEYS = {"torch_dtype", "dtype", "transformers_version", "_name_or_path", "architectures"}
 
 
 def check_rollout_model(model_dir: str | Path, spec: RolloutSpec, device: str) -> None:
-    """Raise StudyError (one sentence) when the engine could not serve `model_dir`."""
+    """Raise StudyError (one sentence) when the engine could not serve `model_dir` (validation
+    checked the study's model already; this guards a group started on its own)."""
     spec.check("rollout")
     why = check_model_dir(model_dir)
     if why:
         raise StudyError("", f"model directory '{model_dir}'", f"expected {why}")
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    where = f"model directory '{model_dir}'"
-    if spec.backend == "vllm":
-        unknown = [a for a in config.get("architectures") or [] if a not in COMMON_ARCHITECTURES]
-        if unknown:  # importing vLLM's registry costs seconds: only for uncommon architectures
-            from vllm import ModelRegistry
-
-            supported = set(ModelRegistry.get_supported_archs())
-            if not any(a in supported for a in config.get("architectures")):
-                raise StudyError(
-                    "",
-                    where,
-                    f"vLLM does not support its architecture "
-                    f"{', '.join(config['architectures'])} (use backend: hf)",
-                )
-    if spec.backend == "vllm" and device == "cpu":
-        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-        head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
-        if head_dim is not None and head_dim not in CPU_HEAD_SIZES:
-            raise StudyError(
-                "",
-                where,
-                f"vLLM-CPU supports attention head sizes {', '.join(map(str, CPU_HEAD_SIZES))}, "
-                f"this model has {head_dim} (use backend: hf or a model with another "
-                "hidden_size / num_heads)",
-            )
-    max_pos = config.get("max_position_embeddings")
-    if max_pos is not None and spec.max_model_len > max_pos:
-        raise StudyError(
-            "",
-            "rollout.max_model_len",
-            f"{spec.max_model_len} exceeds the model's max_position_embeddings {max_pos}",
-        )
+    problem = serving_problem(model_dir, spec.backend, device, spec.max_model_len)
+    if problem:
+        raise StudyError("", problem[0], f"expected {problem[1]}")
 
 
 def _architecture(model_dir: str | Path) -> dict[str, Any]:
@@ -132,12 +94,14 @@ class RolloutWorker:
         self._arch = _architecture(model_dir)
         ENGINE_STARTS += 1
 
+    @dispatch(ALL)
     def close(self) -> None:
         """Stop the engine (its engine-core process included)."""
         if self.engine is not None:
             self.engine.close()
         self.engine = None
 
+    @dispatch(ALL)
     def info(self) -> dict[str, Any]:
         """What this worker runs, for the run's records (backend, device, dtype, engine starts...)."""
         return {
@@ -156,6 +120,7 @@ class RolloutWorker:
         }
 
     # ----- weights ---------------------------------------------------------------------------
+    @dispatch(ALL)
     def serve(self, weights: Weights) -> dict[str, float]:
         """Load `weights` in place unless this engine serves their tag already; timings."""
         import ray
@@ -205,20 +170,24 @@ class RolloutWorker:
         ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
         return self.serve(Weights(f"payload/{ref.hex()}", payload=[ref]))
 
-    def rpc(self, method: str, *args: Any, tag: str | None = None) -> Any:
-        """A `WeightReloadExtension` method in vLLM's worker process; `tag`: what it now serves."""
-        result = self.engine.llm.collective_rpc(method, args=args)[0]
+    def rpc(self, method: Callable[..., Any], *args: Any, tag: str | None = None) -> Any:
+        """`method`, a `WeightReloadExtension` method, in vLLM's worker process; `tag`: what the
+        engine serves afterwards."""
+        result = self.engine.llm.collective_rpc(rpc_name(method), args=args)[0]
         if tag is not None:
             self.serving, self.weights_version = tag, self.weights_version + 1
         return result
 
+    @dispatch(ALL)
     def sleep(self) -> None:
         self.engine.sleep()
 
+    @dispatch(ALL)
     def wake(self) -> None:
         self.engine.wake()
 
     # ----- generation ------------------------------------------------------------------------
+    @dispatch(SPLIT)
     def generate(
         self,
         prompts: Sequence[Prompt],
@@ -287,14 +256,14 @@ class RolloutGroup(ModelGroup):
     def serve(self, weights: Weights) -> list[dict[str, float]]:
         """Every worker loads `weights` now (unless it serves them already)."""
         self.latest = weights
-        return self.group.call("serve", weights)
+        return self.group.run(RolloutWorker.serve, weights)
 
     def generate(
         self, prompts: Sequence[Prompt], weights: Weights | None = None, **sampling: Any
     ) -> dict[str, list]:
         """`RolloutWorker.generate` with the prompts split across workers (results in order)."""
         self.latest = weights or self.latest
-        return self.group.call_split("generate", list(prompts), self.latest, **sampling)
+        return self.group.run(RolloutWorker.generate, list(prompts), self.latest, **sampling)
 
     def load_weights(self, payload: Any) -> list[dict[str, float]]:
         """Every worker serves a safetensors payload (bytes or an ObjectRef to them)."""
@@ -307,19 +276,9 @@ class RolloutGroup(ModelGroup):
         """Every worker serves the checkpoint `model_dir`."""
         return self.serve(Weights.of_dir(model_dir))
 
-    def info(self) -> list[dict[str, Any]]:
-        """Each worker's `info()` (backend, engine, device, dtype...), for the run's records."""
-        return self.group.call("info")
-
-    def sleep(self) -> None:
-        self.group.call("sleep")
-
-    def wake(self) -> None:
-        self.group.call("wake")
-
     def shutdown(self) -> None:
         try:
-            self.group.call("close")
+            self.close()
         except Exception:  # a dead worker has nothing left to close
             pass
         self.group.shutdown()

@@ -280,14 +280,14 @@ class WeightSync:
         tag = tag or f"{self.owner}/v{self.versions}"
         if self.transport == "shm":
             path = self.paths[self.versions % len(self.paths)]
-            self.learner.group.call("write_shared_weights", path)
+            self.learner.write_shared_weights(path)
             return Weights(tag, shm_path=path, host=self.learner_host)
         if self.transport == "nccl":
             if self.nccl is None:
                 self.nccl = NcclWeightSync(self.learner, self.rollout)
             self.nccl.sync(tag)
             return Weights(tag, pushed=True)
-        return Weights(tag, payload=[self.learner.weights_payload_ref()])
+        return Weights(tag, payload=[self.learner.weights_payload()])
 
     def sync(self) -> dict[str, float]:
         """Publish and have every engine load the weights now; size and timings."""
@@ -370,7 +370,7 @@ class NcclWeightSync:
             a.__ray_call__.remote(_learner_open, address, port, world) for a in learner.group.actors
         ]
         refs += [
-            w.rpc.remote("init_weight_broadcast", address, port, i + 1, world)
+            w.rpc.remote(WeightReloadExtension.init_weight_broadcast, address, port, i + 1, world)
             for i, w in enumerate(rollout.actors)
         ]
         ray.get(refs)
@@ -382,7 +382,13 @@ class NcclWeightSync:
         start = time.perf_counter()
         refs = [a.__ray_call__.remote(_learner_broadcast) for a in self.learner.group.actors]
         refs += [
-            w.rpc.remote("receive_broadcast", self.names, self.dtypes, self.shapes, tag=tag)
+            w.rpc.remote(
+                WeightReloadExtension.receive_broadcast,
+                self.names,
+                self.dtypes,
+                self.shapes,
+                tag=tag,
+            )
             for w in self.rollout.actors
         ]
         ray.get(refs)

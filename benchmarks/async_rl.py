@@ -11,7 +11,7 @@ One learner rank (DeepSpeed ZeRO-0, fp32, 1 CPU) and one vLLM engine (a trial's 
 `RolloutGroup`, 1 CPU) on the CPU. The model is first trained on easy math (SFT), so the math
 reward has room to move; then, for each seed and each k (interleaved, so that load on the
 machine falls on every k alike), the learner reloads that checkpoint and runs one seeded GRPO
-stage (`platform/rl.py`: math prompts, a fixed number of samples, the math_correct reward).
+stage (`platform/engine/rl.py`: math prompts, a fixed number of samples, the math_correct reward).
 Per run: samples/s over the stage (its wall time, the learner's stage set-up excluded), the
 learner's and the engines' idle shares (step-time weighted), staleness, and the final reward
 (the mean step reward over the last quarter of the steps, `rl/reward_final`). Per k: the mean
@@ -42,7 +42,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def grpo_stage(args: argparse.Namespace, k: int):
-    from stageflow.platform.config import DataSpec, RewardSpec, StageSpec
+    from stageflow.core.config import DataSpec, RewardSpec, StageSpec
 
     return StageSpec(
         kind="grpo",
@@ -61,8 +61,8 @@ def grpo_stage(args: argparse.Namespace, k: int):
 
 def warm_start(learner, model_dir: Path, out: Path) -> Path:
     """Easy math SFT from the random model: its checkpoint, where every GRPO run starts."""
-    from stageflow.platform.config import StageSpec
-    from stageflow.platform.tasks import generate
+    from stageflow.core.config import StageSpec
+    from stageflow.core.tasks import generate
 
     rows = generate("math", 0, 512, {"difficulty": 1})["train"]
     learner.load(model_dir)
@@ -81,8 +81,8 @@ def warm_start(learner, model_dir: Path, out: Path) -> Path:
 
 def one_run(learner, rollout, start_dir: Path, args, k: int, seed: int) -> dict:
     from stageflow.actors.weight_sync import WeightSync
-    from stageflow.platform.rl import prepare_rl_stage, rl_summary
-    from stageflow.platform.tasks import generate
+    from stageflow.core.tasks import generate
+    from stageflow.platform.engine.rl import prepare_rl_stage, rl_summary
 
     prompts = generate("math", 1, 512, {"difficulty": 1})["train"]
     learner.load(start_dir)

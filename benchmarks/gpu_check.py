@@ -44,8 +44,8 @@ def vllm_on_cuda() -> dict:
     from stageflow.actors.learner import LearnerGroup
     from stageflow.actors.rollout import RolloutGroup
     from stageflow.actors.weight_sync import WeightSync
-    from stageflow.platform.config import LearnerSpec, RolloutSpec, StageSpec
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.config import LearnerSpec, RolloutSpec, StageSpec
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     sys.path.insert(0, str(ROOT / "tests" / "actors"))
     from conftest import max_logprob_gap
@@ -106,7 +106,7 @@ def main() -> None:
         print("gpu_check: no CUDA device here; nothing to check (run it on a GPU machine)")
         return
     python, study = sys.executable, "studies/quickstart.yaml"
-    cli = [python, "-m", "stageflow.platform.cli", "run", study]
+    cli = [python, "-m", "stageflow.platform.commands.cli", "run", study]
     checks = [
         run(
             "GPU tests (Triton at speed, NCCL sync)",

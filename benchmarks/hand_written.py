@@ -193,7 +193,7 @@ def main(plan: dict, checks: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from stageflow.platform.registry import TASKS  # the data sets' answer-checking rules
+    from stageflow.core.registry import TASKS  # the data sets' answer-checking rules
 
     plan = json.loads(open(sys.argv[1]).read())
     checks = {name: TASKS[s["task"]].check for name, s in plan["eval_sets"].items()}

@@ -50,7 +50,7 @@ def rows(n: int, seq: int) -> list[dict]:
 def measure(model_dir: Path, ranks: int, zero: int, args: argparse.Namespace) -> dict:
     from stageflow.actors.group import Placement
     from stageflow.actors.learner import LearnerGroup
-    from stageflow.platform.config import LearnerSpec, StageSpec
+    from stageflow.core.config import LearnerSpec, StageSpec
 
     spec = LearnerSpec(ranks=ranks, zero_stage=zero)
     group = LearnerGroup(model_dir, spec, Placement(device="cpu"))

@@ -59,7 +59,7 @@ def worker(cfg: dict) -> dict:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
     from stageflow.actors.learner_worker import LearnerWorker
-    from stageflow.platform.config import LearnerSpec, LoraSpec, StageSpec
+    from stageflow.core.config import LearnerSpec, LoraSpec, StageSpec
 
     lora = LoraSpec(r=cfg["r"], alpha=2.0 * cfg["r"]) if cfg["r"] else None
     learner = LearnerWorker(cfg["model_dir"], LearnerSpec(zero_stage=1, lora=lora))

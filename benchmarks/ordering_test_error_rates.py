@@ -10,7 +10,7 @@ trial (o, s) scores y = mu_o + sqrt(rho) b_s + sqrt(1 - rho) e_os with b, e stan
 (rho: the share of the seed-to-seed variance that the trials of one seed share, through their
 common prefix; within an ordering the seed standard deviation is 1). The ordering means are
 evenly spaced over a range of `effect` seed standard deviations (0: no ordering effect). Each
-study is judged by each test of platform/ordering_test.py at alpha = 0.05, and by the rule
+study is judged by each test of platform/results/ordering_test.py at alpha = 0.05, and by the rule
 stageflow used before (spread of the ordering means >= 2 mean seed standard deviations).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stageflow.platform.ordering_test import Design, p_value
+from stageflow.platform.results.ordering_test import Design, p_value
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "ordering_test_error_rates"

@@ -37,7 +37,7 @@ def run(storage: Path, seeds: list[int], threads: int | None) -> dict:
     command = [
         sys.executable,
         "-m",
-        "stageflow.platform.cli",
+        "stageflow.platform.commands.cli",
         "run",
         "studies/quickstart.yaml",
         *overrides,

@@ -25,7 +25,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# what each of a trial's `time/<phase>_s` (the Stopwatch of platform/workers.py) measures
+# what each of a trial's `time/<phase>_s` (the Stopwatch of platform/engine/workers.py) measures
 TRIAL_PHASES = {
     "learner_start": "learner start",
     "engine_start": "engine start (per_trial)",
@@ -91,7 +91,7 @@ def memcpy_bandwidth(nbytes: int = 256 << 20, reps: int = 20) -> float:
 def tiny_models(sizes: dict[str, dict[str, int]]) -> Iterator[tuple[str, Path]]:
     """(name, model folder) of each of `sizes` ({name: TinyModelSpec fields}), built one at a
     time in a temporary folder that is removed once the loop over them ends."""
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, dims in sizes.items():
@@ -113,7 +113,7 @@ def learner_and_engine(model_dir: Path) -> Iterator[tuple[Any, Any]]:
     from stageflow.actors.group import Placement
     from stageflow.actors.learner import LearnerGroup
     from stageflow.actors.rollout import RolloutGroup
-    from stageflow.platform.config import LearnerSpec, RolloutSpec
+    from stageflow.core.config import LearnerSpec, RolloutSpec
 
     cpu = Placement(device="cpu")
     engine = RolloutSpec(

@@ -9,7 +9,7 @@ Command (repo root, the venv active):
 Writes benchmarks/results/rl_weight_sync.json and benchmarks/results/rl_weight_sync.md.
 
 For each model size one learner rank (DeepSpeed ZeRO-0, fp32) and one vLLM engine (a trial's
-own `RolloutGroup`) run the same seeded GRPO stage (`platform/rl.py`: math prompts, 4 prompts
+own `RolloutGroup`) run the same seeded GRPO stage (`platform/engine/rl.py`: math prompts, 4 prompts
 x group 4, 16 new tokens) once per transport, through `WeightSync`. Each step's `sync_s` is
 the time the loop spent on weights: publishing the learner's new weights plus the engine's
 load of them before sampling. Reported: the median over the steps after the first, the bytes
@@ -41,9 +41,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 def measure(model_dir: Path, steps: int) -> list[dict]:
     from stageflow.actors.rollout import read_weights_bytes
     from stageflow.actors.weight_sync import WeightSync
-    from stageflow.platform.config import DataSpec, RewardSpec, StageSpec
-    from stageflow.platform.rl import run_rl_stage
-    from stageflow.platform.tasks import generate
+    from stageflow.core.config import DataSpec, RewardSpec, StageSpec
+    from stageflow.core.tasks import generate
+    from stageflow.platform.engine.rl import run_rl_stage
 
     stage = StageSpec(
         kind="grpo",

@@ -49,7 +49,7 @@ def worker(cfg: dict) -> dict:
     import torch
 
     from stageflow.actors.rollout import RolloutWorker
-    from stageflow.platform.config import RolloutSpec
+    from stageflow.core.config import RolloutSpec
 
     torch.set_num_threads(cfg["threads"])
     options = RolloutSpec(

@@ -117,7 +117,7 @@ def measure(cluster, root: Path, placement: str, grpo_steps: int) -> dict:
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "stageflow.platform.cli", "run", str(path)],
+        [sys.executable, "-m", "stageflow.platform.commands.cli", "run", str(path)],
         env=env,
         capture_output=True,
         text=True,

@@ -72,10 +72,10 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(root: Path, overrides: list[str]) -> tuple[Path, Path]:
     """The study file with storage under `root`, and the hand-written script's plan."""
-    from stageflow.platform.expand import expand
-    from stageflow.platform.runner import prepare
-    from stageflow.platform.study_file import load_study, spec_to_yaml
-    from stageflow.platform.tasks import materialize
+    from stageflow.core.data_files import materialize
+    from stageflow.core.expand import expand
+    from stageflow.core.study_file import load_study, spec_to_yaml
+    from stageflow.platform.engine.runner import prepare
 
     spec = load_study(QUICKSTART, [*overrides, f"storage_dir={root / 'study'}"])
     study, base = prepare(spec)
@@ -177,7 +177,7 @@ def measure_size(size: str) -> dict:
         script_wall, out = timed([sys.executable, str(HERE / "hand_written.py"), str(plan_file)])
         script = json.loads(out.strip().splitlines()[-1])
         print(f"{size}: hand-written script {script_wall:.1f} s", flush=True)
-        cli = [sys.executable, "-m", "stageflow.platform.cli", "run", str(study_file)]
+        cli = [sys.executable, "-m", "stageflow.platform.commands.cli", "run", str(study_file)]
         flow_wall, _ = timed(cli)
         flow = stageflow_breakdown(root / "study")
         print(f"{size}: stageflow {flow_wall:.1f} s", flush=True)

@@ -32,6 +32,7 @@ def resolve_impl(impl: str, device: torch.device, with_argmax: bool = False) -> 
     if with_argmax and impl in ("auto", "fused", "triton"):
         return "chunked"  # the Triton kernels have no is_argmax; chunked torch runs on CUDA too
     if impl in ("auto", "fused"):
+        # lazy: imports Triton where it is installed
         from stageflow.kernels.triton_logprob import HAS_TRITON
 
         return "triton" if device.type == "cuda" and HAS_TRITON else "chunked"
@@ -52,6 +53,7 @@ def fused_token_logprobs(
     o = Options.of("fused_token_logprobs", {"impl": "auto", **options}, ("impl", "chunk_size"))
     kind = resolve_impl(o.impl, hidden.device, o.with_argmax)
     if kind == "triton":  # never with with_argmax (resolve_impl)
+        # lazy: imports Triton where it is installed
         from stageflow.kernels.triton_logprob import triton_token_logprobs
 
         return triton_token_logprobs(hidden, weight, targets, **o.head(chunk_size=o.chunk_size))

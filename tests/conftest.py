@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The default tiny model, built once per test session (a small size keeps tests quick)."""
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192, seed=0)
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", spec)
@@ -24,7 +24,7 @@ def ray_cluster():
     """An embedded local Ray shared by every test that needs one (starts in about 3 s)."""
     import ray
 
-    from stageflow.platform.runner import keep_loopback
+    from stageflow.platform.engine.runner import keep_loopback
 
     if not ray.is_initialized():
         keep_loopback()

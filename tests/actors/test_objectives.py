@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stageflow.actors.objectives import LossInputs
-from stageflow.platform.registry import OBJECTIVES
+from stageflow.core.registry import OBJECTIVES
 
 
 def _inputs(seed: int = 0, ref: bool = True, retain: bool = True) -> LossInputs:

@@ -6,12 +6,12 @@ import pytest
 
 from stageflow.actors.batching import collate, collate_rows
 from stageflow.actors.rendering import encode_prompts, encode_row, render_row, row_prompt
-from stageflow.platform.models import char_tokenizer
+from stageflow.core.models import char_tokenizer
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    from stageflow.platform.arch_models import task_corpus, train_bpe_tokenizer
+    from stageflow.core.arch_models import task_corpus, train_bpe_tokenizer
 
     return train_bpe_tokenizer(task_corpus(50))
 

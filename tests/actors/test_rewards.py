@@ -14,10 +14,10 @@ from stageflow.actors.rewards import (
     score,
     weighted_range,
 )
-from stageflow.platform.config import RewardSpec, StudyError
-from stageflow.platform.registry import REWARDS, load_plugins
-from stageflow.platform.tasks import generate
-from stageflow.platform.tasks.refusal import REFUSAL
+from stageflow.core.config import RewardSpec, StudyError
+from stageflow.core.registry import REWARDS, load_plugins
+from stageflow.core.tasks import generate
+from stageflow.core.tasks.refusal import REFUSAL
 
 load_plugins()
 

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from stageflow.platform.config import RolloutSpec, StageSpec
+from stageflow.core.config import RolloutSpec, StageSpec
 
 PROMPTS = ["Q1: name? ", "Q2: name? ", "abc"]
 

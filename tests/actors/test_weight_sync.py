@@ -19,7 +19,7 @@ from stageflow.actors.weight_sync import (
     sweep_orphaned_weights,
     write_shared_weights,
 )
-from stageflow.platform.config import StageSpec
+from stageflow.core.config import StageSpec
 
 
 @pytest.mark.parametrize("transport", ["object_store", "shm"])
@@ -132,7 +132,7 @@ def cuda_pair(ray_cluster, actor_model_dir):
     from stageflow.actors.group import Placement
     from stageflow.actors.learner import LearnerGroup
     from stageflow.actors.rollout import RolloutGroup
-    from stageflow.platform.config import LearnerSpec, RolloutSpec
+    from stageflow.core.config import LearnerSpec, RolloutSpec
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices (an NCCL broadcast from a learner GPU to an engine GPU)")

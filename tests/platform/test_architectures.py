@@ -16,9 +16,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from stageflow.platform.arch_models import build_arch_model, task_corpus, train_bpe_tokenizer
-from stageflow.platform.cli import main
-from stageflow.platform.tracking import default_tracking_uri
+from stageflow.core.arch_models import build_arch_model, task_corpus, train_bpe_tokenizer
+from stageflow.platform.commands.cli import main
+from stageflow.platform.engine.tracking import default_tracking_uri
 
 # Six that differ in layout: tied embeddings and QKV biases (qwen2), QK-norm (qwen3, olmo2),
 # fused QKV and gate-up projections (phi3), parallel residual and partial rotary (gpt_neox).
@@ -111,7 +111,7 @@ def test_vllm_receives_the_chat_templates_prompt_ids(zoo, ray_cluster):
 
     from stageflow.actors.group import Placement
     from stageflow.actors.rollout import RolloutGroup
-    from stageflow.platform.config import RolloutSpec
+    from stageflow.core.config import RolloutSpec
 
     messages = [
         {"role": "system", "content": "Answer in one sentence."},
@@ -136,7 +136,7 @@ def test_bring_your_own_study(tmp_path, monkeypatch, ray_cluster):
     """studies/bring_your_own.yaml on the example it documents: a chat model directory, parquet
     and save_to_disk data with their own columns, LoRA; checkpoints hold merged weights and
     the stage's adapter."""
-    from stageflow.platform.arch_models import write_example
+    from stageflow.core.arch_models import write_example
 
     study = Path(__file__).parents[2] / "studies" / "bring_your_own.yaml"
     write_example(tmp_path)

@@ -16,13 +16,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from stageflow.platform.cli import main
-from stageflow.platform.tracking import default_tracking_uri
+from stageflow.platform.commands.cli import main
+from stageflow.platform.engine.tracking import default_tracking_uri
 
 
 def test_help_reads_well():
     done = subprocess.run(
-        [sys.executable, "-m", "stageflow.platform.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "stageflow.platform.commands.cli", "--help"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0
     for word in ("validate", "run", "ui", "examples:"):
@@ -64,7 +66,7 @@ def eval_study(tmp_path_factory, tiny_model_dir, ray_cluster):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     done = subprocess.run(
-        [sys.executable, "-m", "stageflow.platform.cli", "run", str(path)],
+        [sys.executable, "-m", "stageflow.platform.commands.cli", "run", str(path)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -147,7 +149,7 @@ def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
         [
             sys.executable,
             "-m",
-            "stageflow.platform.cli",
+            "stageflow.platform.commands.cli",
             "ui",
             str(eval_study[0]),
             "--port",
@@ -195,8 +197,8 @@ def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
 def test_embedded_ray_binds_loopback(tmp_path):
     code = (
         "import ray\n"
-        "from stageflow.platform.config import StudySpec\n"
-        "from stageflow.platform.runner import init_ray\n"
+        "from stageflow.core.config import StudySpec\n"
+        "from stageflow.platform.engine.runner import init_ray\n"
         "init_ray(StudySpec(name='x'))\n"
         "print(ray.nodes()[0]['NodeManagerAddress'], ray.get_runtime_context().gcs_address)\n"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stageflow.actors.metrics import AnswerStats
-from stageflow.platform.evaluation import EvalJob, answer_items, evaluate, example_stats
-from stageflow.platform.registry import load_plugins
+from stageflow.core.registry import load_plugins
+from stageflow.platform.engine.evaluation import EvalJob, answer_items, evaluate, example_stats
 
 load_plugins()
 
@@ -103,7 +103,7 @@ def test_probability_mass_and_its_steps():
     import math
 
     from stageflow.actors.metrics import ExampleStats, probability_mass
-    from stageflow.platform.evaluation import mass_per_step, probe_items
+    from stageflow.platform.engine.evaluation import mass_per_step, probe_items
 
     example = ExampleStats(stats(-1.0), (stats(-2.0), stats(-2.0)), (stats(-5.0),))
     mass = probability_mass([example, example])

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from stageflow.platform.cli import main
-from stageflow.platform.prefix_cache import PrefixCache
+from stageflow.core.prefix_cache import PrefixCache
+from stageflow.platform.commands.cli import main
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from stageflow.platform.prefix_cache import PrefixCache
+from stageflow.core.prefix_cache import PrefixCache
 from tests.platform.test_study import runs_by_kind
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def study_file(tmp_path: Path, name: str, **changes) -> Path:
 def run_study(cluster, path: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     return subprocess.Popen(
-        [sys.executable, "-m", "stageflow.platform.cli", "run", str(path)],
+        [sys.executable, "-m", "stageflow.platform.commands.cli", "run", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

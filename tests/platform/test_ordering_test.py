@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from stageflow.platform.ordering_test import holm, ordering_test, verdict
+from stageflow.platform.results.ordering_test import holm, ordering_test, verdict
 
 
 def blocked(matrix) -> dict:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stageflow.platform.cli import main
-from stageflow.platform.expand import expand
-from stageflow.platform.tracking import default_tracking_uri
-from stageflow.platform.validate import load_and_validate
+from stageflow.core.expand import expand
+from stageflow.platform.commands.cli import main
+from stageflow.platform.commands.validate import load_and_validate
+from stageflow.platform.engine.tracking import default_tracking_uri
 
 STUDY = Path(__file__).resolve().parents[2] / "studies" / "retrain_equivalence.yaml"
 

@@ -11,10 +11,10 @@ import yaml
 
 from stageflow.actors.group import Placement
 from stageflow.actors.weight_sync import Weights
-from stageflow.platform.config import DataSpec, LearnerSpec, RewardSpec, RolloutSpec, StageSpec
-from stageflow.platform.registry import OBJECTIVES, load_plugins, objective_of
-from stageflow.platform.rl import group_advantages, rl_summary, runs_rl_loop
-from stageflow.platform.tasks import generate
+from stageflow.core.config import DataSpec, LearnerSpec, RewardSpec, RolloutSpec, StageSpec
+from stageflow.core.registry import OBJECTIVES, load_plugins, objective_of, runs_rl_loop
+from stageflow.core.tasks import generate
+from stageflow.platform.engine.rl import group_advantages, rl_summary
 
 load_plugins()
 ROLLOUT = RolloutSpec(workers=1, max_model_len=256, kv_cache_gib=0.25, gpu_memory_utilization=0.2)
@@ -54,8 +54,8 @@ def test_rl_objectives_dispatch_and_declare_the_loop_parameters():
 
 
 def test_needs_rollout_for_rl_unlearning(tmp_path):
-    from stageflow.platform.runner import needs_rollout
-    from stageflow.platform.study_file import load_study
+    from stageflow.core.study_file import load_study
+    from stageflow.platform.engine.trial_plan import needs_rollout
 
     study = {
         "name": "x",
@@ -94,7 +94,7 @@ GRPO = {
 
 
 def validate(tmp_path: Path, capsys, stage: dict | None = None, **extra) -> tuple[int, str]:
-    from stageflow.platform.cli import main
+    from stageflow.platform.commands.cli import main
 
     study = {
         "name": "rl",
@@ -185,7 +185,7 @@ def test_rl_unlearning_stages_validate(tmp_path, capsys):
 
 
 def test_gated_reward_study_validates(capsys, tmp_path, monkeypatch):
-    from stageflow.platform.cli import main
+    from stageflow.platform.commands.cli import main
 
     monkeypatch.chdir(tmp_path)  # the default storage dir is relative
     assert main(["validate", str(STUDIES / "gated_reward.yaml")]) == 0, capsys.readouterr().err
@@ -246,9 +246,9 @@ def test_pool_keeps_trials_apart_and_evaluation_working(service, learner, tiny_m
 
     learner.load(tiny_model_dir)
     learner.train_stage(StageSpec(kind="sft", steps=3, lr=1e-2, batch_size=8), [GRPO_ROW] * 8)
-    trial_a = Weights("trial-a/v1", payload=[learner.weights_payload_ref()])
+    trial_a = Weights("trial-a/v1", payload=[learner.weights_payload()])
     learner.train_stage(StageSpec(kind="sft", steps=3, lr=1e-2, batch_size=8), [GRPO_ROW] * 8)
-    trial_b = Weights("trial-b/v1", payload=[learner.weights_payload_ref()])
+    trial_b = Weights("trial-b/v1", payload=[learner.weights_payload()])
     base = Weights.of_dir(tiny_model_dir)
     greedy = {"n": 1, "temperature": 0.0, "max_tokens": 8}
 
@@ -268,7 +268,7 @@ GRPO_ROW = {"prompt": "Q: 1\nA:", "answer": " 7."}
 def test_dr_grpo_with_entropy_bonus_and_kl_runs(service, learner, tiny_model_dir):
     import math
 
-    from stageflow.platform.rl import run_rl_stage
+    from stageflow.platform.engine.rl import run_rl_stage
 
     learner.load(tiny_model_dir)
     stage = StageSpec(
@@ -299,7 +299,7 @@ def test_dr_grpo_with_entropy_bonus_and_kl_runs(service, learner, tiny_model_dir
 def test_grpo_raises_the_math_reward(service, learner, tiny_model_dir, tmp_path):
     """After a math SFT, 20 GRPO steps raise the mean math reward on their prompts."""
     from stageflow.actors.rewards import Sample, StageReward
-    from stageflow.platform.rl import run_rl_stage
+    from stageflow.platform.engine.rl import run_rl_stage
 
     warm = generate("math", 0, 512, {"difficulty": 1})["train"]
     start_dir = sft(learner, tiny_model_dir, warm, 250, tmp_path / "sft")
@@ -338,7 +338,7 @@ def test_grpo_raises_the_math_reward(service, learner, tiny_model_dir, tmp_path)
 @pytest.mark.slow
 def test_purge_lowers_forbidden_terms(service, learner, tiny_model_dir, tmp_path):
     from stageflow.actors.rewards import contains_forbidden, forget_terms
-    from stageflow.platform.rl import run_rl_stage
+    from stageflow.platform.engine.rl import run_rl_stage
 
     forget = generate("refusal", 0, 64)["train"]
     start_dir = sft(learner, tiny_model_dir, forget, 80, tmp_path / "sft")
@@ -369,8 +369,8 @@ def test_purge_lowers_forbidden_terms(service, learner, tiny_model_dir, tmp_path
 def test_rule_raises_refusal_on_forget_keeps_retain_answered(
     service, learner, tiny_model_dir, tmp_path
 ):
-    from stageflow.platform.rl import run_rl_stage
-    from stageflow.platform.tasks.refusal import REFUSAL, is_refusal
+    from stageflow.core.tasks.refusal import REFUSAL, is_refusal
+    from stageflow.platform.engine.rl import run_rl_stage
 
     facts = generate("facts", 0, 20)
     forget, retain = facts["forget"], facts["retain"]

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from stageflow.actors.group import Placement
-from stageflow.platform.config import DataSpec, LearnerSpec, RewardSpec, RolloutSpec, StageSpec
-from stageflow.platform.registry import load_plugins
-from stageflow.platform.tasks import generate
+from stageflow.core.config import DataSpec, LearnerSpec, RewardSpec, RolloutSpec, StageSpec
+from stageflow.core.registry import load_plugins
+from stageflow.core.tasks import generate
 from tests.platform.test_rl import GRPO, validate
 
 load_plugins()
@@ -83,8 +83,8 @@ def test_async_study_logs_staleness_per_step(tmp_path, ray_cluster):
     import yaml
     from mlflow import MlflowClient
 
-    from stageflow.platform.cli import main
-    from stageflow.platform.tracking import default_tracking_uri
+    from stageflow.platform.commands.cli import main
+    from stageflow.platform.engine.tracking import default_tracking_uri
     from tests.platform.test_study import short_study
 
     path = short_study(tmp_path, "async", ["a"])
@@ -146,7 +146,7 @@ def learner(ray_cluster, tiny_model_dir):
 def run(learner, rollout, spec: StageSpec, model_dir, owner: str, seed: int = 3):
     """The stage from the base model; (per-step metrics, the loop's per-step versions)."""
     from stageflow.actors.weight_sync import WeightSync
-    from stageflow.platform.rl import prepare_rl_stage
+    from stageflow.platform.engine.rl import prepare_rl_stage
 
     learner.load(model_dir)
     sync = WeightSync(learner, rollout, owner=owner)
@@ -216,7 +216,7 @@ def test_async_stage_resumes_after_its_engine_is_killed(learner, pool, engines, 
             time.sleep(0.05)
 
     from stageflow.actors.weight_sync import WeightSync
-    from stageflow.platform.rl import prepare_rl_stage
+    from stageflow.platform.engine.rl import prepare_rl_stage
 
     learner.load(tiny_model_dir)
     sync = WeightSync(learner, pool, owner="killed")
@@ -241,13 +241,14 @@ def test_async_stage_resumes_after_its_engine_is_killed(learner, pool, engines, 
 def test_a_lost_learner_stops_the_stream_and_fails_the_stage(ray_cluster, pool, tiny_model_dir):
     """The learner dies mid-stage: the stage raises the actor error the synchronous loop raises
     (the trial is then retried from its last prefix) and no rollout thread is left behind."""
+    import ray
     from ray.exceptions import RayActorError
 
     from stageflow.actors.learner import LearnerGroup
-    from stageflow.platform.rl import run_rl_stage
+    from stageflow.platform.engine.rl import run_rl_stage
 
     doomed = LearnerGroup(tiny_model_dir, LearnerSpec(ranks=1, zero_stage=1), Placement("cpu"))
-    pid = doomed.group.call("__ray_call__", lambda _: os.getpid())[0]
+    pid = ray.get(doomed.actors[0].__ray_call__.remote(lambda _: os.getpid()))
 
     def kill_soon() -> None:
         time.sleep(4.0)

@@ -10,10 +10,10 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from stageflow.platform.cli import main
-from stageflow.platform.prefix_cache import PrefixCache
-from stageflow.platform.runner import POOL_NAME, shared_actor_suffix
-from stageflow.platform.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri
+from stageflow.core.prefix_cache import PrefixCache
+from stageflow.platform.commands.cli import main
+from stageflow.platform.engine.runner import POOL_NAME, shared_actor_suffix
+from stageflow.platform.engine.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
 ONE_STEP = {"steps": 1, "batch_size": 4, "lr": 1e-3}
@@ -108,7 +108,7 @@ def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster
 
 def run_cli(*args: str, env=None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "stageflow.platform.cli", *args],
+        [sys.executable, "-m", "stageflow.platform.commands.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

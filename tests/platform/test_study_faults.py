@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stageflow.platform.cli import main
-from stageflow.platform.prefix_cache import PrefixCache
+from stageflow.core.prefix_cache import PrefixCache
+from stageflow.platform.commands.cli import main
 from tests.platform.test_study import ONE_STEP, run_cli, runs_by_kind, short_study
 
 
@@ -205,7 +205,7 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
         cli = [
             sys.executable,
             "-m",
-            "stageflow.platform.cli",
+            "stageflow.platform.commands.cli",
             "submit",
             "study.yaml",
             f"storage_dir={storage}",

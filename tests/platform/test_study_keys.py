@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stageflow.platform.cli import main
-from stageflow.platform.prefix_cache import PrefixCache
+from stageflow.core.prefix_cache import PrefixCache
+from stageflow.platform.commands.cli import main
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
 STEPS = {"steps": 2, "batch_size": 4, "lr": 1e-3}

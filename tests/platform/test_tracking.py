@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from stageflow.platform.tracking import (
+from stageflow.platform.engine.tracking import (
     MAX_METRICS_PER_BATCH,
     Tracker,
     default_tracking_uri,

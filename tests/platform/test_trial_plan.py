@@ -6,11 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-from stageflow.platform.expand import expand
-from stageflow.platform.keys import code_version, model_identity
-from stageflow.platform.study_dir import StudyDir
-from stageflow.platform.study_file import load_study
-from stageflow.platform.trial_plan import Planner, in_memory_rows, materialized_rows
+from stageflow.core.expand import expand
+from stageflow.core.keys import code_version, model_identity
+from stageflow.core.study_dir import StudyDir
+from stageflow.core.study_file import load_study
+from stageflow.platform.engine.trial_plan import Planner, in_memory_rows, materialized_rows
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.yaml"
 

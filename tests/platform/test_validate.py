@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stageflow.platform.cli import main
+from stageflow.platform.commands.cli import main
 
 VALID = {
     "name": "bad-input",
@@ -337,7 +337,7 @@ def test_bad_study(tmp_path, capsys, change, expected):
 
 def test_truncated_model_weights(tmp_path, capsys):
     """A safetensors file cut short (an interrupted copy): refused before any engine starts."""
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=64, num_heads=2))
     weights = model / "model.safetensors"
@@ -352,7 +352,7 @@ def test_logit_soft_capping_model_refused(tmp_path, capsys):
     """A model whose config transforms its logits would be trained on the wrong log-probs."""
     import json
 
-    from stageflow.platform.models import TinyModelSpec, build_tiny_model
+    from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=64, num_heads=2))
     config = json.loads((model / "config.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from stageflow.platform.config import (
+from stageflow.core.config import (
     DataSpec,
     EvalSetSpec,
     EvaluationSpec,
@@ -14,8 +14,8 @@ from stageflow.platform.config import (
     RolloutSpec,
     StudySpec,
 )
-from stageflow.platform.registry import load_plugins
-from stageflow.platform.workers import Stopwatch, trial_bundles
+from stageflow.core.registry import load_plugins
+from stageflow.platform.engine.workers import Stopwatch, trial_bundles
 
 load_plugins()
 
@@ -61,7 +61,7 @@ def test_stopwatch_breakdown():
 
 
 def test_threads_share_one_machine_among_the_trials_at_once(monkeypatch):
-    from stageflow.platform.runner import actor_threads
+    from stageflow.platform.engine.runner import actor_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     two_ranks = spec("shared")

@@ -1,0 +1,313 @@
+"""Name → implementation registries for the parts people extend from YAML.
+
+A new unlearning method, reward, metric, task or answer checker is one function plus one
+decorator; a new stage kind is one class. The study validator looks names up here, so a
+registered name is valid everywhere. Each registry holds one typed entry kind (`Objective`,
+`Reward`, `Metric`, `Task`, `Check`, `StageKind`): the decorator's keywords are that type's
+fields, so a misspelt property is an error at import, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+import inspect
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from stageflow.core.config import RLLoopParams, positive, typed_value
+
+Range = tuple[float, float]
+
+
+def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The parameters after the first of `fn` with their defaults: an implementation's
+    signature is its parameter schema (`def npo(x, beta=0.1, alpha=0.0)` takes beta, alpha)."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective: `fn(LossInputs, **params) -> loss`.
+
+    Its parameters: the loss's, from `fn`'s signature (typed: `loss_params` builds the frozen
+    dataclass `Params` from a stage's `params`), plus `extra_params` (used by neither the loss
+    nor the loop: its default rewards'), plus the RL loop's (`RLLoopParams`) when `rl_loop`
+    (trained by platform/engine/rl.py on sampled completions). `kinds`: stage kinds that
+    accept it; `needs_ref`: pi_ref log-probs are required; `retain_weight`: the parameter
+    weighting the retain-set NLL; `retain_prompts`: the RL loop also samples the stage's
+    retain prompts; `default_rewards(params)`: rewards used when a stage lists none;
+    `nonnegative`: loss parameters checked >= 0.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    kinds: tuple[str, ...]
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    needs_ref: bool = False
+    retain_weight: str | None = None
+    rl_loop: bool = False
+    retain_prompts: bool = False
+    default_rewards: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+    nonnegative: tuple[str, ...] = ()  # loss parameters that must be >= 0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        loop = dataclasses.asdict(RLLoopParams()) if self.rl_loop else {}
+        return {**keyword_defaults(self.fn), **self.extra_params, **loop}
+
+    @functools.cached_property
+    def Params(self) -> type:  # noqa: N802 - a class
+        """The frozen dataclass of the loss's parameters (`fn`'s signature after its input)."""
+        fields = [(k, Any, field(default=v)) for k, v in keyword_defaults(self.fn).items()]
+        return dataclasses.make_dataclass(f"{self.name}_params", fields, frozen=True)
+
+    def loss_params(self, params: dict[str, Any] | None = None) -> Any:
+        """The loss's parameters among a stage's `params`, typed (`Params`); ValueError names
+        the first bad one."""
+        values = {}
+        for name, default in keyword_defaults(self.fn).items():
+            value, problem = typed_value(name, (params or {}).get(name, default), default)
+            if problem:
+                raise ValueError(name, problem)
+            values[name] = value
+        return self.Params(**values)
+
+    def loop_params(self, params: dict[str, Any] | None = None) -> RLLoopParams:
+        """The RL loop's parameters among a stage's `params` (an objective it trains)."""
+        return RLLoopParams.of(dict(params or {}))
+
+    def problems(self, params: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        """(param, problem) for a parameter the objective does not take or a badly typed one."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            hint = closest(unknown[0], list(self.params))
+            expected = (
+                f"did you mean '{hint}'?"
+                if hint
+                else f"objective '{self.name}' takes {', '.join(self.params) or 'no parameters'}"
+            )
+            yield unknown[0], f"unknown parameter; {expected}"
+            return
+        try:
+            typed = self.loss_params(params)
+        except ValueError as err:
+            yield err.args[0], err.args[1]
+            return
+        for name in self.nonnegative:
+            yield from positive(name, getattr(typed, name), allow_zero=True)
+        if self.rl_loop:
+            yield from self.loop_params(params).problems()
+
+    def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The parameters: defaults updated by `overrides` (unknown names raise ValueError)."""
+        unknown = set(overrides or {}) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"objective '{self.name}' has no parameter {', '.join(sorted(unknown))}; "
+                f"it takes {', '.join(self.params) or 'none'}"
+            )
+        return {**self.params, **(overrides or {})}
+
+    def needs_reference(self, params: dict[str, Any]) -> bool:
+        """Whether pi_ref log-probs must be computed (NPO; an RL loop with a KL coefficient)."""
+        return self.needs_ref or (self.rl_loop and (params.get("beta") or 0) > 0)
+
+    def uses_retain(self, params: dict[str, Any]) -> bool:
+        """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
+        return self.retain_weight is not None and bool(params.get(self.retain_weight))
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward `fn(Sample, **params) -> float` (or `Scored`, with named sub-terms); its
+    parameters and their defaults are `fn`'s signature.
+
+    `range`: (low, high), or a function of the parameters; `prepare(params, rows)`: parameters
+    derived from the stage's rows; `check(params)`: (key, problem) for a bad value, or None.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    range: Range | Callable[[dict[str, Any]], Range] = (0.0, 1.0)
+    prepare: Callable[[dict[str, Any], Sequence[dict]], dict[str, Any]] | None = None
+    check: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return keyword_defaults(self.fn)
+
+
+AnswerKind = Literal["answer", "paraphrased", "perturbed"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An evaluation metric: `fn(per-example stats) -> float`; `needs` says which stats:
+    teacher-forced answer statistics (loglik) or checked sampled completions (generation);
+    `reads`: which of a row's answers a loglik metric scores (only those are computed)."""
+
+    name: str
+    fn: Callable[..., float]
+    needs: Literal["loglik", "generation"]
+    reads: tuple[AnswerKind, ...] = ("answer",)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic task: `fn(rng, size, **params) -> {split: rows}` and its answer checker."""
+
+    name: str
+    fn: Callable[..., dict[str, list[dict]]]
+    splits: tuple[str, ...]
+    check: Callable[[dict, str], bool]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Parameters after (rng, size), from the generator's signature."""
+        return {k: v for k, v in keyword_defaults(self.fn).items() if k != "size"}
+
+    def rows(self, seed: int, size: int, params: dict[str, Any] | None = None) -> dict:
+        """All splits as {split: [row, ...]}; the same arguments give the same rows."""
+        rng = random.Random(f"{self.name}:{seed}")
+        return self.fn(rng, size, **{**self.params, **(params or {})})
+
+
+@dataclass(frozen=True)
+class Check:
+    """An answer checker: `fn(row, completion) -> bool`, named by a data set's `check`."""
+
+    name: str
+    fn: Callable[[dict, str], bool]
+
+
+class StageKind:
+    """A kind of stage (`kind:` in YAML); `run` is what the trial pipeline calls for it.
+
+    `default_objective`: the objective of a stage that names none (None: it must name one,
+    or the kind trains nothing). Subclasses live in platform/engine/stages.py.
+    """
+
+    trains = True
+
+    def __init__(self, name: str, default_objective: str | None, doc: str):
+        self.name, self.default_objective, self.doc = name, default_objective, doc
+        self.params: dict[str, Any] = {}
+
+    def run(self, trial: Any, step: Any) -> Any:  # pragma: no cover - see platform/engine/stages.py
+        raise NotImplementedError
+
+
+E = TypeVar("E")
+
+
+class Registry(Generic[E]):
+    """Named entries of one type; `register(name, **fields)` decorates the implementation.
+    `plugin`: the module whose import registers the built-in entries, imported at the first
+    lookup, so a caller never depends on having imported it."""
+
+    def __init__(self, what: str, entry_type: type[E], plugin: str):
+        self.what, self.entry_type, self.plugin = what, entry_type, plugin
+        self._entries: dict[str, E] = {}
+        self._loaded = False
+
+    def _all(self) -> dict[str, E]:
+        if not self._loaded:
+            before = dict(self._entries)
+            self._loaded = True  # before the import: the module registers through `add`
+            try:
+                importlib.import_module(self.plugin)
+            except BaseException:  # a failed import leaves the registry as it was, not loaded
+                self._entries, self._loaded = before, False
+                raise
+        return self._entries
+
+    def register(self, name: str, **fields: Any) -> Callable[[Any], Any]:
+        """Decorator: `fn` becomes the entry `entry_type(name=name, fn=fn, **fields)`."""
+
+        def add(fn: Any) -> Any:
+            self.add(self.entry_type(name=name, fn=fn, **fields))  # type: ignore[call-arg]
+            return fn
+
+        return add
+
+    def add(self, entry: E) -> E:
+        name = entry.name  # type: ignore[attr-defined]
+        if name in self._entries:
+            raise ValueError(f"{self.what} '{name}' is registered twice")
+        self._entries[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+    def __getitem__(self, name: str) -> E:
+        if name not in self._all():
+            raise KeyError(f"unknown {self.what} '{name}'; {self.expected()}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._all())
+
+    def expected(self, name: str | None = None) -> str:
+        """'expected one of a, b, c' plus a close match for `name` when there is one."""
+        text = "expected one of " + ", ".join(self.names())
+        hint = closest(name, self.names()) if name else None
+        return f"did you mean '{hint}'? ({text})" if hint else text
+
+    def unknown_param(self, name: str, params: Iterable[str]) -> tuple[str, str] | None:
+        """(param, problem) for the first of `params` that entry `name` does not take, or None."""
+        declared = list(self[name].params)  # type: ignore[attr-defined]
+        for param in params:
+            if param not in declared:
+                hint = closest(param, declared)
+                expected = (
+                    f"did you mean '{hint}'?"
+                    if hint
+                    else f"{self.what} '{name}' takes {', '.join(declared) or 'no parameters'}"
+                )
+                return param, f"unknown parameter; {expected}"
+        return None
+
+
+def closest(name: str, candidates: list[str]) -> str | None:
+    """The candidate most like `name`, if any is reasonably close."""
+    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+STAGE_KINDS: Registry[StageKind] = Registry(
+    "stage kind", StageKind, "stageflow.platform.engine.stages"
+)
+OBJECTIVES: Registry[Objective] = Registry("objective", Objective, "stageflow.actors.objectives")
+REWARDS: Registry[Reward] = Registry("reward", Reward, "stageflow.actors.rewards")
+METRICS: Registry[Metric] = Registry("metric", Metric, "stageflow.actors.metrics")
+TASKS: Registry[Task] = Registry("task", Task, "stageflow.core.tasks")
+CHECKS: Registry[Check] = Registry("checker", Check, "stageflow.core.checks")
+REGISTRIES = (STAGE_KINDS, OBJECTIVES, REWARDS, METRICS, TASKS, CHECKS)
+
+
+def load_plugins() -> None:
+    """Import every module that registers built-in entries (each registry also does so at
+    its first lookup), e.g. before listing what a study may name."""
+    for registry in REGISTRIES:
+        registry.names()
+
+
+def objective_of(stage: Any) -> str | None:
+    """A stage's objective name: its own, else its kind's default."""
+    if stage.objective is not None:
+        return stage.objective
+    kind = STAGE_KINDS[stage.kind] if stage.kind in STAGE_KINDS else None
+    return kind.default_objective if kind else None
+
+
+def runs_rl_loop(stage: Any) -> bool:
+    """Whether the stage's objective is trained by the RL loop (platform/engine/rl.py)."""
+    name = objective_of(stage)
+    return name in OBJECTIVES and OBJECTIVES[name].rl_loop

@@ -1,0 +1,93 @@
+"""The study directory: the one thing every node of a cluster shares.
+
+Layout under `StudyDir.root` (spec.storage_dir, default runs/<name>):
+
+    study.yaml     the resolved spec the study runs with (`stageflow resume` reads it)
+    models/        the locally built base model
+    data/          generated task data, one folder of JSONL splits per (task, seed, size)
+    prefixes/      the prefix cache: <key>/{model/, meta.json}, <key>.eval.json, <key>.claim/
+    trials/        one record per finished trial: <trial id>.json (with its plan's fingerprint)
+    tune/          the Ray Tune experiment (what resume restores)
+    report/        report.md, report.html, figures/
+    artifacts/     MLflow artifacts of the default store
+    mlflow.db      the default MLflow store
+    provenance.json  stageflow's version and commit, library versions, CPU, threads
+    identity-memo.json  the base model's file digests by size, mtime and inode
+
+Writes go through core/files.py (atomic: a reader sees all of a file or nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stageflow.core.files import read_json, write_json
+from stageflow.core.prefix_cache import PrefixCache
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    """Where each part of a study lives; the only place that spells the layout out."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, spec: Any) -> StudyDir:
+        return cls(Path(spec.storage_dir or f"runs/{spec.name}").absolute())
+
+    spec_file = property(lambda self: self.root / "study.yaml")
+    models = property(lambda self: self.root / "models")
+    data = property(lambda self: self.root / "data")
+    prefixes = property(lambda self: self.root / "prefixes")
+    trials = property(lambda self: self.root / "trials")
+    tune = property(lambda self: self.root / "tune")
+    report = property(lambda self: self.root / "report")
+    artifacts = property(lambda self: self.root / "artifacts")
+    mlflow_db = property(lambda self: self.root / "mlflow.db")
+    timing = property(lambda self: self.root / "timing.json")  # the driver's time breakdown
+    provenance = property(lambda self: self.root / "provenance.json")  # versions, CPU, commit
+
+    @property
+    def tracking_uri(self) -> str:
+        """The default MLflow store of the study."""
+        return f"sqlite:///{self.mlflow_db}"
+
+    def cache(self) -> PrefixCache:
+        """The study's prefix cache (checkpoints and evaluations of stage prefixes)."""
+        return PrefixCache(self.prefixes)
+
+    def trial_record(self, trial_id: str) -> Path:
+        return self.trials / f"{trial_id}.json"
+
+    def read_record(self, trial_id: str) -> dict | None:
+        return read_json(self.trial_record(trial_id))
+
+    def write_record(self, trial_id: str, record: dict) -> None:
+        write_json(self.trial_record(trial_id), record)
+
+    def records(self, trials: list, fingerprints: dict[str, str] | None) -> list[tuple[Any, dict]]:
+        """(trial, record) of the finished trials, in the study's trial order: those whose
+        record was made by the trial's current plan (`fingerprints`: trial id -> its plan's
+        fingerprint; a stale record, of a study, data or code that changed since, is not
+        one), or every record when `fingerprints` is None (a report of what was run)."""
+        found = [(trial, self.read_record(trial.trial_id)) for trial in trials]
+        return [
+            (trial, record)
+            for trial, record in found
+            if record is not None
+            and (
+                fingerprints is None
+                or record.get("fingerprint") == fingerprints.get(trial.trial_id)
+            )
+        ]
+
+    def stale_records(self, trials: list, fingerprints: dict[str, str]) -> list[Any]:
+        """The trials whose record another plan made (they run again)."""
+        found = [(trial, self.read_record(trial.trial_id)) for trial in trials]
+        return [
+            trial
+            for trial, record in found
+            if record is not None and record.get("fingerprint") != fingerprints.get(trial.trial_id)
+        ]

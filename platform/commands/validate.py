@@ -1,0 +1,497 @@
+"""Semantic checks of a study, all before any work starts.
+
+`validate_study` raises the first `StudyError` it finds: each spec's own invariants
+(`Spec.problems`: choices, ranges), then what needs more than one spec: unknown names (looked
+up in the registries), impossible orderings, bad data files, a missing model, an unwritable
+storage dir or an unreachable tracking server. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stageflow.actors.rendering import encode_prompt, render_row, renders_chat, row_prompt
+from stageflow.actors.rewards import check_rewards
+from stageflow.core.config import DataSpec, RLLoopParams, StageSpec, StudyError, StudySpec
+from stageflow.core.data_files import is_plain, spec_rows
+from stageflow.core.expand import apply_hparams, grid_points, parse_path
+from stageflow.core.models import (
+    char_tokenizer,
+    check_model_dir,
+    has_chat_template,
+    logit_transform,
+)
+from stageflow.core.registry import (
+    CHECKS,
+    METRICS,
+    OBJECTIVES,
+    REWARDS,
+    STAGE_KINDS,
+    TASKS,
+    Objective,
+    Registry,
+    closest,
+    load_plugins,
+    objective_of,
+    runs_rl_loop,
+)
+from stageflow.core.serving import serving_problem
+from stageflow.core.study_dir import StudyDir
+from stageflow.core.study_file import load_study
+from stageflow.core.tasks import check_jsonl, generate
+from stageflow.platform.engine.trial_plan import needs_rollout
+
+# Settings made once per study (its model, its trials' shape, its shared actors, its analysis):
+# a grid over them could not be applied to one trial, so it is refused.
+GRID_FORBIDDEN = (
+    "name", "storage_dir", "model", "orderings", "unlearning", "oracle", "grid", "seeds",
+    "resources", "tracking", "analysis",
+)  # fmt: skip
+GRID_PLACEMENT = ("learner.ranks", "rollout.placement", "rollout.workers")  # a trial's bundles
+
+
+def load_and_validate(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """Load a study file, apply overrides and check everything; raises StudyError."""
+    spec = load_study(path, overrides)
+    validate_study(spec, str(path))
+    return spec
+
+
+def validate_study(spec: StudySpec, source: str) -> None:
+    load_plugins()
+    v = _Validator(spec, source)
+    v.check_all()
+
+
+class _Validator:
+    def __init__(self, spec: StudySpec, source: str):
+        self.spec, self.source = spec, source
+        self._rows: dict[str, list[dict]] = {}
+
+    def rows(self, key: str, data: DataSpec) -> list[dict]:
+        """The rows of a data spec (loaded once, written nowhere); a bad file fails at `key`."""
+        text = repr(data)
+        if text not in self._rows:
+            try:
+                self._rows[text] = spec_rows(data)
+            except StudyError as err:
+                raise err.within(self.source, key) from None
+        return self._rows[text]
+
+    def fail(self, key: str, problem: str) -> None:
+        raise StudyError(self.source, key, problem)
+
+    def name_in(self, registry: Registry, name: str | None, key: str) -> None:
+        if name not in registry:
+            self.fail(key, f"unknown {registry.what} '{name}'; {registry.expected(name)}")
+
+    def check_all(self) -> None:
+        spec = self.spec
+        for key, problem in spec.problems():
+            self.fail(key, problem)
+        for name, stage in spec.stages.items():
+            self.check_stage(f"stages.{name}", stage)
+        self.check_orderings()
+        for index, name in enumerate(spec.unlearning):
+            key = f"unlearning[{index}]"
+            self.known_stage(key, name)
+            if spec.stages[name].kind != "unlearn":
+                self.fail(
+                    key,
+                    f"stage '{name}' is of kind '{spec.stages[name].kind}', expected an unlearn stage",
+                )
+        self.check_grid()
+        for name, eval_set in spec.evaluation.sets.items():
+            key = f"evaluation.sets.{name}"
+            self.check_data(f"{key}.data", eval_set.data)
+            for i, metric in enumerate(eval_set.metrics):
+                self.name_in(METRICS, metric, f"{key}.metrics[{i}]")
+        self.check_analysis()
+        self.check_engines()
+        self.check_model()
+        self.check_lora()
+        self.check_prompt_lengths()
+        self.check_storage()
+        self.check_tracking()
+
+    def check_stage(self, key: str, stage: StageSpec) -> None:
+        self.name_in(STAGE_KINDS, stage.kind, f"{key}.kind")
+        if stage.kind == "eval":
+            for i, name in enumerate(stage.sets):
+                if name not in self.spec.evaluation.sets:
+                    self.fail(
+                        f"{key}.sets[{i}]",
+                        f"unknown evaluation set '{name}'; expected one of evaluation.sets: {', '.join(self.spec.evaluation.sets) or '(none defined)'}",
+                    )
+            return
+        objective = stage.objective or STAGE_KINDS[stage.kind].default_objective
+        if objective is None:
+            self.fail(
+                f"{key}.objective",
+                f"a {stage.kind} stage needs an objective; {OBJECTIVES.expected()}",
+            )
+        self.name_in(OBJECTIVES, objective, f"{key}.objective")
+        entry = OBJECTIVES[objective]
+        if stage.kind not in entry.kinds:
+            self.fail(
+                f"{key}.objective",
+                f"objective '{objective}' does not run in a {stage.kind} stage (it runs in: {', '.join(entry.kinds)})",
+            )
+        for param, problem in entry.problems(dict(stage.params)):  # names and types
+            self.fail(f"{key}.params.{param}", problem)
+        self.check_rl(key, stage, objective, entry)
+        self.check_data(f"{key}.data", stage.data)
+        if stage.retain is not None:
+            self.check_data(f"{key}.retain", stage.retain)
+        for sub_key, problem in stage.problems():
+            self.fail(f"{key}.{sub_key}", problem)
+
+    def check_rl(self, key: str, stage: StageSpec, objective: str, entry: Objective) -> None:
+        """An RL stage's rewards (parameters, gate thresholds) and its loop settings."""
+        try:
+            check_rewards(stage.rewards)
+        except StudyError as err:
+            raise err.within(self.source, key) from None
+        if not entry.rl_loop:
+            if stage.rewards:
+                self.fail(
+                    f"{key}.rewards",
+                    f"objective '{objective}' does not use rewards; expected none (rewards drive RL objectives: {', '.join(n for n in OBJECTIVES.names() if OBJECTIVES[n].rl_loop)})",
+                )
+            return
+        if not stage.rewards and entry.default_rewards is None:
+            self.fail(
+                f"{key}.rewards",
+                f"a {stage.kind} stage needs at least one reward; expected a list of {{name, weight, params}} naming {', '.join(REWARDS.names())}",
+            )
+        loop = entry.loop_params(dict(stage.params))  # its own problems: entry.problems
+        self.check_staleness(f"{key}.params.max_staleness", loop)
+        if entry.retain_prompts and stage.retain is None:
+            self.fail(
+                f"{key}.retain",
+                f"objective '{objective}' also rewards answers on retain (boundary) prompts; expected a retain data set",
+            )
+
+    def check_staleness(self, key: str, loop: RLLoopParams) -> None:
+        """Asynchronous RL (max_staleness >= 1) needs engines that sample while the learner
+        trains, weights they can load meanwhile, and pi_old from their log-probs at T = 1."""
+        k, rollout = loop.max_staleness, self.spec.rollout
+        if not k:
+            return
+        if rollout.placement == "colocated":
+            self.fail(
+                key,
+                f"{k} overlaps sampling with training, which colocated engines cannot (they sleep while the learner trains); expected 0 or rollout.placement shared or per_trial",
+            )
+        if rollout.weight_sync == "nccl":
+            self.fail(
+                key,
+                f"{k} loads weights while the engines sample, which an NCCL push cannot; expected 0 or rollout.weight_sync shm, object_store or auto",
+            )
+        if loop.temperature != 1.0 and rollout.logprobs_mode != "raw_logprobs":
+            self.fail(
+                key,
+                f"{k} takes pi_old from the engines' log-probs, which at temperature {loop.temperature} are not the policy's; expected rollout.logprobs_mode raw_logprobs or temperature 1.0",
+            )
+
+    def check_data(self, key: str, data: DataSpec) -> None:
+        for sub_key, problem in data.problems():
+            self.fail(f"{key}.{sub_key}".rstrip("."), problem)
+        if data.check is not None:
+            self.name_in(CHECKS, data.check, f"{key}.check")
+        if data.file is not None:
+            problem = check_jsonl(data.file) if is_plain(data) else None
+            if problem:
+                self.fail(f"{key}.file", f"{data.file}: expected {problem}")
+            self.rows(key, data)
+            return
+        self.name_in(TASKS, data.task, f"{key}.task")
+        entry = TASKS[data.task]
+        if data.split not in entry.splits:
+            self.fail(
+                f"{key}.split",
+                f"task '{data.task}' has no split '{data.split}'; expected one of {', '.join(entry.splits)}",
+            )
+        for param in data.params:
+            if param not in entry.params:
+                self.fail(
+                    f"{key}.params.{param}",
+                    f"unknown parameter of task '{data.task}'; expected one of {', '.join(entry.params) or '(none)'}",
+                )
+        try:
+            generate(data.task, data.seed, min(data.size, 4), dict(data.params))
+        except ValueError as err:
+            self.fail(f"{key}.params", f"{err}")
+
+    def known_stage(self, key: str, name: str) -> None:
+        if name not in self.spec.stages:
+            hint = closest(name, list(self.spec.stages))
+            expected = (
+                f"did you mean '{hint}'?"
+                if hint
+                else f"expected one of {', '.join(self.spec.stages)}"
+            )
+            self.fail(key, f"unknown stage '{name}'; {expected}")
+
+    def check_orderings(self) -> None:
+        o = self.spec.orderings
+        given = [n for n in ("permutations", "insert", "explicit") if getattr(o, n) is not None]
+        if len(given) != 1:
+            self.fail(
+                "orderings",
+                f"expected exactly one of permutations, insert or explicit, got {', '.join(given) or 'none'}",
+            )
+        if o.permutations is not None:
+            for i, name in enumerate(o.permutations):
+                self.known_stage(f"orderings.permutations[{i}]", name)
+            if not o.permutations or len(set(o.permutations)) != len(o.permutations):
+                self.fail(
+                    "orderings.permutations", "expected a non-empty list of distinct stage names"
+                )
+        if o.insert is not None:
+            self.known_stage("orderings.insert.stage", o.insert.stage)
+            for i, name in enumerate(o.insert.into):
+                self.known_stage(f"orderings.insert.into[{i}]", name)
+            top = len(o.insert.into) + 1
+            for i, position in enumerate(o.insert.positions or []):
+                if not 1 <= position <= top:
+                    self.fail(
+                        f"orderings.insert.positions[{i}]",
+                        f"position {position} is out of range; expected 1 to {top} for a sequence of {top - 1} stages",
+                    )
+        for i, text in enumerate(o.explicit or []):
+            for name in parse_path(text):
+                self.known_stage(f"orderings.explicit[{i}]", name)
+        if o.explicit is not None and not o.explicit:
+            self.fail("orderings.explicit", "expected at least one path like 'a>b>c'")
+
+    def check_grid(self) -> None:
+        """Every swept setting is applied to each trial, or refused here."""
+        for key, values in self.spec.grid.items():
+            if key.split(".")[0] in GRID_FORBIDDEN:
+                self.fail(
+                    f"grid.{key}",
+                    f"'{key}' cannot be swept (it is set once per study); expected a stage, learner, rollout or evaluation setting",
+                )
+            if key in GRID_PLACEMENT:
+                self.fail(
+                    f"grid.{key}",
+                    f"'{key}' sizes every trial's placement group, which is made once per study; expected one value (run one study per value)",
+                )
+            shared = self.spec.rollout.placement == "shared"
+            if shared and key.startswith("rollout.") and key != "rollout.weight_sync":
+                self.fail(
+                    f"grid.{key}",
+                    f"the shared engine pool is started once for the study with one value of '{key}'; expected rollout.placement: per_trial (each trial's own engines get its value) or no sweep of it",
+                )
+            if not values:
+                self.fail(f"grid.{key}", "expected a non-empty list of values")
+        for point in grid_points(self.spec.grid):
+            try:
+                swept = apply_hparams(self.spec, point)
+            except Exception as err:  # OmegaConf key or type error, named by the key
+                key = next(iter(point))
+                self.fail(
+                    f"grid.{getattr(err, 'full_key', key) or key}",
+                    f"not a setting of the study or a value of the wrong type ({str(err).splitlines()[0]})",
+                )
+            if swept is not self.spec:
+                for name, stage in swept.stages.items():
+                    self.check_stage(f"stages.{name}", stage)
+
+    def check_analysis(self) -> None:
+        analysis, sets = self.spec.analysis, self.spec.evaluation.sets
+        named = {
+            "forget_score": analysis.forget_score,
+            **{f"utilities.{k}": v for k, v in analysis.utilities.items()},
+            **{f"over_refusal[{i}]": v for i, v in enumerate(analysis.over_refusal)},
+        }
+        for key, metric in named.items():
+            if metric is None:
+                continue
+            set_name, _, metric_name = metric.partition("/")
+            if set_name not in sets or metric_name not in sets[set_name].metrics:
+                self.fail(
+                    f"analysis.{key}",
+                    f"'{metric}' is not computed; expected '<set>/<metric>' of evaluation.sets",
+                )
+        if analysis.forget_quality is not None:
+            chosen = sets.get(analysis.forget_quality)
+            if chosen is None or "truth_ratio" not in chosen.metrics:
+                self.fail(
+                    "analysis.forget_quality",
+                    f"expected an evaluation set with the truth_ratio metric, got '{analysis.forget_quality}'",
+                )
+            if not self.spec.oracle:
+                self.fail(
+                    "analysis.forget_quality",
+                    "forget quality compares with the oracle; expected oracle: true",
+                )
+        if analysis.primary is not None and analysis.primary not in analysis.declared_scores:
+            self.fail(
+                "analysis.primary",
+                f"'{analysis.primary}' is not a score of this study; expected one of {', '.join(analysis.declared_scores) or 'forget_score or a utility (none declared)'}",
+            )
+        if analysis.probability_mass is not None and analysis.probability_mass not in sets:
+            self.fail(
+                "analysis.probability_mass",
+                f"'{analysis.probability_mass}' is not an evaluation set; expected one of {', '.join(sets) or 'evaluation.sets (none defined)'}",
+            )
+
+    def check_engines(self) -> None:
+        """The rollout engines a study needs exist and fit the placement."""
+        rollout = self.spec.rollout
+        if rollout.workers == 0 and needs_rollout(self.spec):
+            self.fail(
+                "rollout.workers",
+                "the study samples completions (an RL stage or a generation metric); expected at least 1 engine",
+            )
+        if rollout.placement == "colocated" and rollout.workers > self.spec.learner.ranks:
+            self.fail(
+                "rollout.workers",
+                f"colocated puts each engine on a learner rank's GPU; expected at most learner.ranks={self.spec.learner.ranks} engines",
+            )
+        path = self.spec.model.path
+        if rollout.workers and needs_rollout(self.spec) and path and check_model_dir(path) is None:
+            device = engine_device(self.spec.resources.device)
+            problem = serving_problem(path, rollout.backend, device, rollout.max_model_len)
+            if problem:
+                self.fail(
+                    problem[0] if problem[0].startswith("rollout.") else "model.path",
+                    f"expected {problem[1]}",
+                )
+
+    def check_prompt_lengths(self) -> None:
+        """Every prompt the engines sample from, plus its new tokens, fits rollout.max_model_len."""
+        needs: list[tuple[str, list[DataSpec], int, int | None]] = [
+            (f"evaluation set '{name}'", [s.data], s.max_new_tokens, s.max_examples)
+            for name, s in self.spec.evaluation.sets.items()
+            if any(METRICS[m].needs == "generation" for m in s.metrics)
+        ]
+        for name, stage in self.spec.stages.items():
+            if stage.kind != "eval" and runs_rl_loop(stage):
+                loop = OBJECTIVES[objective_of(stage)].loop_params(dict(stage.params))
+                data = [stage.data] + ([stage.retain] if stage.retain else [])
+                needs.append((f"stage '{name}'", data, loop.max_new_tokens, None))
+        if not needs:
+            return
+        tokenizer, limit = self.tokenizer(), self.spec.rollout.max_model_len
+        has_template = self.spec.model.path is not None and has_chat_template(self.spec.model.path)
+        for what, datas, new_tokens, first in needs:
+            prompts = [
+                row_prompt(render_row(r, renders_chat(data.template, has_template), data.system))
+                for data in datas
+                for r in self.rows("", data)[:first]
+            ]
+            longest = max((len(encode_prompt(tokenizer, p)) for p in prompts), default=0)
+            if longest + new_tokens > limit:
+                self.fail(
+                    "rollout.max_model_len",
+                    f"{limit} is shorter than the longest prompt of {what} ({longest} tokens) plus its {new_tokens} new tokens; expected at least {longest + new_tokens}",
+                )
+
+    def tokenizer(self):
+        """The study model's tokenizer (the tiny model's is built, not loaded)."""
+        if self.spec.model.path is None:
+            return char_tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.spec.model.path)
+
+    def check_model(self) -> None:
+        path = self.spec.model.path
+        if path is not None:
+            problem = check_model_dir(path) or logit_transform(path)
+            if problem:
+                self.fail("model.path", f"{path}: expected {problem}")
+        if path is None or not has_chat_template(path):
+            for key, data in self.data_specs():
+                if data.template == "chat":
+                    self.fail(
+                        f"{key}.template",
+                        "the model's tokenizer has no chat template; expected auto or plain",
+                    )
+
+    def data_specs(self) -> list[tuple[str, DataSpec]]:
+        """Every data spec of the study, with its key."""
+        out = [(f"evaluation.sets.{n}.data", s.data) for n, s in self.spec.evaluation.sets.items()]
+        for name, stage in self.spec.stages.items():
+            if stage.kind != "eval":
+                out.append((f"stages.{name}.data", stage.data))
+                if stage.retain is not None:
+                    out.append((f"stages.{name}.retain", stage.retain))
+        return out
+
+    def check_lora(self) -> None:
+        """learner.lora.target_modules name layers of the model (else peft fails in a trial)."""
+        lora = self.spec.learner.lora
+        if lora is None or not lora.target_modules:
+            return
+        # lazy: torch, for a study with LoRA target modules only
+        from stageflow.actors.lora import linear_layers, unknown_target
+
+        layers = linear_layers(self.spec.model.path)
+        target = unknown_target(lora.target_modules, layers)
+        if target is not None:
+            names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            self.fail(
+                "learner.lora.target_modules",
+                f"'{target}' names no linear layer of the model; expected some of {', '.join(names)}",
+            )
+
+    def check_storage(self) -> None:
+        path = StudyDir.of(self.spec).root
+        if path.exists() and not path.is_dir():
+            self.fail("storage_dir", f"{path} is a file; expected a directory")
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            self.fail("storage_dir", f"{existing} is not writable; expected a writable directory")
+        try:  # permissions can say yes where the filesystem says no (/proc, read-only mounts)
+            os.rmdir(tempfile.mkdtemp(prefix=".stageflow-probe-", dir=existing))
+        except OSError as err:
+            self.fail(
+                "storage_dir",
+                f"{path} cannot be created ({err.strerror} in {existing}); expected a writable directory",
+            )
+
+    def check_tracking(self) -> None:
+        uri = self.spec.tracking.uri
+        if uri is None:
+            return
+        if uri.startswith("sqlite:///"):
+            folder = Path(uri[len("sqlite:///") :]).absolute().parent
+            existing = next(p for p in [folder, *folder.parents] if p.exists())
+            if not os.access(existing, os.W_OK):
+                self.fail(
+                    "tracking.uri",
+                    f"{existing} is not writable; expected a writable place for the SQLite store",
+                )
+        elif uri.startswith(("http://", "https://")):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3).close()
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                self.fail(
+                    "tracking.uri",
+                    f"MLflow server {uri} is unreachable ({reason}); expected a running server (`mlflow server`)",
+                )
+        else:
+            self.fail(
+                "tracking.uri",
+                f"unsupported tracking URI '{uri}'; expected sqlite:///PATH or http(s)://HOST:PORT",
+            )
+
+
+def engine_device(device: str) -> str:
+    """The device the study's engines will use as far as this machine can tell: `auto` is cuda
+    where a CUDA device is visible, `unknown` on a cluster named by RAY_ADDRESS (its engines
+    check again when they start), else cpu."""
+    if device != "auto":
+        return device
+    if os.environ.get("RAY_ADDRESS"):
+        return "unknown"
+    return "cuda" if Path("/dev/nvidiactl").exists() else "cpu"

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import dataclasses
+
+from stageflow.core.config import DataSpec, InsertSpec, OrderingSpec, StageSpec, StudySpec
+from stageflow.core.expand import apply_hparams, expand, ordering_paths, trial_spec
+
+
+def stage(
+    task: str, split: str = "train", kind: str = "sft", objective: str | None = None
+) -> StageSpec:
+    return StageSpec(kind=kind, objective=objective, data=DataSpec(task=task, split=split))
+
+
+def spec(**changes) -> StudySpec:
+    base = StudySpec(
+        name="s",
+        stages={
+            "inst": stage("inst"),
+            "facts": stage("facts"),
+            "refusal": stage("refusal"),
+            "npo": stage("refusal", kind="unlearn", objective="npo"),
+        },
+        orderings=OrderingSpec(permutations=["inst", "facts", "refusal"]),
+        unlearning=["npo"],
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_orderings():
+    assert len(ordering_paths(OrderingSpec(permutations=["a", "b", "c"]))) == 6
+    inserted = ordering_paths(OrderingSpec(insert=InsertSpec(stage="u", into=["a", "b", "c"])))
+    assert inserted == [
+        ("u", "a", "b", "c"),
+        ("a", "u", "b", "c"),
+        ("a", "b", "u", "c"),
+        ("a", "b", "c", "u"),
+    ]
+    assert ordering_paths(
+        OrderingSpec(insert=InsertSpec(stage="u", into=["a", "b"], positions=[3]))
+    ) == [("a", "b", "u")]
+    assert ordering_paths(OrderingSpec(explicit=["a>b", " b > a "])) == [("a", "b"), ("b", "a")]
+
+
+def test_trials_cross_grid_and_seeds_with_stable_ids():
+    s = spec(grid={"stages.inst.lr": [1e-3, 1e-4]}, seeds=[0, 1, 2])
+    trials = expand(s)
+    assert len(trials) == 6 * 2 * 3
+    assert len({t.trial_id for t in trials}) == len(trials)
+    assert [t.trial_id for t in expand(s)] == [t.trial_id for t in trials]
+    assert apply_hparams(s, trials[-1].hparams).stages["inst"].lr in (1e-3, 1e-4)
+
+
+def test_oracle_drops_the_forget_stage():
+    trials = expand(spec(oracle=True))
+    oracles = [t for t in trials if t.oracle]
+    # refusal is the forget set: every ordering's oracle is inst/facts in their order
+    assert sorted(t.path for t in oracles) == [("facts", "inst"), ("inst", "facts")]
+    assert all(t.unlearning == () for t in oracles)
+
+
+def test_oracle_trains_facts_on_its_retain_split():
+    forget_facts = stage("facts", split="forget", kind="unlearn", objective="ga")
+    s = spec(stages={**spec().stages, "npo": forget_facts}, oracle=True)
+    oracle = next(t for t in expand(s) if t.oracle)
+    assert oracle.path == ("inst", "facts", "refusal")
+    assert trial_spec(s, oracle).stages["facts"].data.split == "retain"
+    normal = next(t for t in expand(s) if not t.oracle)
+    assert trial_spec(s, normal).stages["facts"].data.split == "train"
