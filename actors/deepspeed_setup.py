@@ -10,6 +10,8 @@ from typing import Any
 
 from stageflow.core.config import LearnerSpec, StageSpec
 
+# lazy: torch loads in the learner's process, not where its config is written
+
 STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's CPU op builds in about a minute; an older lock is orphaned
 
 

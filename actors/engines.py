@@ -17,6 +17,8 @@ from stageflow.actors.dispatch import rpc_name
 from stageflow.actors.weight_sync import WeightReloadExtension, read_shared_weights
 from stageflow.core.config import RolloutSpec
 
+# lazy: vLLM (transformers for the hf backend) loads only in the engine's own process
+
 Samples = list[tuple[list[list[int]], list[list[float]]]]  # per prompt: (ids [n], logprobs [n])
 
 

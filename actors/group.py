@@ -28,6 +28,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stageflow.actors.dispatch import (
+    ALL,
     RANK0,
     REF0,
     SPLIT,
@@ -37,6 +38,8 @@ from stageflow.actors.dispatch import (
     mode_of,
 )
 from stageflow.core.config import StudyError
+
+# lazy: torch only to look for a local GPU (device: auto)
 
 PLACEMENT_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 600.0  # a vLLM engine start takes 25-30 s here, more on a busy machine
@@ -64,6 +67,11 @@ def check_fits(what: str, ranks: int, cpus_per_actor: float) -> None:
             f"{ranks} ranks x {cpus_per_actor:g} CPUs need {ranks * cpus_per_actor:g} "
             f"CPUs but the cluster (or trial placement group) has {have:g}",
         )
+
+
+def shared(value: Any) -> Any:
+    """A list or dict argument put in the object store once (Ray hands each rank the value)."""
+    return ray.put(value) if isinstance(value, (list, dict)) else value
 
 
 def split_evenly(items: Sequence[Any], parts: int) -> list[list[Any]]:
@@ -247,6 +255,9 @@ class ActorGroup:
         mode = mode_of(method)
         check_call(method, args, kwargs)
         name = method.__name__
+        if mode in (ALL, RANK0, REF0):  # the same rows for every rank: one copy in the store
+            args = tuple(shared(a) for a in args)
+            kwargs = {k: shared(v) for k, v in kwargs.items()}
         if mode is REF0:  # every rank takes part (a gather); rank 0's result stays in the store
             refs = self._start(name, args, kwargs)
             ray.wait(refs, num_returns=len(refs))

@@ -6,8 +6,9 @@
 a stage's rows), `begin_stage` + `step` (the RL hook), `logprobs` and `answer_stats`
 (evaluation on the weights it holds), the full weights gathered on rank 0 (`state_dict`,
 `weights_payload`, `write_shared_weights` for weight_sync), `save` (an HF model directory vLLM
-and transformers load), `load` and `reseed`; the few defined here add what the caller's side
-needs (rows put in the object store once, a Path back). The LM head runs the fused per-token
+and transformers load), `load` and `reseed`; the two defined here add what the caller's side
+needs (the global sample count of an RL step, a Path back). The rows of a call that every rank
+receives go through the object store once (`ActorGroup.run`). The LM head runs the fused per-token
 log-prob kernel (`kernels: fused`), so the N x V logits are never held.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 from stageflow.actors.group import ModelGroup, check_fits
 from stageflow.actors.learner_worker import LearnerWorker
-from stageflow.core.config import LearnerSpec, StageSpec, StudyError
+from stageflow.actors.rendering import Completion
+from stageflow.core.config import LearnerSpec, StudyError
 from stageflow.core.models import check_model_dir
 
 
@@ -51,26 +53,7 @@ class LearnerGroup(ModelGroup):
     def check(self, model_dir: str | Path, cpus: float) -> None:
         check_learner(model_dir, self.spec, cpus)
 
-    def train_stage(
-        self,
-        stage: StageSpec,
-        rows: list[dict],
-        retain_rows: list[dict] | None = None,
-        seed: int = 0,
-        probe: list[dict] | None = None,
-    ) -> list[dict[str, float]]:
-        """Train one stage on every rank (rows shared through the object store); rank 0's
-        metrics. `probe`: answer items scored before and after every step (LearnerWorker)."""
-        import ray
-
-        rows_ref = ray.put(list(rows))
-        retain_ref = ray.put(list(retain_rows)) if retain_rows else None
-        probe_ref = ray.put(list(probe)) if probe else None
-        return self.group.run(
-            LearnerWorker.train_stage, stage, rows_ref, retain_ref, seed, probe_ref
-        )
-
-    def step(self, samples: list[dict]) -> dict[str, float]:
+    def step(self, samples: list[Completion]) -> dict[str, float]:
         """One RL optimizer step over `samples`, split across ranks; rank 0's metrics."""
         return self.group.run(LearnerWorker.step, list(samples), len(samples))
 

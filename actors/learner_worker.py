@@ -42,6 +42,8 @@ from stageflow.core.files import staged_dir
 from stageflow.core.registry import OBJECTIVES, load_plugins, objective_of
 from stageflow.kernels.peak_memory import PeakMemory
 
+# lazy: DeepSpeed, transformers and safetensors load when a learner rank starts
+
 FORWARD_MICRO_BATCH = 32  # sequences per no-grad forward (log-probs, evaluation)
 
 
@@ -338,20 +340,17 @@ class LearnerWorker:
         `probe`: answer items whose summed log-probs are read before the first step
         (`probe_start` in step 0's metrics) and after every step (`probe`), lists the caller
         reduces (the probability mass of platform/engine/evaluation.py)."""
+        # internal errors: `stageflow validate` refused these stages before any work
         if not rows:
-            raise ValueError("train_stage got no rows")
+            raise RuntimeError("train_stage got no rows")
         if stage.batch_size < self.world:
-            raise ValueError(
-                f"batch_size {stage.batch_size} is smaller than learner.ranks {self.world}"
-            )
+            raise RuntimeError(f"batch_size {stage.batch_size} < learner.ranks {self.world}")
         steps = stage_steps(stage.steps, stage.epochs, stage.batch_size, len(rows))
         self.begin_stage(stage, steps)
         entry, params = self._stage["entry"], self._stage["params"]
         use_retain = entry.uses_retain(params)
         if use_retain and not retain_rows:
-            raise ValueError(
-                f"objective '{entry.name}' weights a retain set but the stage has none"
-            )
+            raise RuntimeError(f"objective '{entry.name}' weights a retain set; the stage has none")
         encoded = self._encode(rows, stage.max_len)
         retain_enc = self._encode(retain_rows, stage.max_len) if use_retain else []
         plan = batch_indices(len(rows), stage.batch_size, steps, seed)

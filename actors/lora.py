@@ -24,6 +24,8 @@ import torch
 
 from stageflow.core.config import LoraSpec, StageSpec
 
+# lazy: peft, transformers and safetensors load only for a study with LoRA
+
 ADAPTER = "default"  # peft's name of a model's only adapter
 BASE_LAYER = ".base_layer."
 

@@ -11,13 +11,14 @@ R = sum_i weight_i * r_i over its list (`StageReward`); see docs/formulas.md#rl-
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
 from typing import Any, NamedTuple
 
 from stageflow.core.checks import math_number
-from stageflow.core.config import StudyError
+from stageflow.core.config import RewardSpec, StudyError
 from stageflow.core.registry import REWARDS, Range
 from stageflow.core.tasks import check_answer
 from stageflow.core.tasks.refusal import is_refusal
@@ -53,12 +54,14 @@ class Scored(NamedTuple):
     parts: dict[str, float]
 
 
-def as_spec(spec: Any) -> tuple[str, float, dict[str, Any]]:
-    """(name, weight, params) of a RewardSpec, a dict or an OmegaConf node."""
+def reward_spec(spec: Any) -> RewardSpec:
+    """The one typed form of a reward spec, from the forms one arrives in: a stage's
+    `RewardSpec`, a dict (an objective's default rewards, a gated reward's levels, whose
+    `gate` is not the spec's) or an OmegaConf node."""
     if is_dataclass(spec):
-        return spec.name, float(spec.weight), dict(spec.params or {})
+        return RewardSpec(spec.name, float(spec.weight), dict(spec.params or {}))
     spec = dict(spec)
-    return spec["name"], float(spec.get("weight", 1.0)), dict(spec.get("params") or {})
+    return RewardSpec(spec["name"], float(spec.get("weight", 1.0)), dict(spec.get("params") or {}))
 
 
 def resolve_params(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -79,17 +82,16 @@ def reward_range(name: str, params: dict[str, Any] | None = None) -> Range:
 def weighted_range(specs: Sequence[Any]) -> Range:
     """Range of sum_i w_i r_i."""
     low = high = 0.0
-    for spec in specs:
-        name, weight, params = as_spec(spec)
-        a, b = (weight * v for v in reward_range(name, params))
+    for spec in map(reward_spec, specs):
+        a, b = (spec.weight * v for v in reward_range(spec.name, spec.params))
         low, high = low + min(a, b), high + max(a, b)
     return low, high
 
 
 def scored(spec: Any, x: Sample) -> Scored:
     """The unweighted value of one reward spec on `x`, with its parts (none for most rewards)."""
-    name, _, params = as_spec(spec)
-    value = REWARDS[name].fn(x, **resolve_params(name, params))
+    spec = reward_spec(spec)
+    value = REWARDS[spec.name].fn(x, **resolve_params(spec.name, spec.params))
     return value if isinstance(value, Scored) else Scored(float(value), {})
 
 
@@ -98,12 +100,12 @@ def score(spec: Any, x: Sample) -> float:
     return scored(spec, x).value
 
 
-def prepare(spec: Any, rows: Sequence[dict]) -> dict[str, Any]:
-    """The spec as a dict with parameters derived from the stage's rows filled in."""
-    name, weight, params = as_spec(spec)
-    params = resolve_params(name, params)
-    hook = REWARDS[name].prepare
-    return {"name": name, "weight": weight, "params": hook(params, rows) if hook else params}
+def prepare(spec: Any, rows: Sequence[dict]) -> RewardSpec:
+    """The spec with its parameters resolved, those derived from the stage's rows filled in."""
+    spec = reward_spec(spec)
+    params = resolve_params(spec.name, spec.params)
+    hook = REWARDS[spec.name].prepare
+    return RewardSpec(spec.name, spec.weight, hook(params, rows) if hook else params)
 
 
 class StageReward:
@@ -114,7 +116,7 @@ class StageReward:
             raise ValueError("an RL stage needs at least one reward")
         self.specs = [prepare(s, rows) for s in specs]
         self.range = weighted_range(self.specs)
-        names = [s["name"] for s in self.specs]
+        names = [s.name for s in self.specs]
         self.names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
 
     def __call__(self, x: Sample) -> tuple[float, dict[str, float]]:
@@ -123,7 +125,7 @@ class StageReward:
         total, terms = 0.0, {}
         for n, s in zip(self.names, self.specs):
             value, parts = scored(s, x)
-            total += s["weight"] * value
+            total += s.weight * value
             terms[n] = value
             terms.update({f"{n}.{part}": v for part, v in parts.items()})
         return total, terms
@@ -233,10 +235,17 @@ def gated_levels(params: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def level_spec(level: Any, typed: bool = True) -> Any:
+    """A gated reward level's reward spec (its `gate` left out), typed unless `typed` is False
+    (validation reads the raw keys)."""
+    spec = {k: level[k] for k in SPEC_KEYS if k in level}
+    return reward_spec(spec) if typed else spec
+
+
 def _gated_range(params: dict[str, Any]) -> Range:
     low = high = 0.0
     for i, level in enumerate(gated_levels(params)):
-        a, b = weighted_range([{k: level[k] for k in SPEC_KEYS if k in level}])
+        a, b = weighted_range([level_spec(level)])
         low, high = low + (a if i == 0 else min(0.0, a)), high + (b if i == 0 else max(0.0, b))
     return low, high
 
@@ -244,8 +253,8 @@ def _gated_range(params: dict[str, Any]) -> Range:
 def _gated_prepare(params: dict[str, Any], rows: Sequence[dict]) -> dict[str, Any]:
     levels = []
     for level in gated_levels(params):
-        spec = prepare({k: level[k] for k in SPEC_KEYS if k in level}, rows)
-        levels.append({**spec, "gate": level.get("gate")})
+        spec = prepare(level_spec(level), rows)
+        levels.append({**dataclasses.asdict(spec), "gate": level.get("gate")})
     return {"outcome": None, "steps": [], "threshold": params["threshold"], "levels": levels}
 
 
@@ -267,7 +276,7 @@ def _gated_problem(params: dict[str, Any]) -> tuple[str, str] | None:
         extra = sorted(set(item.keys()) - set(allowed))
         if extra:
             return f"{key}.{extra[0]}", f"unknown key; expected {', '.join(allowed)}"
-        problem = spec_problem({k: item[k] for k in SPEC_KEYS if k in item})
+        problem = spec_problem(level_spec(item, typed=False))
         if problem:
             return f"{key}.{problem[0]}" if problem[0] else key, problem[1]
     for i, level in enumerate(gated_levels(params)):
@@ -309,7 +318,7 @@ def gated(
     chosen = gated_levels(params)
     names = [level["name"] for level in chosen]
     for i, level in enumerate(chosen):
-        value = score({k: level[k] for k in SPEC_KEYS if k in level}, x)
+        value = score(level_spec(level), x)
         parts[level["name"] if names.count(level["name"]) == 1 else f"{level['name']}{i}"] = value
         if open_:
             total += float(level.get("weight", 1.0)) * value
@@ -329,7 +338,7 @@ def spec_problem(spec: Any) -> tuple[str, str] | None:
             return extra[0], f"unknown key; expected {', '.join(SPEC_KEYS)}"
         if "name" not in spec:
             return "name", "a reward needs a name; " + REWARDS.expected()
-    name, _, params = as_spec(spec)
+    name, params = reward_spec(spec).name, reward_spec(spec).params
     if name not in REWARDS:
         return "name", f"unknown reward '{name}'; {REWARDS.expected(name)}"
     unknown = REWARDS.unknown_param(name, params)

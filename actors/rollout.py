@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from stageflow.actors.dispatch import ALL, SPLIT, dispatch, rpc_name
 from stageflow.actors.engines import ENGINES
 from stageflow.actors.group import ModelGroup, check_fits, resolve_device
@@ -23,6 +25,9 @@ from stageflow.actors.weight_sync import Weights
 from stageflow.core.config import RolloutSpec, StudyError
 from stageflow.core.models import check_model_dir
 from stageflow.core.serving import serving_problem
+
+# lazy: transformers and safetensors load in the rollout worker, not in the process that starts
+# the group
 
 # Config keys that may differ between two checkpoints served by one engine.
 _NON_ARCH_KEYS = {"torch_dtype", "dtype", "transformers_version", "_name_or_path", "architectures"}
@@ -71,8 +76,6 @@ class RolloutWorker:
         device: str = "auto",
         seed: int = 0,
     ):
-        import ray
-
         self.spec, self.device, self.seed = spec, resolve_device(device), seed
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -123,8 +126,6 @@ class RolloutWorker:
     @dispatch(ALL)
     def serve(self, weights: Weights) -> dict[str, float]:
         """Load `weights` in place unless this engine serves their tag already; timings."""
-        import ray
-
         if weights.tag == self.serving:
             return {"seconds": 0.0}
         start = time.perf_counter()
@@ -165,8 +166,6 @@ class RolloutWorker:
 
     def load_weights(self, payload: Any) -> dict[str, float]:
         """Serve a safetensors payload (bytes, or an ObjectRef to them) as a new version."""
-        import ray
-
         ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
         return self.serve(Weights(f"payload/{ref.hex()}", payload=[ref]))
 
@@ -267,8 +266,6 @@ class RolloutGroup(ModelGroup):
 
     def load_weights(self, payload: Any) -> list[dict[str, float]]:
         """Every worker serves a safetensors payload (bytes or an ObjectRef to them)."""
-        import ray
-
         ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
         return self.serve(Weights(f"payload/{ref.hex()}", payload=[ref]))
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import ray
+
 from stageflow.actors.weight_sync import Weights
 
 POOL_RESTARTS = -1  # the router holds no state it cannot rebuild: restart it whenever lost
@@ -26,8 +28,6 @@ class RolloutPool:
     """An async router over the engines of one `RolloutGroup` (its named actors)."""
 
     def __init__(self, engine_names: list[str], namespace: str):
-        import ray
-
         self.engines = [ray.get_actor(name, namespace=namespace) for name in engine_names]
         self.serving: list[str | None] = [None] * len(self.engines)
         self.free = set(range(len(self.engines)))
@@ -88,25 +88,17 @@ class SharedRollout:
         self.pool = pool
 
     def generate(self, prompts: list[str], weights: Weights | None = None, **sampling: Any):
-        import ray
-
         if weights is None:
             raise ValueError("the shared rollout pool needs the weights to sample with")
         return ray.get(self.pool.generate.remote(list(prompts), weights, **sampling))
 
     def serve(self, weights: Weights) -> list[dict[str, float]]:
-        import ray
-
         return ray.get(self.pool.serve.remote(weights))
 
     def hosts(self) -> list[str]:
-        import ray
-
         return ray.get(self.pool.hosts.remote())
 
     def info(self) -> list[dict[str, Any]]:
-        import ray
-
         return ray.get(self.pool.info.remote())
 
     def sleep(self) -> None:  # shared engines never sleep for one trial's learner
@@ -119,8 +111,6 @@ class SharedRollout:
 def start_rollout_pool(group: Any, name: str, resources: dict[str, float]):
     """The router actor `name` over the named engines of `group` (a RolloutGroup the driver
     owns, started with `actor_name`), in the engines' namespace."""
-    import ray
-
     namespace = group.group.namespace
     actor = ray.remote(num_cpus=0, max_restarts=POOL_RESTARTS, max_task_retries=-1)(RolloutPool)
     return actor.options(

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: the trial proc
 
 from stageflow.actors.group import free_address, node_address
 
+# lazy: torch and vLLM load only in the processes that move weights (learner rank 0, vLLM's worker)
+
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "stageflow-weights-"
 ALIGN = 64

@@ -16,6 +16,8 @@ from stageflow.core.models import save_quietly
 from stageflow.core.registry import TASKS
 from stageflow.core.tasks import generate
 
+# lazy: tokenizers, transformers, torch and datasets load only where a test model is built
+
 PAD, START, END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML: every turn "<|im_start|>role\ncontent<|im_end|>\n"; the generation prompt opens the
 # assistant's turn, whose end-of-turn token is the tokenizer's EOS.

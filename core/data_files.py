@@ -27,6 +27,8 @@ from stageflow.core.files import staged_dir, write_atomic
 from stageflow.core.keys import tree_digest
 from stageflow.core.tasks import check_jsonl, dumps, generate, read_jsonl, write_task
 
+# lazy: `datasets` (seconds to import) loads only for a user's data files
+
 # what stageflow reads from a row: a file's own columns of these names are not kept
 RESERVED_COLUMNS = (*DATA_FIELDS, "task", "check")
 ANY_FILE = "an existing JSONL, JSON or parquet file or a datasets save_to_disk directory"

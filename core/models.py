@@ -16,6 +16,9 @@ from pathlib import Path
 from stageflow.core.files import staged_dir
 from stageflow.core.serving import CPU_HEAD_SIZES
 
+# lazy: tokenizers, transformers and torch load where a model is built or read, not where a spec
+# is checked
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 # Every printable ASCII character plus newline and tab: enough for every synthetic task.

@@ -46,15 +46,18 @@ def layer(module: str) -> str:
 
 
 def imports(path: Path, module: str, known: dict[str, Path]):
-    """(line, imported stageflow module or third-party top name, in a function, comment)."""
+    """(line, imported stageflow module or third-party top name, where, comment); where:
+    "function", "typing" (under TYPE_CHECKING: never runs) or "module"."""
     source = path.read_text()
     lines = source.splitlines()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(source)
-    in_function = set()
+    in_function, typing_only = set(), set()
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             in_function |= {id(n) for n in ast.walk(fn)}
+        if isinstance(fn, ast.If) and ast.unparse(fn.test) == "TYPE_CHECKING":
+            typing_only |= {id(n) for n in ast.walk(fn)}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -84,27 +87,66 @@ def imports(path: Path, module: str, known: dict[str, Path]):
             comment = " ".join(line.partition("#")[2].strip() for line in spanned).strip() or (
                 above[1:].strip() if above.startswith("#") else ""
             )
-            yield node.lineno, what, id(node) in in_function, comment
+            where = (
+                "function"
+                if id(node) in in_function
+                else "typing"
+                if id(node) in typing_only
+                else "module"
+            )
+            yield node.lineno, what, where, comment
 
 
 def graph():
     known = modules()
     edges: dict[str, set[str]] = defaultdict(set)
+    on_load: dict[str, set[str]] = defaultdict(set)  # stageflow modules imported at the top
+    loaded: dict[str, set[str]] = defaultdict(set)  # heavy libraries imported at the top
+    lazy: list[tuple[str, str, str, str]] = []  # (module, where, library, reason)
     problems = []
     for module, path in known.items():
-        for line, target, in_function, comment in imports(path, module, known):
-            where = f"{path.relative_to(ROOT)}:{line}"
+        module_reason = any(line.startswith("# lazy: ") for line in path.read_text().splitlines())
+        for line, target, where, comment in imports(path, module, known):
+            at = f"{path.relative_to(ROOT)}:{line}"
             if target in known:
                 if target != module:
                     edges[module].add(target)
+                    if where == "module":
+                        on_load[module].add(target)
                     src, dst = layer(module), layer(target)
                     if dst != src and dst not in LAYERS[src]:
-                        problems.append(f"{where}: {src} imports {target} ({dst})")
-                if in_function and not comment:
-                    problems.append(f"{where}: function-level import of {target} without a reason")
-            elif in_function and target.split(".")[0] not in HEAVY:
-                problems.append(f"{where}: {target} is not heavy; import it at the top")
+                        problems.append(f"{at}: {src} imports {target} ({dst})")
+                if where == "function" and not comment:
+                    problems.append(f"{at}: function-level import of {target} without a reason")
+            elif target.split(".")[0] not in HEAVY:
+                if where == "function":
+                    problems.append(f"{at}: {target} is not heavy; import it at the top")
+            elif where == "module":
+                loaded[module].add(target.split(".")[0])
+            elif where == "function":
+                lazy.append((module, at, target.split(".")[0], comment or module_reason))
+    for module, at, library, reason in lazy:
+        if library in heavy_on_load(module, on_load, loaded):
+            problems.append(
+                f"{at}: {library} is loaded with the module already; import it at the top"
+            )
+        elif not reason:
+            problems.append(f"{at}: lazy import of {library} without a reason (# lazy: ...)")
     return known, edges, problems
+
+
+def heavy_on_load(module: str, on_load: dict[str, set[str]], loaded: dict[str, set[str]]) -> set:
+    """The heavy libraries importing `module` loads (its own top-level imports and those of the
+    stageflow modules it imports at the top, transitively; function-level edges excluded)."""
+    seen, todo, out = set(), [module], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        out |= loaded[current]
+        todo += on_load[current]
+    return out
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -152,6 +194,8 @@ def test_no_import_cycle():
 
 def test_the_checker_sees_a_cycle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    on_load, loaded = defaultdict(set, {"a": {"b"}}), defaultdict(set, {"b": {"torch"}})
+    assert heavy_on_load("a", on_load, loaded) == {"torch"}  # a lazy torch in `a` is pointless
     assert layer("stageflow.platform.engine.runner") == "platform.engine"
     assert "platform.engine" not in LAYERS["actors"]
 

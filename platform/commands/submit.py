@@ -8,6 +8,8 @@ from pathlib import Path
 
 from stageflow.core.config import StudyError, StudySpec
 
+# lazy: Ray's job client only when a study is submitted
+
 AGENT_RETRIES = 24  # 5 s apart: a head that just started has no job agent for a while
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", "build", "dist"]
 

@@ -45,6 +45,8 @@ from stageflow.core.study_file import load_study
 from stageflow.core.tasks import check_jsonl, generate
 from stageflow.platform.engine.trial_plan import needs_rollout
 
+# lazy: transformers only to read a user model's tokenizer
+
 # Settings made once per study (its model, its trials' shape, its shared actors, its analysis):
 # a grid over them could not be applied to one trial, so it is refused.
 GRID_FORBIDDEN = (
@@ -143,6 +145,17 @@ class _Validator:
             )
         for param, problem in entry.problems(dict(stage.params)):  # names and types
             self.fail(f"{key}.params.{param}", problem)
+        if entry.uses_retain(entry.resolve(dict(stage.params))) and stage.retain is None:
+            self.fail(
+                f"{key}.retain",
+                f"objective '{objective}' weights a retain set ({entry.retain_weight} > 0); expected a retain data set or {entry.retain_weight}: 0",
+            )
+        ranks = self.spec.learner.ranks
+        if not entry.rl_loop and stage.batch_size < ranks:
+            self.fail(
+                f"{key}.batch_size",
+                f"{stage.batch_size} rows cannot be split over learner.ranks={ranks}; expected at least {ranks}",
+            )
         self.check_rl(key, stage, objective, entry)
         self.check_data(f"{key}.data", stage.data)
         if stage.retain is not None:

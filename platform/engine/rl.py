@@ -144,11 +144,21 @@ Batch = tuple[list[tuple[dict, str]], int]
 
 
 @dataclass
-class Rollout:
-    """One step's sampled groups, scored: each sample carries the policy version that produced
-    it and the engine's log-probs of its tokens (the behaviour policy)."""
+class Sampled:
+    """One completion as the engines sampled it: its token ids, the engine's log-probs of its
+    tokens (the behaviour policy) and the policy version that produced it."""
 
-    samples: list[dict]
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    sampled_logprobs: list[float]
+    version: int
+
+
+@dataclass
+class Rollout:
+    """One step's sampled groups (prompt-major), scored."""
+
+    samples: list[Sampled]
     rewards: list[float]
     terms: list[dict[str, float]]
     version: int
@@ -229,14 +239,7 @@ class GRPOLoop:
                 value, parts = self.reward(Sample(text, row, self.tasks[role], role, len(ids)))
                 rewards.append(value)
                 terms.append(parts)
-                samples.append(
-                    {
-                        "prompt_token_ids": out["prompt_token_ids"][i],
-                        "completion_token_ids": list(ids),
-                        "sampled_logprobs": list(lps),
-                        "version": version,
-                    }
-                )
+                samples.append(Sampled(out["prompt_token_ids"][i], list(ids), list(lps), version))
         gen_s = time.perf_counter() - start - load_s
         return Rollout(samples, rewards, terms, version, gen_s, load_s)
 
@@ -263,21 +266,19 @@ class GRPOLoop:
         pi_old: the learner's log-probs when it holds the sampling version (synchronous), else
         the engine's behaviour log-probs, so the clipped ratio stays correct off-policy.
         """
-        staleness = [self.version - s["version"] for s in rollout.samples]
+        staleness = [self.version - s.version for s in rollout.samples]
         if max(staleness) > self.max_staleness:  # asserted: never train on older samples
             raise RuntimeError(
                 f"a sample {max(staleness)} versions old reached the learner "
                 f"(max_staleness {self.max_staleness})"
             )
-        self.trained.append((self.version, [s["version"] for s in rollout.samples]))
+        self.trained.append((self.version, [s.version for s in rollout.samples]))
         samples, rewards, terms = rollout.samples, rollout.rewards, rollout.terms
         advantages = group_advantages(rewards, self.group_size, scale=self.loop.scale_rewards)
-        items = [Completion(s["prompt_token_ids"], s["completion_token_ids"]) for s in samples]
+        items = [Completion(s.prompt_token_ids, s.completion_token_ids) for s in samples]
         behaviour = self.max_staleness > 0
         learn_start = time.perf_counter()  # the learner's share of the step from here
-        old = (
-            [s["sampled_logprobs"] for s in samples] if behaviour else self.learner.logprobs(items)
-        )
+        old = [s.sampled_logprobs for s in samples] if behaviour else self.learner.logprobs(items)
         ref = self.learner.logprobs(items, reference=True) if self.use_ref else None
         coef = self.loop.entropy_coef
         for i, item in enumerate(items):
@@ -296,7 +297,7 @@ class GRPOLoop:
                 clipped.append(_mean([float(not low <= r <= high) for r in ratios]))
             updates.append(self.learner.step(items))
         learn_s = time.perf_counter() - learn_start
-        n_tokens = sum(len(s["completion_token_ids"]) for s in samples)
+        n_tokens = sum(len(s.completion_token_ids) for s in samples)
         G = self.group_size
         groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]
         result = {
@@ -322,9 +323,7 @@ class GRPOLoop:
         if behaviour:  # the learner's weights before this update vs the behaviour policy
             result["logprob_gap"] = updates[0].get("old_logprob_gap", float("nan"))
         elif self.sampling["temperature"] == 1.0:  # rollout vs learner log-probs, same weights
-            gaps = [
-                abs(a - b) for s, o in zip(samples, old) for a, b in zip(s["sampled_logprobs"], o)
-            ]
+            gaps = [abs(a - b) for s, o in zip(samples, old) for a, b in zip(s.sampled_logprobs, o)]
             result["logprob_gap"] = _mean(gaps)
         return result
 

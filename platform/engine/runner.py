@@ -17,6 +17,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray._private.ray_constants as ray_constants
+from ray import tune
+
 from stageflow.actors.dispatch import call_actor
 from stageflow.actors.group import Placement
 from stageflow.actors.rollout import RolloutGroup
@@ -56,8 +60,6 @@ def init_ray(spec: StudySpec, verbose: bool = False) -> bool:
     """Connect to RAY_ADDRESS when set, else start an embedded local Ray (on 127.0.0.1 only)
     sized for the study; True when it started the embedded one. `verbose`: the actors' output
     and Ray's info lines reach the terminal."""
-    import ray
-
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
@@ -106,8 +108,6 @@ def keep_loopback() -> None:
     """Make Ray keep 127.0.0.1 as this node's address: by default it rewrites a loopback address
     to the host's network IP (`resolve_ip_for_localhost`), so an embedded Ray would listen on
     the network and a cluster bound to 127.0.0.1 could not be reached."""
-    import ray._private.ray_constants as ray_constants
-
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
@@ -152,8 +152,6 @@ def check_fits_cluster(spec: StudySpec, source: str, resources: dict | None = No
     """How many trials can run at once; a StudyError when not even one fits the cluster
     (`resources`: the cluster's, default the connected Ray's)."""
     if resources is None:
-        import ray
-
         resources = ray.cluster_resources()
     if spec.rollout.placement == "colocated" and resources.get("GPU", 0) < 1:
         raise StudyError(
@@ -212,9 +210,6 @@ def prepare(spec: StudySpec) -> tuple[StudyDir, Path]:
 
 def trainable(config: dict, shared: dict) -> None:
     """Tune's function trainable: one trial's pipeline, results reported after every stage."""
-    import ray
-    from ray import tune
-
     load_plugins()
     trial = Trial.from_dict(config["trial"])
     study, base_model = StudyDir(Path(shared["storage"])), Path(shared["base_model"])
@@ -278,8 +273,6 @@ class SharedActors:
 
     def stop(self) -> None:
         """End the shared actors (the engines shut their engine processes down first)."""
-        import ray
-
         if self.engines is not None:
             self.engines.shutdown()
         for actor in (self.pool, self.tracker):
@@ -372,8 +365,6 @@ def fit_and_report(
 ) -> list[tuple[Trial, dict[str, float]]]:
     """Run the Tune experiment, then log the table, analysis, report and the driver's time
     breakdown to the study run."""
-    from ray import tune
-
     study, study_run = StudyDir(Path(shared["storage"])), shared["study_run_id"]
     resources = tune.PlacementGroupFactory(trial_bundles(spec))
     fn = tune.with_resources(tune.with_parameters(trainable, shared=shared), resources)

@@ -20,6 +20,8 @@ from typing import Any
 
 from stageflow.core.study_dir import StudyDir
 
+# lazy: MLflow loads in the tracker actor, Ray where the tracker starts (not for `stageflow ui`)
+
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000

@@ -23,6 +23,8 @@ from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.ordering_test import OrderingTest, holm, ordering_test, verdict
 from stageflow.platform.results.tables import format_table
 
+# lazy: scipy only for the KS forget quality
+
 
 @dataclass
 class Outcome:

@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+# lazy: scipy only for the tests that need its distributions
+
 TestName = Literal["permutation", "anova"]
 EXACT_LIMIT = 100_000  # assignments enumerated exactly up to this many
 DRAWS = 20_000  # random assignments otherwise

@@ -8,6 +8,8 @@ import html
 import io
 from pathlib import Path
 
+import numpy as np
+
 from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial
 from stageflow.core.files import read_json
@@ -15,6 +17,8 @@ from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.analysis import Analysis
 from stageflow.platform.results.findings import findings
 from stageflow.platform.results.tables import clock, format_table, interval, p_cell
+
+# lazy: matplotlib only where figures are drawn
 
 
 def summary_table(summary: list[dict]) -> str:
@@ -104,8 +108,6 @@ def _figure_png(draw) -> bytes:
 
 
 def _heatmap(analysis, score: str):
-    import numpy as np
-
     data = analysis.by_ordering(score)
     grid = np.array(
         [

@@ -215,6 +215,45 @@ CASES = [
         "model.tiny: expected a head size hidden_size/num_heads in 32, 64",
     ),
     (
+        "retain weight without a retain set",
+        lambda s: (
+            set_key(
+                "stages.forget",
+                {
+                    "kind": "unlearn",
+                    "objective": "graddiff",
+                    "data": {"task": "facts", "split": "forget"},
+                },
+            )(s),
+            set_key("unlearning", ["forget"])(s),
+        ),
+        "stages.forget.retain: objective 'graddiff' weights a retain set (alpha > 0)",
+    ),
+    (
+        "batch smaller than the learner's ranks",
+        lambda s: (
+            set_key("stages.inst.batch_size", 1)(s),
+            set_key("learner.ranks", 2)(s),
+        ),
+        "stages.inst.batch_size: 1 rows cannot be split over learner.ranks=2",
+    ),
+    (
+        "a loss parameter of the wrong type",
+        lambda s: (
+            set_key(
+                "stages.forget",
+                {
+                    "kind": "unlearn",
+                    "objective": "npo",
+                    "params": {"beta": "high"},
+                    "data": {"task": "facts", "split": "forget"},
+                },
+            )(s),
+            set_key("unlearning", ["forget"])(s),
+        ),
+        "stages.forget.params.beta: expected a number, got 'high'",
+    ),
+    (
         "eval stage with unknown set",
         set_key("stages.check.sets", ["math"]),
         "stages.check.sets[0]: unknown evaluation set 'math'",
