@@ -9,6 +9,7 @@ Layout under `StudyDir.root` (spec.storage_dir, default runs/<name>):
     trials/        one record per finished trial: <trial id>.json (with its plan's fingerprint)
     tune/          the Ray Tune experiment (what resume restores)
     report/        report.md, report.html, figures/
+    export/        results.csv, results.parquet (`stageflow export`)
     artifacts/     MLflow artifacts of the default store
     mlflow.db      the default MLflow store
     provenance.json  stageflow's version and commit, library versions, CPU, threads

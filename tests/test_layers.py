@@ -22,7 +22,7 @@ LAYERS = {
 # what a function-level import may keep out of a light command's process
 HEAVY = {
     "torch", "ray", "vllm", "transformers", "tokenizers", "deepspeed", "peft", "safetensors",
-    "datasets", "mlflow", "matplotlib", "scipy", "numpy", "triton", "cloudpickle",
+    "datasets", "mlflow", "matplotlib", "scipy", "numpy", "triton", "cloudpickle", "pandas",
 }  # fmt: skip
 # registries a core module may look up: the others are filled by actors and the engine
 CORE_REGISTRIES = {"TASKS", "CHECKS"}

@@ -40,3 +40,70 @@ def test_quickstart_shows_a_significant_ordering_effect(tmp_path):
     )
     report = (storage / "report" / "report.md").read_text()
     assert "Does the ordering change the outcome?" in report and "How this study ran" in report
+    check_export_matches_the_report(storage)
+    check_exported_model_reproduces_its_evaluation(storage, tmp_path)
+
+
+def check_export_matches_the_report(storage: Path) -> None:
+    """`stageflow export` writes every trial's final metrics as the report reads them."""
+    import pandas as pd
+
+    from stageflow.core.expand import expand
+    from stageflow.core.study_dir import StudyDir
+    from stageflow.core.study_file import load_study
+    from stageflow.platform.commands.cli import main
+    from stageflow.platform.results.report import read_results
+
+    assert main(["export", str(storage)]) == 0
+    table = pd.read_parquet(storage / "export" / "results.parquet")
+    csv = pd.read_csv(storage / "export" / "results.csv")
+    for column in ("trial_id", "stage_index", "metric", "value"):
+        assert csv[column].tolist() == table[column].tolist()
+    study = StudyDir(storage)
+    finals = read_results(study, expand(load_study(study.spec_file)), None)
+    assert len(finals) == 12
+    for trial, metrics in finals:
+        rows = table[table.trial_id == trial.trial_id]
+        for name, value in metrics.items():
+            method, _, metric = name.partition("/")
+            if method in trial.unlearning:
+                row = rows[(rows.method == method) & (rows.metric == metric)]
+            else:
+                last = len(trial.path)  # the path's end; stage 0 is the base model
+                row = rows[(rows.method == "") & (rows.stage_index == last) & (rows.metric == name)]
+            assert row.value.tolist() == [value], (trial.trial_id, name)
+
+
+def check_exported_model_reproduces_its_evaluation(storage: Path, tmp_path: Path) -> None:
+    """`stageflow export-model` writes a directory transformers loads, whose log-likelihoods of
+    the facts set are the ones the study recorded for that checkpoint."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stageflow.actors.rendering import encode_row, render_row
+    from stageflow.core.data_files import spec_rows
+    from stageflow.core.study_dir import StudyDir
+    from stageflow.core.study_file import load_study
+    from stageflow.platform.commands.cli import main
+
+    study = StudyDir(storage)
+    record_path = sorted(study.trials.glob("*.json"))[0]
+    record = json.loads(record_path.read_text())
+    out = tmp_path / "exported"
+    assert main(["export-model", str(storage), "--trial", record_path.stem, "--stage", "ga",
+                 "--out", str(out)]) == 0  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    facts = load_study(study.spec_file).evaluation.sets["facts"]
+    means = []
+    for row in spec_rows(facts.data)[: facts.max_examples]:
+        ids, n_prompt = encode_row(tokenizer, render_row(row, False, facts.data.system), 1 << 30)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])
+        means.append(float(logprobs[n_prompt - 1 :].mean()))
+    recorded = record["metrics"]["ga/facts/avg_loglik"]
+    print(f"exported model: avg_loglik {sum(means) / len(means):.8f}, recorded {recorded:.8f}")
+    assert abs(sum(means) / len(means) - recorded) < 1e-4

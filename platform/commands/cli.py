@@ -18,6 +18,7 @@ from stageflow.platform.commands.submit import submit_study
 from stageflow.platform.commands.validate import load_and_validate
 from stageflow.platform.engine.tracking import serve_ui
 from stageflow.platform.engine.trial_plan import fingerprints
+from stageflow.platform.results.export import export, export_model
 from stageflow.platform.results.report import read_results, trials_table, write_analysis
 from stageflow.platform.results.tables import format_table
 
@@ -34,6 +35,8 @@ examples:
   stageflow status runs/quickstart
   stageflow resume runs/quickstart          # after an interruption
   stageflow report runs/quickstart
+  stageflow export runs/quickstart          # results.csv / .parquet for a notebook
+  stageflow export-model runs/quickstart --trial ID --stage ga --out my-model
   stageflow submit studies/quickstart.yaml --address http://HEAD:8265
   stageflow ui runs/quickstart
 """
@@ -94,6 +97,25 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("study_dir", help="the study's storage directory (holds mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
+    export = commands.add_parser(
+        "export",
+        help="write a study's results as one tidy table (CSV and Parquet)",
+        description="one row per trial, stage or unlearning branch, and metric, with ordering, "
+        "seed, hyper-parameters and MLflow run ids; in Python: "
+        "stageflow.platform.results.export.results(RUN_DIR)",
+    )
+    export.add_argument("study_dir", help="the study's storage directory")
+    export.add_argument("--out", metavar="DIR", help="where to write (default: STUDY_DIR/export)")
+    model = commands.add_parser(
+        "export-model",
+        help="copy one checkpoint of a study out as a self-contained HF model directory",
+        description="the model a finished trial had after one stage of its path or one "
+        "unlearning branch (under LoRA: the merged model, its adapter in adapter/)",
+    )
+    model.add_argument("study_dir", help="the study's storage directory")
+    model.add_argument("--trial", required=True, help="a trial id (see `stageflow status`)")
+    model.add_argument("--stage", required=True, help="a stage of its path or a branch's name")
+    model.add_argument("--out", required=True, metavar="DIR", help="a new directory")
     return top
 
 
@@ -251,6 +273,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return serve_ui(study.tracking_uri, args.host, args.port)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    table, paths = export(args.study_dir, args.out)
+    print(f"{len(table)} rows: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    out, key = export_model(args.study_dir, args.trial, args.stage, args.out)
+    print(f"{out}: the model of trial {args.trial} after '{args.stage}' (prefix {key})")
+    return 0
+
+
 COMMANDS = {
     "validate": cmd_validate,
     "run": cmd_run,
@@ -259,6 +293,8 @@ COMMANDS = {
     "report": cmd_report,
     "submit": cmd_submit,
     "ui": cmd_ui,
+    "export": cmd_export,
+    "export-model": cmd_export_model,
 }
 
 if __name__ == "__main__":
