@@ -44,6 +44,7 @@ def main() -> None:
         "no summary",
     )
     slowest = [line for line in lines if line.split("s ")[0].replace(".", "").isdigit()][:15]
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
     page = [
         "# The test suite's time",
         "",
@@ -56,6 +57,7 @@ def main() -> None:
         "",
         f"Wall time: {clock(wall)}",
         "",
+        *([*failed, ""] if failed else []),
         "Slowest tests:",
         "",
         "```",

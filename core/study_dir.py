@@ -13,6 +13,7 @@ Layout under `StudyDir.root` (spec.storage_dir, default runs/<name>):
     artifacts/     MLflow artifacts of the default store
     mlflow.db      the default MLflow store
     provenance.json  stageflow's version and commit, library versions, CPU, threads
+    driver.lock    locked while a driver runs the study (`stageflow prune` refuses it then)
     identity-memo.json  the base model's file digests by size, mtime and inode
 
 Writes go through core/files.py (atomic: a reader sees all of a file or nothing).
@@ -20,9 +21,10 @@ Writes go through core/files.py (atomic: a reader sees all of a file or nothing)
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from stageflow.core.files import read_json, write_json
 from stageflow.core.prefix_cache import PrefixCache
@@ -49,11 +51,49 @@ class StudyDir:
     mlflow_db = property(lambda self: self.root / "mlflow.db")
     timing = property(lambda self: self.root / "timing.json")  # the driver's time breakdown
     provenance = property(lambda self: self.root / "provenance.json")  # versions, CPU, commit
+    driver_lock = property(lambda self: self.root / "driver.lock")  # locked while a driver runs
 
     @property
     def tracking_uri(self) -> str:
         """The default MLflow store of the study."""
         return f"sqlite:///{self.mlflow_db}"
+
+    def mark_running(self) -> IO[str] | None:
+        """Mark the study as running while the returned file stays open (an flock on
+        driver.lock: the system drops it when the driver ends, however it ends); None when
+        another driver holds it already."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = self.driver_lock.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
+
+    def running(self) -> bool:
+        """Whether a driver runs the study now (on this host; `mark_running`)."""
+        if not self.driver_lock.is_file():
+            return False
+        handle = self.mark_running()
+        if handle is None:
+            return True
+        handle.close()
+        return False
+
+    def disk_use(self) -> dict[str, tuple[int, int]]:
+        """{part: (bytes, files or checkpoints)} of checkpoints, evaluations, data, the base
+        model and MLflow (store and artifacts)."""
+        entries = [p for p in self.prefixes.glob("*") if (p / "meta.json").is_file()]
+        evals = list(self.prefixes.glob("*.eval.json"))
+        mlflow = [self.mlflow_db, self.artifacts]
+        return {
+            "checkpoints": (sum(map(tree_bytes, entries)), len(entries)),
+            "evaluations": (sum(map(tree_bytes, evals)), len(evals)),
+            "data": (tree_bytes(self.data), 0),
+            "base model": (tree_bytes(self.models), 0),
+            "MLflow": (sum(map(tree_bytes, mlflow)), 0),
+        }
 
     def cache(self) -> PrefixCache:
         """The study's prefix cache (checkpoints and evaluations of stage prefixes)."""
@@ -92,3 +132,10 @@ class StudyDir:
             for trial, record in found
             if record is not None and record.get("fingerprint") != fingerprints.get(trial.trial_id)
         ]
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of a file, or of every file under a folder (0 when absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

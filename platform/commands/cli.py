@@ -13,6 +13,7 @@ from stageflow.core.config import StudyError
 from stageflow.core.expand import expand
 from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
+from stageflow.platform.commands.prune import KEEP, prune
 from stageflow.platform.commands.status import study_status
 from stageflow.platform.commands.submit import submit_study
 from stageflow.platform.commands.validate import load_and_validate
@@ -37,6 +38,7 @@ examples:
   stageflow report runs/quickstart
   stageflow export runs/quickstart          # results.csv / .parquet for a notebook
   stageflow export-model runs/quickstart --trial ID --stage ga --out my-model
+  stageflow prune runs/quickstart --keep final --dry-run
   stageflow submit studies/quickstart.yaml --address http://HEAD:8265
   stageflow ui runs/quickstart
 """
@@ -116,6 +118,15 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--trial", required=True, help="a trial id (see `stageflow status`)")
     model.add_argument("--stage", required=True, help="a stage of its path or a branch's name")
     model.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    prune = commands.add_parser(
+        "prune",
+        help="remove the prefix checkpoints a study no longer needs",
+        description="final: keep each finished trial's last checkpoints (path end, branches); "
+        "reported: keep none (records and evaluations stay); all: remove nothing",
+    )
+    prune.add_argument("study_dir", help="the study's storage directory")
+    prune.add_argument("--keep", required=True, choices=KEEP)
+    prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     return top
 
 
@@ -217,6 +228,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"left to run: {status.trainings_left} stage trainings, "
             f"{status.evaluations_left} evaluation-set results"
         )
+    use = StudyDir.of(spec).disk_use()
+    parts = [
+        f"{name} {size / 2**20:.1f} MiB" + (f" ({count})" if count else "")
+        for name, (size, count) in use.items()
+    ]
+    total = sum(size for size, _ in use.values()) / 2**20
+    print(f"disk: {total:.1f} MiB; " + ", ".join(parts))
     return 0
 
 
@@ -285,6 +303,13 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    removed, freed = prune(args.study_dir, args.keep, args.dry_run)
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(removed)} checkpoints, {freed / 2**20:.1f} MiB {verb} (--keep {args.keep})")
+    return 0
+
+
 COMMANDS = {
     "validate": cmd_validate,
     "run": cmd_run,
@@ -295,6 +320,7 @@ COMMANDS = {
     "ui": cmd_ui,
     "export": cmd_export,
     "export-model": cmd_export_model,
+    "prune": cmd_prune,
 }
 
 if __name__ == "__main__":

@@ -294,6 +294,7 @@ def run_study(
     spec = with_threads(spec, threads)  # study.yaml holds the threads the keys are made with
     with clock("prepare"):
         study, base_model = prepare(spec)
+    running = study.mark_running()  # `stageflow prune` refuses a running study
     study.cache().clear_claims()  # no trial runs now: every claim is stale
     with clock("plan"):
         identity = study_identity(study, base_model)
@@ -352,6 +353,8 @@ def run_study(
         with clock("shutdown"):
             actors.stop()
         write_json(study.timing, clock.breakdown())
+        if running is not None:
+            running.close()
 
 
 def fit_and_report(

@@ -11,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from stageflow.core.prefix_cache import PrefixCache
+from stageflow.core.study_dir import StudyDir
 from stageflow.platform.commands.cli import main
 from stageflow.platform.engine.runner import POOL_NAME, shared_actor_suffix
 from stageflow.platform.engine.tracking import NAMESPACE, TRACKER_NAME, default_tracking_uri
@@ -138,6 +139,9 @@ def test_unreachable_ray_address(tmp_path, capsys, monkeypatch):
 
 def test_resources_that_cannot_fit(tmp_path, ray_cluster, capsys):
     path = short_study(tmp_path, "toobig", ["a"], learner={"ranks": 16})
+    study = yaml.safe_load(path.read_text())
+    study["stages"]["a"]["batch_size"] = 16  # a batch the 16 ranks can share
+    path.write_text(yaml.safe_dump(study))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert (
@@ -166,3 +170,40 @@ def test_per_trial_engines_that_cannot_fit_name_the_placement(tmp_path, ray_clus
     err = capsys.readouterr().err
     assert "rollout.placement: one trial needs" in err and "(or rollout.placement: shared)" in err
     assert not (tmp_path / "toomany").exists()
+
+
+def test_prune_frees_what_it_says_and_a_pruned_study_resumes(tmp_path, ray_cluster, capsys):
+    """--dry-run removes nothing; --keep final keeps each trial's last checkpoint; --keep
+    reported keeps none; report and export still work; a trial run again after pruning trains
+    its prefixes again and ends with the same metrics, bit for bit; a running study is refused."""
+    import json
+
+    assert main(["run", str(short_study(tmp_path, "prune2", ["a", "b"]))]) == 0
+    storage, cache = tmp_path / "prune2", PrefixCache(tmp_path / "prune2" / "prefixes")
+    assert len(cache.trained()) == 4
+    capsys.readouterr()
+    assert main(["prune", str(storage), "--keep", "final", "--dry-run"]) == 0
+    assert "2 checkpoints" in capsys.readouterr().out and len(cache.trained()) == 4
+    assert main(["prune", str(storage), "--keep", "final"]) == 0
+    assert {m["stage"] for m in cache.trained()} == {"a", "b"} and len(cache.trained()) == 2
+    assert main(["status", str(storage)]) == 0
+    assert "checkpoints" in capsys.readouterr().out.splitlines()[-1]
+    record = sorted((storage / "trials").glob("*.json"))[0]
+    first = json.loads(record.read_text())["history"][1]["stage"]  # pruned: not a path's end
+    model = tmp_path / "model"
+    args = ["export-model", str(storage), "--trial", record.stem, "--stage", first]
+    assert main([*args, "--out", str(model)]) == 2 and not model.exists()
+    assert main(["prune", str(storage), "--keep", "reported"]) == 0
+    assert cache.trained() == []
+    assert main(["report", str(storage)]) == 0 and main(["export", str(storage)]) == 0
+    before = json.loads(record.read_text())["metrics"]
+    record.unlink()  # as if the trial had not finished: running the study again runs it
+    assert main(["run", str(tmp_path / "prune2.yaml")]) == 0
+    assert json.loads(record.read_text())["metrics"] == before
+    assert len(cache.trained()) == 2  # the re-run trial's two prefixes, trained again
+    running = StudyDir(storage).mark_running()
+    try:
+        assert main(["prune", str(storage), "--keep", "final"]) == 2
+        assert "a driver is running this study" in capsys.readouterr().err
+    finally:
+        running.close()
