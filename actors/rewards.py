@@ -338,7 +338,8 @@ def spec_problem(spec: Any) -> tuple[str, str] | None:
             return extra[0], f"unknown key; expected {', '.join(SPEC_KEYS)}"
         if "name" not in spec:
             return "name", "a reward needs a name; " + REWARDS.expected()
-    name, params = reward_spec(spec).name, reward_spec(spec).params
+    typed = reward_spec(spec)
+    name, params = typed.name, typed.params
     if name not in REWARDS:
         return "name", f"unknown reward '{name}'; {REWARDS.expected(name)}"
     unknown = REWARDS.unknown_param(name, params)
