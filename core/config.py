@@ -438,6 +438,18 @@ class ResourcesSpec(Spec):
 
 
 @dataclass(frozen=True)
+class StorageSpec(Spec):
+    """`max_gb`: the most disk (GB, 10^9 bytes) the study's prefix checkpoints may take while it
+    runs; above it the driver removes the checkpoints of intermediate prefixes no trial still
+    needs (platform/engine/storage_cap.py). Path ends and unlearning branches always stay."""
+
+    max_gb: Optional[float] = None
+
+    def invariants(self) -> Problems:
+        yield from positive("max_gb", self.max_gb)
+
+
+@dataclass(frozen=True)
 class TrackingSpec(Spec):
     uri: Optional[str] = None
     experiment: Optional[str] = None
@@ -498,6 +510,7 @@ class StudySpec(Spec):
 
     name: str = MISSING
     storage_dir: Optional[str] = None
+    storage: StorageSpec = field(default_factory=StorageSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     stages: dict[str, StageSpec] = field(default_factory=dict)
     orderings: OrderingSpec = field(default_factory=OrderingSpec)

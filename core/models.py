@@ -169,21 +169,33 @@ def check_model_dir(path: str | Path) -> str | None:
     return None
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unreadable (a truncated download or copy), or None. Reads only
-    its header: an 8-byte length, a JSON table of tensors, then the data they point into."""
+def safetensors_table(path: Path) -> tuple[dict, int]:
+    """A safetensors file's table of tensors ({name: {dtype, shape, data_offsets}}) and the
+    header's length; only the header is read: an 8-byte length, then the JSON table. Raises
+    ValueError when the file is too short for it or the table is not JSON."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            return f"{size} bytes, shorter than a header"
+            raise ValueError(f"{size} bytes, shorter than a header")
         length = int.from_bytes(head, "little")
         if 8 + length > size:
-            return f"its header needs {8 + length} bytes, the file has {size}"
+            raise ValueError(f"its header needs {8 + length} bytes, the file has {size}")
         try:
             table = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return "its header is not valid JSON"
-    ends = [t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"]
-    need = 8 + length + max(ends, default=0)
+            raise ValueError("its header is not valid JSON") from None
+    table.pop("__metadata__", None)
+    return table, length
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (a truncated download or copy), or None: its header
+    and the data its tensors point into must fit the file."""
+    try:
+        table, length = safetensors_table(path)
+    except ValueError as err:
+        return str(err)
+    size = path.stat().st_size
+    need = 8 + length + max((t["data_offsets"][1] for t in table.values()), default=0)
     return f"its tensors need {need} bytes, the file has {size}" if need > size else None

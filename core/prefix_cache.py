@@ -128,6 +128,17 @@ class PrefixCache:
             self._held.pop(claim.key, None)
         shutil.rmtree(claim.path, ignore_errors=True)
 
+    def remove(self, key: str) -> None:
+        """Remove a finished prefix's checkpoint (meta.json first: a half-removed entry is never
+        read as finished); its evaluations stay."""
+        entry = self.entry(key)
+        (entry / META).unlink(missing_ok=True)
+        shutil.rmtree(entry, ignore_errors=True)
+
+    def checkpoints(self) -> list[str]:
+        """The keys of every finished prefix checkpoint."""
+        return sorted(p.parent.name for p in self.root.glob(f"*/{META}"))
+
     def clear_claims(self) -> int:
         """Drop every claim (a study driver starting or resuming: no trial is running)."""
         stale = list(self.root.glob("*.claim")) + list(self.root.glob(".*"))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from stageflow.core.config import StudyError
 from stageflow.core.files import read_json, write_json
 from stageflow.core.prefix_cache import PrefixCache
 
@@ -39,6 +40,16 @@ class StudyDir:
     @classmethod
     def of(cls, spec: Any) -> StudyDir:
         return cls(Path(spec.storage_dir or f"runs/{spec.name}").absolute())
+
+    @classmethod
+    def existing(cls, run_dir: str | Path, key: str = "study_dir") -> StudyDir:
+        """The directory of a study that ran; a StudyError at `key` when it holds no study.yaml."""
+        study = cls(Path(run_dir).absolute())
+        if not study.spec_file.is_file():
+            raise StudyError(
+                str(run_dir), key, "no study.yaml here; expected the directory of a study that ran"
+            )
+        return study
 
     spec_file = property(lambda self: self.root / "study.yaml")
     models = property(lambda self: self.root / "models")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_quickstart_shows_a_significant_ordering_effect(tmp_path):
+def test_quickstart_shows_a_significant_ordering_effect(tmp_path, capsys):
     storage = tmp_path / "quickstart"
     done = subprocess.run(
         [
@@ -42,6 +42,42 @@ def test_quickstart_shows_a_significant_ordering_effect(tmp_path):
     assert "Does the ordering change the outcome?" in report and "How this study ran" in report
     check_export_matches_the_report(storage)
     check_exported_model_reproduces_its_evaluation(storage, tmp_path)
+    check_plan_announced_the_run(storage, tmp_path, capsys)
+
+
+def check_plan_announced_the_run(storage: Path, tmp_path: Path, capsys) -> None:
+    """`stageflow plan` counted the checkpoints and evaluations the run wrote and their disk;
+    with the run as a pilot it says how many seeds detect its effect; a pilot of one seed is
+    refused."""
+    import json
+    import shutil
+
+    from stageflow.core.footprint import checkpoint_bytes
+    from stageflow.core.study_dir import tree_bytes
+    from stageflow.core.study_file import load_study
+    from stageflow.platform.commands.cli import main
+    from stageflow.platform.engine.study_plan import planned_work
+
+    spec = load_study(ROOT / "studies" / "quickstart.yaml")
+    work = planned_work(spec)
+    written = list((storage / "prefixes").glob("*/meta.json"))
+    assert (len(work.trials), len(work.trainings)) == (12, len(written))
+    assert len(work.evaluations) == len(list((storage / "prefixes").glob("*.eval.json")))
+    disk = sum(tree_bytes(meta.parent) for meta in written)
+    assert abs(len(written) * checkpoint_bytes(spec) - disk) / disk < 0.02
+    study = str(ROOT / "studies" / "quickstart.yaml")
+    capsys.readouterr()
+    assert main(["plan", study, "--time", "none", "--pilot", str(storage)]) == 0
+    table = capsys.readouterr().out.split("seeds for 80% power")[1]
+    assert "| ga " in table and "| npo " in table
+    pilot = tmp_path / "one-seed"
+    (pilot / "trials").mkdir(parents=True)
+    shutil.copy(storage / "study.yaml", pilot)
+    for record in (storage / "trials").glob("*.json"):
+        if json.loads(record.read_text())["trial"]["seed"] == 0:
+            shutil.copy(record, pilot / "trials")
+    assert main(["plan", study, "--time", "none", "--pilot", str(pilot)]) == 2
+    assert "expected a pilot with at least 2 seeds" in capsys.readouterr().err
 
 
 def check_export_matches_the_report(storage: Path) -> None:

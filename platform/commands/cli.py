@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stageflow.core.config import StudyError
 from stageflow.core.expand import expand
+from stageflow.core.footprint import size_text
 from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
 from stageflow.platform.commands.prune import KEEP, prune
@@ -32,6 +33,7 @@ is an MLflow run.
 
 examples:
   stageflow validate studies/quickstart.yaml
+  stageflow plan studies/quickstart.yaml seeds=[0,1,2,3,4,5,6,7] --pilot runs/quickstart
   stageflow run studies/quickstart.yaml seeds=[0,1] stages.inst.lr=3e-4
   stageflow status runs/quickstart
   stageflow resume runs/quickstart          # after an interruption
@@ -53,13 +55,14 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in [
         ("validate", "check a study file (and overrides) without running anything"),
+        ("plan", "a study's trials, trainings, checkpoints, disk and time before it runs"),
         ("run", "run a study: an embedded local Ray, or the cluster at RAY_ADDRESS"),
         ("resume", "continue an interrupted study: finished trials and prefixes are kept"),
         ("status", "trials of a study with their progress"),
         ("report", "the per-ordering table of a study's finished trials"),
     ]:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        if name in ("validate", "run"):
+        if name in ("validate", "plan", "run"):
             sub.add_argument("study", help="the study YAML file")
             sub.add_argument(
                 "overrides",
@@ -74,6 +77,19 @@ def parser() -> argparse.ArgumentParser:
                 "--out",
                 metavar="DIR",
                 help="also write the report (report.md, trials.md, figures/) into DIR",
+            )
+        if name == "plan":
+            sub.add_argument(
+                "--time",
+                choices=("auto", "calibrate", "none"),
+                default="auto",
+                help="auto: from an earlier study in the same storage that timed every stage "
+                "kind, else a calibration run; calibrate: always calibrate; none: no estimate",
+            )
+            sub.add_argument(
+                "--pilot",
+                metavar="RUN_DIR",
+                help="a finished study: how many seeds detect its ordering effect",
             )
         if name in ("run", "resume"):
             sub.add_argument(
@@ -146,6 +162,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    # lazy: Ray and the runner (a calibration runs a short study), for plan only
+    from stageflow.platform.commands.plan import plan_lines
+
+    spec = load_and_validate(args.study, args.overrides)
+    if args.time != "none":
+        quiet()
+    for line in plan_lines(spec, args.study, args.time, args.pilot):
+        print(line, flush=True)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec = load_and_validate(args.study, args.overrides)
     return run_and_summarise(spec, args.study, resume=False, verbose=args.verbose)
@@ -205,13 +233,7 @@ def report_summary(report) -> str:
 def load_study_dir(study_dir: str, check: bool = True):
     """The resolved spec a study directory was run with: validated again when `check` (to run
     it), else only read against the schema (status and report load neither torch nor Ray)."""
-    path = StudyDir(Path(study_dir).absolute()).spec_file
-    if not path.is_file():
-        raise StudyError(
-            study_dir,
-            "study_dir",
-            f"no {path.name} here; expected the storage directory of a study that was run",
-        )
+    path = StudyDir.existing(study_dir).spec_file
     if not check:
         return load_study(path), str(path)
 
@@ -230,11 +252,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     use = StudyDir.of(spec).disk_use()
     parts = [
-        f"{name} {size / 2**20:.1f} MiB" + (f" ({count})" if count else "")
+        f"{name} {size_text(size)}" + (f" ({count})" if count else "")
         for name, (size, count) in use.items()
     ]
-    total = sum(size for size, _ in use.values()) / 2**20
-    print(f"disk: {total:.1f} MiB; " + ", ".join(parts))
+    print(f"disk: {size_text(sum(size for size, _ in use.values()))}; " + ", ".join(parts))
     return 0
 
 
@@ -306,12 +327,13 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     removed, freed = prune(args.study_dir, args.keep, args.dry_run)
     verb = "would free" if args.dry_run else "freed"
-    print(f"{len(removed)} checkpoints, {freed / 2**20:.1f} MiB {verb} (--keep {args.keep})")
+    print(f"{len(removed)} checkpoints, {size_text(freed)} {verb} (--keep {args.keep})")
     return 0
 
 
 COMMANDS = {
     "validate": cmd_validate,
+    "plan": cmd_plan,
     "run": cmd_run,
     "resume": cmd_resume,
     "status": cmd_status,

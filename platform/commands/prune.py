@@ -9,7 +9,6 @@ again. A running study is refused.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from stageflow.core.config import StudyError
@@ -31,11 +30,7 @@ def final_keys(study: StudyDir) -> set[str]:
 
 def prune(run_dir: str | Path, keep: str, dry_run: bool = False) -> tuple[list[Path], int]:
     """The checkpoint folders removed (or that would be, with `dry_run`) and their bytes."""
-    study = StudyDir(Path(run_dir).absolute())
-    if not study.spec_file.is_file():
-        raise StudyError(
-            str(run_dir), "study_dir", "no study.yaml here; expected a study's directory"
-        )
+    study = StudyDir.existing(run_dir)
     if keep not in KEEP:
         raise StudyError(
             str(run_dir), "--keep", f"unknown '{keep}'; expected one of {', '.join(KEEP)}"
@@ -46,12 +41,11 @@ def prune(run_dir: str | Path, keep: str, dry_run: bool = False) -> tuple[list[P
             "study_dir",
             "a driver is running this study; expected a finished or interrupted study",
         )
+    cache = study.cache()
     kept = set() if keep == "reported" else final_keys(study)
-    entries = [p for p in sorted(study.prefixes.glob("*")) if (p / "meta.json").is_file()]
-    removed = [] if keep == "all" else [p for p in entries if p.name not in kept]
-    freed = sum(map(tree_bytes, removed))
+    removed = [] if keep == "all" else [k for k in cache.checkpoints() if k not in kept]
+    freed = sum(tree_bytes(cache.entry(key)) for key in removed)
     if not dry_run:
-        for entry in removed:  # meta.json first: a half-removed entry is never read as done
-            (entry / "meta.json").unlink()
-            shutil.rmtree(entry)
-    return removed, freed
+        for key in removed:
+            cache.remove(key)
+    return [cache.entry(key) for key in removed], freed

@@ -19,6 +19,7 @@ from stageflow.actors.rewards import check_rewards
 from stageflow.core.config import DataSpec, RLLoopParams, StageSpec, StudyError, StudySpec
 from stageflow.core.data_files import is_plain, spec_rows
 from stageflow.core.expand import apply_hparams, grid_points, parse_path
+from stageflow.core.footprint import checkpoint_bytes, size_text
 from stageflow.core.models import (
     char_tokenizer,
     check_model_dir,
@@ -469,6 +470,13 @@ class _Validator:
             self.fail(
                 "storage_dir",
                 f"{path} cannot be created ({err.strerror} in {existing}); expected a writable directory",
+            )
+        cap = self.spec.storage.max_gb
+        if cap is not None and cap * 1e9 < checkpoint_bytes(self.spec):
+            one = size_text(checkpoint_bytes(self.spec))
+            self.fail(
+                "storage.max_gb",
+                f"{cap:g} GB is less than one checkpoint of this model ({one}); expected at least that",
             )
 
     def check_tracking(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 import ray._private.ray_constants as ray_constants
 from ray import tune
+from ray.tune import Callback
 
 from stageflow.actors.dispatch import call_actor
 from stageflow.actors.group import Placement
@@ -36,6 +37,7 @@ from stageflow.core.study_file import spec_to_dict, spec_to_yaml
 from stageflow.platform.engine.pipeline import TrialContext, run_trial
 from stageflow.platform.engine.progress import ProgressPrinter
 from stageflow.platform.engine.provenance import provenance
+from stageflow.platform.engine.storage_cap import StorageCap
 from stageflow.platform.engine.tracking import NAMESPACE, TRACKER_NAME, Tracker, start_tracker
 from stageflow.platform.engine.trial_plan import needs_rollout, study_identity, study_planner
 from stageflow.platform.engine.workers import Stopwatch, trial_bundles
@@ -299,7 +301,8 @@ def run_study(
     with clock("plan"):
         identity = study_identity(study, base_model)
         planner = study_planner(spec, study, base_model, identity=identity)
-        current = {t.trial_id: planner.plan(t).fingerprint for t in trials}
+        plans = {t.trial_id: planner.plan(t) for t in trials}
+        current = {trial_id: plan.fingerprint for trial_id, plan in plans.items()}
     stale = study.stale_records(trials, current)
     if stale:
         print(
@@ -348,7 +351,10 @@ def run_study(
             **actors.names,
             "study_run_id": study_run,
         }
-        return fit_and_report(spec, trials, shared, concurrent, resume, tracker, clock)
+        callbacks: list[Callback] = [ProgressPrinter(trials)]
+        if spec.storage.max_gb is not None:
+            callbacks.append(StorageCap(study, plans, spec.storage.max_gb * 1e9))
+        return fit_and_report(spec, trials, shared, concurrent, resume, tracker, callbacks, clock)
     finally:
         with clock("shutdown"):
             actors.stop()
@@ -364,9 +370,10 @@ def fit_and_report(
     concurrent: int,
     resume: bool,
     tracker: Any,
+    callbacks: list[Callback],
     clock: Stopwatch,
 ) -> list[tuple[Trial, dict[str, float]]]:
-    """Run the Tune experiment, then log the table, analysis, report and the driver's time
+    """Run the Tune experiment (`callbacks`: the driver's, on every trial result), then log the table, analysis, report and the driver's time
     breakdown to the study run."""
     study, study_run = StudyDir(Path(shared["storage"])), shared["study_run_id"]
     resources = tune.PlacementGroupFactory(trial_bundles(spec))
@@ -375,7 +382,7 @@ def fit_and_report(
         name=study.tune.name,
         storage_path=str(study.root),
         failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
-        callbacks=[ProgressPrinter(trials)],
+        callbacks=callbacks,
         verbose=0,
     )
     stale = study.stale_records(trials, shared["current"])

@@ -27,13 +27,7 @@ def tidy_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every finished trial's evaluations after each stage of its path and each unlearning
     branch (`method`: the branch's stage name, "" on the path), with its hyper-parameters as
     `hp.<name>` columns and the MLflow run ids of the trial and of the stage's training."""
-    study = StudyDir(Path(run_dir).absolute())
-    if not study.spec_file.is_file():
-        raise StudyError(
-            str(run_dir),
-            "study_dir",
-            "no study.yaml here; expected the directory of a study that ran",
-        )
+    study = StudyDir.existing(run_dir)
     spec = load_study(study.spec_file)
     cache = study.cache()
     rows = []
@@ -69,8 +63,8 @@ def results(run_dir: str | Path) -> Any:
 def export(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Any, dict[str, Path]]:
     """Write results.csv and results.parquet (default: <run_dir>/export); the table and the
     files' paths."""
-    out = Path(out_dir) if out_dir else StudyDir(Path(run_dir).absolute()).root / "export"
     table = results(run_dir)
+    out = Path(out_dir) if out_dir else StudyDir.existing(run_dir).root / "export"
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "parquet": out / "results.parquet"}
     for kind, path in paths.items():
@@ -87,7 +81,7 @@ def export_model(
     unlearning branch) to `out_dir`, a self-contained HF model directory (weights,
     config, tokenizer; under LoRA the merged model with its adapter in adapter/); the
     directory and the checkpoint's prefix key."""
-    study = StudyDir(Path(run_dir).absolute())
+    study = StudyDir.existing(run_dir)
     record = study.read_record(trial_id) if study.trials.is_dir() else None
     if record is None:
         found = sorted(p.stem for p in study.trials.glob("*.json")) if study.trials.is_dir() else []

@@ -16,6 +16,12 @@ def test_export_of_a_directory_without_a_study(tmp_path, capsys):
 
 def test_export_model_of_an_unknown_trial(tmp_path, capsys):
     out = tmp_path / "model"
+    assert (
+        main(["export-model", str(tmp_path), "--trial", "a", "--stage", "s", "--out", str(out)])
+        == 2
+    )
+    assert "study_dir: no study.yaml here" in capsys.readouterr().err
+    (tmp_path / "study.yaml").write_text("name: nothing-ran\n")  # a study whose trials never ran
     code = main(
         ["export-model", str(tmp_path), "--trial", "abc", "--stage", "ga", "--out", str(out)]
     )

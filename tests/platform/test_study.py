@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -105,6 +106,26 @@ def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster
     assert "6 of 6 trials done" in capsys.readouterr().out
     assert main(["report", str(storage)]) == 0
     assert "| a>b>c" in capsys.readouterr().out
+    check_plan_against_the_run(tmp_path / "perm3.yaml", storage, capsys)
+
+
+def check_plan_against_the_run(path: Path, storage: Path, capsys) -> None:
+    """`stageflow plan` announced the checkpoints and evaluations the run wrote, and estimates
+    a study from the timings its storage holds (no calibration run)."""
+    from stageflow.core.study_file import load_study
+    from stageflow.platform.engine.study_plan import measured_costs, planned_work
+
+    work = planned_work(load_study(path))
+    assert len(work.trainings) == len(list((storage / "prefixes").glob("*/meta.json")))
+    assert len(work.evaluations) == len(list((storage / "prefixes").glob("*.eval.json")))
+    costs = measured_costs(storage)
+    assert costs is not None and costs.missing(work) is None
+    estimate = costs.estimate(work, 1)
+    assert estimate.training_s > 0 and estimate.evaluation_s > 0 and estimate.fixed_s > 0
+    assert main(["plan", str(path), "seeds=[0,1]"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrating" not in out and f"from the timings of the study in {storage}" in out
+    assert "trials            12 (6 orderings, 2 seeds)" in out
 
 
 def run_cli(*args: str, env=None, **kwargs) -> subprocess.Popen:
@@ -176,8 +197,6 @@ def test_prune_frees_what_it_says_and_a_pruned_study_resumes(tmp_path, ray_clust
     """--dry-run removes nothing; --keep final keeps each trial's last checkpoint; --keep
     reported keeps none; report and export still work; a trial run again after pruning trains
     its prefixes again and ends with the same metrics, bit for bit; a running study is refused."""
-    import json
-
     assert main(["run", str(short_study(tmp_path, "prune2", ["a", "b"]))]) == 0
     storage, cache = tmp_path / "prune2", PrefixCache(tmp_path / "prune2" / "prefixes")
     assert len(cache.trained()) == 4
@@ -197,6 +216,8 @@ def test_prune_frees_what_it_says_and_a_pruned_study_resumes(tmp_path, ray_clust
     assert cache.trained() == []
     assert main(["report", str(storage)]) == 0 and main(["export", str(storage)]) == 0
     before = json.loads(record.read_text())["metrics"]
+    records = sorted((storage / "trials").glob("*.json"))
+    first_run = {r.stem: json.loads(r.read_text()) for r in records}
     record.unlink()  # as if the trial had not finished: running the study again runs it
     assert main(["run", str(tmp_path / "prune2.yaml")]) == 0
     assert json.loads(record.read_text())["metrics"] == before
@@ -207,3 +228,25 @@ def test_prune_frees_what_it_says_and_a_pruned_study_resumes(tmp_path, ray_clust
         assert "a driver is running this study" in capsys.readouterr().err
     finally:
         running.close()
+    check_storage_cap(tmp_path, first_run, capsys)
+
+
+def check_storage_cap(tmp_path: Path, uncapped: dict[str, dict], capsys) -> None:
+    """storage.max_gb below two checkpoints: each trial's first stage is removed once both
+    trials are past it, the path ends stay, and the trials' metrics are those of the study
+    run without a cap."""
+    from stageflow.core.footprint import checkpoint_bytes
+    from stageflow.core.study_file import load_study
+
+    path = short_study(tmp_path, "capped", ["a", "b"])
+    one = checkpoint_bytes(load_study(path))
+    capsys.readouterr()
+    assert main(["run", str(path), f"storage.max_gb={1.5 * one / 1e9}"]) == 0
+    out = capsys.readouterr().out
+    assert "storage.max_gb: removed" in out
+    cache = PrefixCache(tmp_path / "capped" / "prefixes")
+    assert sorted(m["stage"] for m in cache.trained()) == ["a", "b"]  # the two path ends
+    for record in sorted((tmp_path / "capped" / "trials").glob("*.json")):
+        history = json.loads(record.read_text())["history"]
+        assert cache.is_done(history[-1]["key"]) and not cache.is_done(history[1]["key"])
+        assert json.loads(record.read_text())["metrics"] == uncapped[record.stem]["metrics"]

@@ -356,6 +356,16 @@ CASES = [
         "analysis.over_refusal[0]: 'facts/refusal_rate' is not computed",
     ),
     (
+        "a storage cap below one checkpoint",
+        set_key("storage.max_gb", 0.001),
+        "storage.max_gb: 0.001 GB is less than one checkpoint of this model (3.53 MB); expected at least that",
+    ),
+    (
+        "a negative storage cap",
+        set_key("storage.max_gb", -1),
+        "storage.max_gb: expected a positive number, got -1",
+    ),
+    (
         "benign share of every row",
         set_key("stages.inst.data", {"task": "refusal", "params": {"benign": 1.0}}),
         "stages.inst.data.params: benign is the share of answered training rows; expected [0, 1), got 1.0",
