@@ -14,12 +14,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stageflow.actors.rendering import encode_prompt, render_row, renders_chat, row_prompt
+from stageflow.actors.rendering import (
+    encode_prompt,
+    encode_row,
+    render_row,
+    renders_chat,
+    row_prompt,
+)
 from stageflow.actors.rewards import check_rewards
 from stageflow.core.config import DataSpec, RLLoopParams, StageSpec, StudyError, StudySpec
 from stageflow.core.data_files import is_plain, spec_rows
 from stageflow.core.expand import apply_hparams, grid_points, parse_path
 from stageflow.core.footprint import checkpoint_bytes, size_text
+from stageflow.core.model_checks import load_tokenizer, model_dir_problem
 from stageflow.core.models import (
     char_tokenizer,
     check_model_dir,
@@ -74,6 +81,7 @@ class _Validator:
     def __init__(self, spec: StudySpec, source: str):
         self.spec, self.source = spec, source
         self._rows: dict[str, list[dict]] = {}
+        self._tokenizer = None
 
     def rows(self, key: str, data: DataSpec) -> list[dict]:
         """The rows of a data spec (loaded once, written nowhere); a bad file fails at `key`."""
@@ -409,17 +417,16 @@ class _Validator:
                 )
 
     def tokenizer(self):
-        """The study model's tokenizer (the tiny model's is built, not loaded)."""
-        if self.spec.model.path is None:
-            return char_tokenizer()
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.spec.model.path)
+        """The study model's tokenizer (the tiny model's is built, not loaded), loaded once."""
+        if self._tokenizer is None:
+            path = self.spec.model.path
+            self._tokenizer = char_tokenizer() if path is None else load_tokenizer(Path(path))
+        return self._tokenizer
 
     def check_model(self) -> None:
         path = self.spec.model.path
         if path is not None:
-            problem = check_model_dir(path) or logit_transform(path)
+            problem = check_model_dir(path) or model_dir_problem(path) or logit_transform(path)
             if problem:
                 self.fail("model.path", f"{path}: expected {problem}")
         if path is None or not has_chat_template(path):
@@ -429,6 +436,30 @@ class _Validator:
                         f"{key}.template",
                         "the model's tokenizer has no chat template; expected auto or plain",
                     )
+            return
+        self.check_chat_template(path)
+
+    def check_chat_template(self, path: str) -> None:
+        """The model's chat template renders the first row of every data set that uses it."""
+        for key, data in self.data_specs():
+            rows = self.rows(key, data)[:1]
+            if not rows or not renders_chat(data.template, True):
+                continue
+            row, tokenizer = render_row(rows[0], True, data.system), self.tokenizer()
+            try:
+                if "answer" in row:
+                    encode_row(tokenizer, row, max_len=1 << 30)
+                else:
+                    encode_prompt(tokenizer, row_prompt(row))
+            except Exception as err:  # noqa: BLE001 - a template raises what its Jinja code does
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                jinja = Path(path) / "chat_template.jinja"
+                where = jinja if jinja.is_file() else Path(path) / "tokenizer_config.json"
+                self.fail(
+                    key,
+                    f"{where}: expected a chat template that renders this data's rows (its "
+                    f"first row raised: {reason})",
+                )
 
     def data_specs(self) -> list[tuple[str, DataSpec]]:
         """Every data spec of the study, with its key."""
