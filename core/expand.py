@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,21 @@ def trial_spec(spec: StudySpec, trial: Trial) -> StudySpec:
 def oracle_path(spec: StudySpec, path: tuple[str, ...]) -> tuple[str, ...]:
     forget = forget_sets(spec)
     return tuple(name for name in path if without_forget(spec.stages[name], forget) is not None)
+
+
+def trial_count(spec: StudySpec) -> int:
+    """len(expand(spec)), counted without making the trials (a grid of a million points is
+    counted at once). Oracle paths depend on the grid only through the stages' data; a grid
+    that sweeps stage data is expanded."""
+    points = math.prod(len(values) for values in spec.grid.values())
+    paths = set(ordering_paths(spec.orderings))
+    count = len(paths) * points * len(spec.seeds)
+    if not spec.oracle:
+        return count
+    if any(".data" in key or ".retain" in key for key in spec.grid):
+        return len(expand(spec))
+    oracles = {oracle_path(spec, path) for path in paths}
+    return count + len(oracles) * points * len(spec.seeds)
 
 
 def expand(spec: StudySpec) -> list[Trial]:

@@ -134,6 +134,15 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudySpe
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _translate(f"override '{item}'", err) from None
+        except yaml.YAMLError as err:  # the value is parsed as YAML
+            key, value = item.split("=", 1)
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise StudyError(
+                "command line",
+                key,
+                f"'{value}' is not a YAML value ({problem}); expected e.g. 3, [1, 2] or "
+                "{a: 1} (a mapping's keys and values separated by ': ', with the space)",
+            ) from None
     try:
         missing = _first_missing(merged)
         if missing:

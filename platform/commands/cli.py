@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from stageflow.core.config import StudyError
-from stageflow.core.expand import expand
+from stageflow.core.expand import expand, ordering_paths, trial_count
 from stageflow.core.footprint import size_text
 from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_and_validate(args.study, args.overrides)
-    trials = expand(spec)
-    print(f"{args.study}: valid — {len({t.path for t in trials})} orderings, {len(trials)} trials")
+    orderings = len(set(ordering_paths(spec.orderings)))
+    print(f"{args.study}: valid — {orderings} orderings, {trial_count(spec)} trials")
     return 0
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import dataclasses
 
 from stageflow.core.config import DataSpec, InsertSpec, OrderingSpec, StageSpec, StudySpec
-from stageflow.core.expand import apply_hparams, expand, ordering_paths, trial_spec
+from stageflow.core.expand import apply_hparams, expand, ordering_paths, trial_count, trial_spec
 
 
 def stage(
@@ -67,3 +67,20 @@ def test_oracle_trains_facts_on_its_retain_split():
     assert trial_spec(s, oracle).stages["facts"].data.split == "retain"
     normal = next(t for t in expand(s) if not t.oracle)
     assert trial_spec(s, normal).stages["facts"].data.split == "train"
+
+
+def test_trial_count_is_the_number_of_trials_without_making_them():
+    grid = {"stages.inst.lr": [1e-3, 1e-4], "stages.facts.batch_size": [4, 8, 16]}
+    data_grid = {"stages.refusal.data.task": ["refusal", "facts"]}  # moves the forget set
+    for s in (
+        spec(),
+        spec(grid=grid, seeds=[0, 1]),
+        spec(grid=grid, oracle=True),
+        spec(grid=data_grid, oracle=True),
+        spec(orderings=OrderingSpec(explicit=["inst>facts", "inst>facts"])),  # one path twice
+    ):
+        assert trial_count(s) == len(expand(s))
+    million = {
+        f"stages.{n}.lr": [i * 1e-6 for i in range(1, 101)] for n in ("inst", "facts", "npo")
+    }
+    assert trial_count(spec(grid=million, seeds=[0, 1])) == 6 * 10**6 * 2
