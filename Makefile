@@ -30,7 +30,7 @@ test-timed: setup
 	$(BIN)/python benchmarks/test_suite_time.py
 
 ui: setup
-	$(BIN)/stageflow ui $(STUDY_DIR)
+	$(BIN)/stageflow ui $(STUDY_DIR) --open
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

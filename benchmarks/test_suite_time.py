@@ -6,7 +6,8 @@ Command (repo root, the venv active; `make test-timed` runs it):
 
 Runs `python -m pytest --durations=15` (what `make test` runs, plus the slowest tests) and
 writes docs/test_suite.md: the commit, the machine's cores and load, pytest's summary line, the
-wall time and the slowest tests. Exits with pytest's exit code.
+failed tests, the wall time and the slowest tests; pytest's whole output goes to
+build/test_suite.log. Exits with pytest's exit code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "test_suite.md"
+LOG = ROOT / "build" / "test_suite.log"  # not committed (build/ is ignored)
 
 
 def clock(seconds: float) -> str:
@@ -38,6 +40,8 @@ def main() -> None:
         text=True,
     )
     wall = time.perf_counter() - start
+    LOG.parent.mkdir(exist_ok=True)
+    LOG.write_text(done.stdout + done.stderr)  # the whole output, for a failure's traceback
     lines = done.stdout.splitlines()
     summary = next(
         (line.strip("= ") for line in reversed(lines) if " in " in line and "passed" in line),

@@ -47,7 +47,7 @@ def regions() -> list[tuple[int, str, list[str] | None]]:
     """(line number, line, the region's sources or None) of every README line but the markers
     and code fences; a line inside a code block starts with "CODE:"."""
     out, sources, fenced = [], None, False
-    for number, line in enumerate(README.read_text().splitlines(), start=1):
+    for number, line in enumerate(README.read_text(encoding="utf-8").splitlines(), start=1):
         if line.startswith("#") and not fenced:
             sources = None
         if marker := MARKER.search(line):
@@ -76,7 +76,9 @@ def test_figures_in_regions_come_from_their_sources():
     for number, line, sources in regions():
         if sources is None:
             continue
-        text = "\n".join(texts.setdefault(s, (ROOT / s).read_text()) for s in sources)
+        text = "\n".join(
+            texts.setdefault(s, (ROOT / s).read_text(encoding="utf-8")) for s in sources
+        )
         code = line.startswith("CODE:")
         line = line.removeprefix("CODE:")
         found = figures(line)

@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("study_dir", help="the study's storage directory (holds mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument(
+        "--open", action="store_true", help="open the study's runs in a browser, where one exists"
+    )
     export = commands.add_parser(
         "export",
         help="write a study's results as one tidy table (CSV and Parquet)",
@@ -309,7 +312,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
             "study_dir",
             "no mlflow.db here; expected a study's storage directory (run the study first)",
         )
-    return serve_ui(study.tracking_uri, args.host, args.port)
+    spec, _ = load_study_dir(args.study_dir, check=False)
+    experiment = spec.tracking.experiment or spec.name
+    return serve_ui(study.tracking_uri, experiment, args.host, args.port, args.open)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

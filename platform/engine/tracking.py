@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import webbrowser
 from pathlib import Path
 from typing import Any
 
 from stageflow.core.study_dir import StudyDir
 
-# lazy: MLflow loads in the tracker actor, Ray where the tracker starts (not for `stageflow ui`)
+# lazy: MLflow loads in the tracker actor and to find a study's experiment, Ray where the
+# tracker starts (neither for the commands that only import this module)
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -194,8 +197,36 @@ def start_tracker(
     ).remote(tracking_uri, experiment, artifact_dir)
 
 
-def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run `mlflow server` on the study's store (loopback only unless `host` says otherwise).
+def runs_view(tracking_uri: str, experiment: str, address: str) -> str:
+    """The address of the UI page listing the study's runs (the experiment's own page may
+    open on another tab); the UI's root when the store has no such experiment."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    return f"{address}/#/experiments/{found.experiment_id}/runs" if found else address
+
+
+def wait_for_port(host: str, port: int, server: subprocess.Popen, timeout: float = 120) -> bool:
+    """Whether the server at host:port answers (False when it ended or took too long)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and server.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def serve_ui(
+    tracking_uri: str,
+    experiment: str,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    open_browser: bool = False,
+) -> int:
+    """Run `mlflow server` on the study's store (loopback only unless `host` says otherwise),
+    print the address of the study's runs and, with `open_browser`, open it where a browser
+    exists.
 
     The server and its workers run in their own process group, which SIGTERM or SIGINT of
     this process ends as a whole (a process manager's stop leaves nothing holding the port).
@@ -212,8 +243,12 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> in
         "--port",
         str(port),
     ]
+    url = runs_view(tracking_uri, experiment, f"http://{host}:{port}")
     print(f"MLflow UI on http://{host}:{port} (store {tracking_uri}); Ctrl-C to stop", flush=True)
+    print(f"the study's runs: {url}", flush=True)
     server = subprocess.Popen(command, start_new_session=True)
+    if open_browser and wait_for_port(host, port, server):
+        webbrowser.open(url)  # a no-op where no browser is found
 
     def stop(signum: int, _frame: Any) -> None:
         try:

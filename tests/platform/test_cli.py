@@ -141,9 +141,10 @@ def api(port: int, path: str, body: dict | None = None) -> dict:
 
 
 def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
-    """`stageflow ui` serves the study's store on 127.0.0.1: the experiment opens on its runs
-    (its kind), the study run's description holds the table, each trial's names its path; a
-    SIGTERM ends the server and every worker it started, and frees the port."""
+    """`stageflow ui` serves the study's store on 127.0.0.1 and prints the address of the
+    study's runs view: the experiment opens on its runs (its kind), the study run's description
+    holds the table, each trial's names its path; a SIGTERM ends the server and every worker it
+    started, and frees the port."""
     port = free_port()
     ui = subprocess.Popen(
         [
@@ -155,8 +156,9 @@ def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
             "--port",
             str(port),
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -169,6 +171,9 @@ def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
                 assert time.time() < deadline and ui.poll() is None, "the UI never answered"
                 time.sleep(1)
         experiment = found["experiment"]
+        printed = [ui.stdout.readline() for _ in range(2)]  # printed before the server starts
+        runs_view = f"http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs"
+        assert printed[1].strip() == f"the study's runs: {runs_view}", printed
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags["mlflow.experimentKind"] == "custom_model_development"
         runs = api(port, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
