@@ -45,8 +45,7 @@ CASES = {
 }
 
 
-def estimate(spec, costs, root: Path) -> dict:
-    work = planned_work(spec)
+def estimate(spec, work, costs, root: Path) -> dict:
     source = costs.source.replace(str(root), "<storage>")  # no machine path in the results
     return {"wall_s": costs.estimate(work, concurrency(spec)).wall_s, "source": source}
 
@@ -70,15 +69,17 @@ def measure(args) -> tuple[list[dict], dict]:
     for case, (folder, extra) in CASES.items():
         overrides = [f"storage_dir={root / folder}", *extra]
         specs[case] = (root / folder, overrides, load_and_validate(STUDY, overrides))
+    works = {case: planned_work(spec) for case, (_, _, spec) in specs.items()}
     calibrated = {
-        case: estimate(spec, calibrate(spec, STUDY), root) for case, (_, _, spec) in specs.items()
+        case: estimate(spec, works[case], calibrate(spec, STUDY), root)
+        for case, (_, _, spec) in specs.items()
     }
     for case, (study, overrides, spec) in specs.items():
-        history = earlier_costs(spec, planned_work(spec))  # a study run before, beside it
-        estimates = [calibrated[case]] + ([estimate(spec, history, root)] if history else [])
+        work = works[case]
+        history = earlier_costs(spec, work)  # a study run before, beside it
+        estimates = [calibrated[case]] + ([estimate(spec, work, history, root)] if history else [])
         process_s = run(overrides)
         driver_s = json.loads((study / "timing.json").read_text())["time/wall_s"]
-        work = planned_work(spec)
         written = {
             "checkpoints": len(list((study / "prefixes").glob("*/meta.json"))),
             "evaluations": len(list((study / "prefixes").glob("*.eval.json"))),

@@ -525,6 +525,11 @@ class StudySpec(Spec):
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
 
+    @property
+    def experiment(self) -> str:
+        """The study's MLflow experiment: tracking.experiment, else the study's name."""
+        return self.tracking.experiment or self.name
+
     def invariants(self) -> Problems:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             yield "name", "expected a study name of letters, digits, '-', '_' or '.'"

@@ -95,7 +95,8 @@ class StudyDir:
     def disk_use(self) -> dict[str, tuple[int, int]]:
         """{part: (bytes, files or checkpoints)} of checkpoints, evaluations, data, the base
         model and MLflow (store and artifacts)."""
-        entries = [p for p in self.prefixes.glob("*") if (p / "meta.json").is_file()]
+        cache = self.cache()
+        entries = [cache.entry(key) for key in cache.checkpoints()]
         evals = list(self.prefixes.glob("*.eval.json"))
         mlflow = [self.mlflow_db, self.artifacts]
         return {

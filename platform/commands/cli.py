@@ -313,8 +313,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             "no mlflow.db here; expected a study's storage directory (run the study first)",
         )
     spec, _ = load_study_dir(args.study_dir, check=False)
-    experiment = spec.tracking.experiment or spec.name
-    return serve_ui(study.tracking_uri, experiment, args.host, args.port, args.open)
+    return serve_ui(study.tracking_uri, spec.experiment, args.host, args.port, args.open)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -521,11 +521,11 @@ class _Validator:
                 f"{path} cannot be created ({err.strerror} in {existing}); expected a writable directory",
             )
         cap = self.spec.storage.max_gb
-        if cap is not None and cap * 1e9 < checkpoint_bytes(self.spec):
-            one = size_text(checkpoint_bytes(self.spec))
+        one = checkpoint_bytes(self.spec) if cap is not None else 0
+        if cap is not None and cap * 1e9 < one:
             self.fail(
                 "storage.max_gb",
-                f"{cap:g} GB is less than one checkpoint of this model ({one}); expected at least that",
+                f"{cap:g} GB is less than one checkpoint of this model ({size_text(one)}); expected at least that",
             )
 
     def check_tracking(self) -> None:

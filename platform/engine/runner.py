@@ -250,7 +250,7 @@ class SharedActors:
     """The study's shared actors, started by the driver and ended with the study."""
 
     def __init__(self, spec: StudySpec, study: StudyDir, base_model: Path):
-        experiment = spec.tracking.experiment or spec.name
+        experiment = spec.experiment
         suffix = shared_actor_suffix(experiment, study.root)
         pinned = dict(spec.resources.shared_actor_resources)
         self.names = {"tracker": f"{TRACKER_NAME}-{suffix}", "pool": None}

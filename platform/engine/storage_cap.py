@@ -37,6 +37,7 @@ class StorageCap(Callback):
         self.kept = kept_keys(list(plans.values()))
         self.passed = {trial_id: 0 for trial_id in plans}  # the last stage index reported
         self.finished: set[str] = set()
+        self.sizes: dict[str, int] = {}  # checkpoint key -> bytes (a committed one never changes)
         self.warned = False
 
     def needed(self) -> set[str]:
@@ -51,7 +52,10 @@ class StorageCap(Callback):
 
     def enforce(self) -> None:
         cache = self.study.cache()
-        sizes = {key: tree_bytes(cache.entry(key)) for key in cache.checkpoints()}
+        sizes = {
+            key: self.sizes.get(key) or tree_bytes(cache.entry(key)) for key in cache.checkpoints()
+        }
+        self.sizes = sizes
         total = sum(sizes.values())
         if total <= self.max_bytes:
             return

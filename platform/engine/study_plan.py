@@ -81,7 +81,15 @@ class Work:
     units: dict[str, tuple[int, int]]  # set -> (examples scored, tokens generated)
 
 
-def study_work(spec: StudySpec, planner: Planner) -> Work:
+def stand_in_planner(spec: StudySpec) -> Planner:
+    """A planner whose keys are made with the stand-in identity (rows read in memory)."""
+    chat = spec.model.path is not None and has_chat_template(spec.model.path)
+    return Planner(spec, in_memory_rows, STAND_IN, STAND_IN, chat)
+
+
+def planned_work(spec: StudySpec) -> Work:
+    """The work of a study that may not have run (keys made with a stand-in identity)."""
+    planner = stand_in_planner(spec)
     trials = expand(spec)
     plans = [planner.plan(trial) for trial in trials]
     trainings, steps, signatures, evaluations, runs = {}, {}, {}, {}, 0
@@ -110,12 +118,6 @@ def eval_units(spec: StudySpec, planner: Planner) -> dict[str, tuple[int, int]]:
         tokens = examples * eval_set.samples * eval_set.max_new_tokens
         units[name] = (examples if "loglik" in needs else 0, tokens if "generation" in needs else 0)
     return units
-
-
-def planned_work(spec: StudySpec) -> Work:
-    """The work of a study that may not have run (keys made with a stand-in identity)."""
-    chat = spec.model.path is not None and has_chat_template(spec.model.path)
-    return study_work(spec, Planner(spec, in_memory_rows, STAND_IN, STAND_IN, chat))
 
 
 def concurrency(spec: StudySpec) -> int:
@@ -198,20 +200,20 @@ def measured_costs(root: Path, source: str | None = None) -> UnitCosts | None:
     per_sig: dict[str, list[tuple[float, list[float]]]] = {}
     trained, evaluated = set(), {}
     for trial, record in found:
-        own = trial_spec(spec, trial)
+        own_spec = trial_spec(spec, trial)
         for entry in record["history"]:
             evaluated.update({key: name for name, key in entry.get("evals", {}).items()})
-            stage = own.stages.get(entry["stage"])
+            stage = own_spec.stages.get(entry["stage"])
             key = entry["key"]
             if stage is None or stage.kind == "eval" or key in trained or not cache.is_done(key):
                 continue
             trained.add(key)
             meta = cache.meta(key)
             seconds = (meta["train_end_ms"] - meta["train_start_ms"]) / 1000
-            per_sig.setdefault(signature(own, stage), []).append(
+            per_sig.setdefault(signature(own_spec, stage), []).append(
                 (seconds, [s["step_time_s"] for s in meta["step_metrics"]])
             )
-    units = eval_units(spec, Planner(spec, in_memory_rows, STAND_IN, STAND_IN, False))
+    units = eval_units(spec, stand_in_planner(spec))
     computed = [name for key, name in evaluated.items() if cache.read_eval(key) is not None]
     examples = sum(units[name][0] for name in computed)
     tokens = sum(units[name][1] for name in computed)
@@ -223,19 +225,19 @@ def measured_costs(root: Path, source: str | None = None) -> UnitCosts | None:
     def total(phase: str) -> float:
         return sum(r["timing"].get(f"time/{phase}_s", 0.0) for r in records)
 
-    own = [
+    overheads = [  # each trial's time outside training, evaluation and waiting
         r["timing"]["time/wall_s"]
         - sum(r["timing"].get(f"time/{p}_s", 0.0)
               for p in ("train", "rl_stage", "eval_loglik", "eval_generation", "wait_prefix"))
         for r in records
     ]  # fmt: skip
-    own.sort()
-    later = median(own[:-1]) if len(own) > 1 else own[0]
+    overheads.sort()  # the largest: the first trial's, which started the learner
+    later = median(overheads[:-1]) if len(overheads) > 1 else overheads[0]
     tune_own = max(0.0, timing["time/tune_s"] - total("wall") / concurrency(spec)) / len(records)
     return UnitCosts(
         source=source or f"the timings of the study in {root}",
         fixed_s=timing["time/wall_s"] - timing["time/tune_s"],
-        first_trial_s=own[-1] - later,
+        first_trial_s=overheads[-1] - later,
         per_trial_s=later + tune_own,
         per_training_s=per_training,
         per_step_s=per_step,
@@ -275,7 +277,7 @@ def calibration_spec(spec: StudySpec, storage: Path) -> StudySpec:
     if len(picked) < 2:
         picked = [t for t in alike if t.path == first.path][:2]
     spec = apply_hparams(spec, first.hparams)
-    rows = Planner(spec, in_memory_rows, STAND_IN, STAND_IN, False)
+    rows = stand_in_planner(spec)
     stages = {
         name: stage if stage.kind == "eval" else dataclasses.replace(
             stage, epochs=None, warmup_steps=0,
