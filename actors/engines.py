@@ -16,6 +16,7 @@ from typing import Any
 from stageflow.actors.dispatch import rpc_name
 from stageflow.actors.weight_sync import WeightReloadExtension, read_shared_weights
 from stageflow.core.config import RolloutSpec
+from stageflow.core.models import attention_implementation
 
 # lazy: vLLM (transformers for the hf backend) loads only in the engine's own process
 
@@ -192,7 +193,9 @@ class HFEngine(Engine):
         super().__init__(model_dir, spec, device, seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dtype = getattr(torch, spec.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attention_implementation(model_dir)
+        )
         self.model.to(device).eval()
 
     def describe(self) -> str:

@@ -39,6 +39,7 @@ from stageflow.actors.rendering import Completion, encode_item
 from stageflow.actors.weight_sync import write_shared_weights
 from stageflow.core.config import LearnerSpec, StageSpec
 from stageflow.core.files import staged_dir
+from stageflow.core.models import attention_implementation
 from stageflow.core.registry import OBJECTIVES, load_plugins, objective_of
 from stageflow.kernels.peak_memory import PeakMemory
 
@@ -79,7 +80,10 @@ class LearnerWorker:
     def _read_model(self, model_dir: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        attention = attention_implementation(model_dir)
+        lm = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=attention
+        )
         self.hf_config = lm.config
         return lm
 

@@ -20,6 +20,7 @@ class LogProbHead(torch.nn.Linear):
     """
 
     impl = "fused"
+    softcap: float | None = None  # Gemma2's final-logit soft-capping (config)
 
     def forward(self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False):  # type: ignore[override]
         if targets is None:
@@ -31,6 +32,7 @@ class LogProbHead(torch.nn.Linear):
             mask,
             bias=self.bias,
             temperature=temperature,
+            softcap=self.softcap,
             with_argmax=with_argmax,
             impl=self.impl,
         )
@@ -45,11 +47,12 @@ class PolicyModule(torch.nn.Module):
         # internal errors: `stageflow validate` refused these models before any work
         if type(lm.lm_head) is not torch.nn.Linear:
             raise RuntimeError(f"expected an nn.Linear lm_head, got {type(lm.lm_head).__name__}")
-        for key in LOGIT_TRANSFORMS:  # the head computes log_softmax(h W^T) and nothing else
+        for key in LOGIT_TRANSFORMS:  # the head applies the soft cap and no other logit change
             if getattr(lm.config, key, None) not in (None, 1.0):
                 raise RuntimeError(f"the model's config sets {key}; the log-prob head applies none")
         lm.lm_head.__class__ = LogProbHead
         lm.lm_head.impl = impl
+        lm.lm_head.softcap = getattr(lm.config, "final_logit_softcapping", None)
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, mask, temperature=1.0, with_argmax=False):

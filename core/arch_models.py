@@ -38,7 +38,21 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "phi3": {"num_key_value_heads": 4},
     "olmo2": {"num_key_value_heads": 4},
     "gpt_neox": {"rotary_pct": 0.25, "use_parallel_residual": True},
-}
+    # Gemma ties its embeddings (vLLM loads no separate lm_head) and alternates sliding-window and
+    # global attention; a 16-token window is shorter than the studies' rows, so both kinds run.
+    # Gemma2's soft caps are scaled to this model's scores and logits (about 0.2 and 1 at
+    # initialisation) so that they bite: its own 50 and 30 would be the identity here.
+    "gemma2": {
+        "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
+        "sliding_window": 16, "tie_word_embeddings": True,
+        "attn_logit_softcapping": 0.2, "final_logit_softcapping": 1.0,
+    },
+    "gemma3_text": {
+        "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
+        "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": True,
+    },
+}  # fmt: skip
 
 
 def train_bpe_tokenizer(corpus: list[str], vocab_size: int = 512):

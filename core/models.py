@@ -126,14 +126,26 @@ def ensure_tiny_model(cache_dir: str | Path, spec: TinyModelSpec = TinyModelSpec
     return path
 
 
-# Config keys of models that transform the LM head's logits (Gemma2's soft-capping, Granite's
-# and Cohere's scaling); the learner's log-prob head computes log_softmax(h W^T) and no more.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+# Config keys of models that scale the LM head's logits (Granite, Cohere); the learner's log-prob
+# head applies Gemma2's final-logit soft-capping (`final_logit_softcapping`) and no other change.
+LOGIT_TRANSFORMS = ("logits_scaling", "logit_scale")
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """A model directory's config.json as a dict (no transformers import)."""
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def attention_implementation(model_dir: str | Path) -> str | None:
+    """Eager attention ("eager") where the config soft-caps attention scores (Gemma2's
+    attn_logit_softcapping; transformers' SDPA path ignores it and learner and vLLM then
+    disagree), else None (transformers' default). Learner and `hf` engine load with it."""
+    return "eager" if read_config(model_dir).get("attn_logit_softcapping") else None
 
 
 def logit_transform(model_dir: str | Path) -> str | None:
     """Why the learner cannot train this model (its config transforms the logits), or None."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = read_config(model_dir)
     for key in LOGIT_TRANSFORMS:
         if config.get(key) not in (None, 1.0):
             return f"a model whose LM head is a plain linear layer (its config sets {key}={config[key]}, which the learner's log-prob head does not apply)"

@@ -17,6 +17,7 @@ COMMON_ARCHITECTURES = {
     "Qwen3ForCausalLM",
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
 }
 
@@ -44,6 +45,11 @@ def serving_problem(
                     f"an architecture vLLM serves, not {', '.join(architectures)} "
                     "(or rollout.backend: hf)"
                 )
+        if "Gemma2ForCausalLM" in architectures and config.get("tie_word_embeddings") is False:
+            return where, (
+                "tie_word_embeddings: true for Gemma2ForCausalLM (vLLM's Gemma2 has no LM head "
+                "of its own and reads the embedding; use rollout.backend: hf for an untied one)"
+            )
         size = head_size(config)
         if device == "cpu" and size is not None and size not in CPU_HEAD_SIZES:
             return where, (

@@ -4,6 +4,8 @@ Forward: for each chunk of tokens, and each block of the vocabulary, compute the
 z = (h_c @ W_v.T + b_v) / T and fold them into an online log-sum-exp (running max m, sum
 s = sum exp(z - m) and, for the entropy, t = sum exp(z - m) * (z - m)); pick the target's logit.
 lse = m + log s, log-prob = z_y - lse, entropy = log s - t / s, is_argmax = z_y >= m (final m).
+With a soft cap c (Gemma2) each block's logits become c tanh(z / c) / T, and the backward scales
+the logit gradient by the cap's slope 1 - tanh^2 (the two shortcuts below are then not taken).
 Only lse (and the entropy) per token are saved. Backward recomputes each block's logits, turns
 them into the logit gradient in place and accumulates dh, dW and db; at most one [chunk, vocab
 block] buffer (two with the entropy) is alive at a time, never N x V. When W is frozen (LoRA) and
@@ -58,6 +60,23 @@ def _block_logits(
     return z.copy_(b_v.expand(rows, cols)).addmm_(h_c, w_v.T)
 
 
+def _soft_cap_(z: torch.Tensor, softcap: float, inv_t: float) -> torch.Tensor:
+    """z <- c tanh(z / c) / T in place: the logits soft-capped, then tempered."""
+    return z.div_(softcap).tanh_().mul_(softcap * inv_t)
+
+
+def _cap_slope(capped: torch.Tensor, softcap: float, temperature: float, out: torch.Tensor):
+    """d cap(z) / dz = 1 - tanh^2(z / c), from the capped logits c tanh(z / c) / T."""
+    return torch.mul(capped, temperature / softcap, out=out).square_().neg_().add_(1.0)
+
+
+def _prescaled(hidden: torch.Tensor, bias: torch.Tensor | None, temperature: float, softcap):
+    """(h, b) as the block matmuls take them: divided by T up front unless a cap comes first."""
+    if softcap is not None or temperature == 1.0:
+        return hidden, bias
+    return hidden * (1.0 / temperature), None if bias is None else bias * (1.0 / temperature)
+
+
 class ChunkedTokenLogProbs(torch.autograd.Function):
     """autograd.Function over (hidden, weight, bias); see the module docstring for the algorithm."""
 
@@ -69,6 +88,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         temperature: float,
+        softcap: float | None,
         with_entropy: bool,
         with_argmax: bool,
         token_chunk: int,
@@ -80,11 +100,12 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         cdtype = result_dtype(hidden.dtype)
         inv_t = 1.0 / temperature
         targets = targets.long()
-        bias_scaled = None if bias is None else bias * inv_t
+        hidden_in, bias_in = _prescaled(hidden, bias, temperature, softcap)
         lse = hidden.new_empty(n, dtype=cdtype)
         selected = hidden.new_empty(n, dtype=cdtype)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdtype)
         is_argmax = hidden.new_empty(n if with_argmax else 0, dtype=torch.bool)
+        slope_y = hidden.new_empty(n if softcap is not None else 0, dtype=cdtype)
         # E_p[W] per token (softmax-weighted mean of W's rows): then dh = g (W_y - E_p[W]) / T
         # needs no matmul in the backward (used when W is frozen and there is no entropy).
         mean_w = hidden.new_empty((n, hidden.shape[1]) if precompute_dh else (0,), dtype=cdtype)
@@ -93,13 +114,15 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         buf_p = hidden.new_empty(buf_size if with_entropy else 0, dtype=cdtype)
         for s in range(0, n, token_chunk):
             e = min(s + token_chunk, n)
-            h_c = hidden[s:e] * inv_t if temperature != 1.0 else hidden[s:e]
+            h_c = hidden_in[s:e]
             y_c = targets[s:e].unsqueeze(1)
             m = run_sum = run_t = run_w = sel = None
             for v0 in range(0, vocab, vocab_block):
                 v1 = min(v0 + vocab_block, vocab)
-                b_v = None if bias_scaled is None else bias_scaled[v0:v1]
+                b_v = None if bias_in is None else bias_in[v0:v1]
                 z = _block_logits(buf, h_c, weight[v0:v1], b_v)
+                if softcap is not None:
+                    _soft_cap_(z, softcap, inv_t)
                 in_block = (y_c >= v0) & (y_c < v1)
                 picked = z.gather(1, (y_c - v0).clamp(0, v1 - v0 - 1))
                 sel = picked if sel is None else torch.where(in_block, picked, sel)
@@ -130,6 +153,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 m = m_new
             lse[s:e] = (m + run_sum.log()).squeeze(1)
             selected[s:e] = sel.squeeze(1)
+            if softcap is not None:
+                _cap_slope(sel.squeeze(1), softcap, temperature, out=slope_y[s:e])
             if with_entropy:
                 entropy[s:e] = (run_sum.log() - run_t / run_sum).squeeze(1)
             if precompute_dh:
@@ -142,8 +167,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         # ctx attribute, not a saved tensor: the backward overwrites it (a second one recomputes).
         keep_last = keep_last and hidden.dtype == cdtype and n > 0
         ctx.kept = (buf, run_sum.log()) if keep_last else None
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, mean_w)
-        ctx.temperature = temperature
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, mean_w, slope_y)
+        ctx.temperature, ctx.softcap = temperature, softcap
         ctx.with_entropy = with_entropy
         ctx.token_chunk = token_chunk
         ctx.vocab_block = vocab_block
@@ -165,10 +190,11 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         per-token scale (M = p, r = -g without entropy, so no [chunk, block] multiply is needed);
         the onehot part is an index_add of rows of W and h.
         """
-        hidden, weight, bias, targets, lse, entropy, mean_w = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, mean_w, slope_y = ctx.saved_tensors
         n, vocab = hidden.shape[0], weight.shape[0]
         cdtype = lse.dtype
         temperature, token_chunk, vocab_block = ctx.temperature, ctx.token_chunk, ctx.vocab_block
+        softcap = ctx.softcap
         inv_t = 1.0 / temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -178,8 +204,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         g_ent = grad_entropy.to(cdtype) * inv_t if use_ent else None
         if mean_w.numel() and not (use_ent or need_w or need_b):  # frozen W: no matmul left
             dh = (g.unsqueeze(1) * (weight[targets].to(cdtype) - mean_w)).to(hidden.dtype)
-            return (dh if need_h else None), *[None] * 10
-        bias_scaled = None if bias is None else bias * inv_t
+            return (dh if need_h else None), *[None] * 11
+        hidden_in, bias_in = _prescaled(hidden, bias, temperature, softcap)
         acc_dtype = result_dtype(weight.dtype)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
@@ -188,14 +214,15 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         buf_size = min(token_chunk, n) * min(vocab_block, vocab)
         buf = kept[0] if kept is not None else hidden.new_empty(buf_size, dtype=cdtype)
         buf_p = hidden.new_empty(buf_size if use_ent else 0, dtype=cdtype)
+        buf_slope = hidden.new_empty(buf_size if softcap is not None else 0, dtype=cdtype)
         last_s = (n - 1) // token_chunk * token_chunk
         last_v0 = (vocab - 1) // vocab_block * vocab_block
         for s in reversed(range(0, n, token_chunk)):  # the last chunk first (see `kept`)
             e = min(s + token_chunk, n)
-            h_raw = hidden[s:e]
-            h_c = h_raw * inv_t if temperature != 1.0 else h_raw
+            h_raw, h_c = hidden[s:e], hidden_in[s:e]
             y_c = targets[s:e]
             g_c = g[s:e].unsqueeze(1)
+            g_y = g_c if softcap is None else g_c * slope_y[s:e].unsqueeze(1)  # onehot part
             if use_ent:
                 r = torch.ones_like(g_c)
             else:
@@ -204,8 +231,9 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             dh_acc = None
             for v0 in reversed(range(0, vocab, vocab_block)):
                 v1 = min(v0 + vocab_block, vocab)
-                b_v = None if bias_scaled is None else bias_scaled[v0:v1]
+                b_v = None if bias_in is None else bias_in[v0:v1]
                 is_p = False
+                slope = None
                 if kept is not None and s == last_s and v0 == last_v0:  # kept: no recompute
                     mat = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
                     if ctx.with_entropy:
@@ -215,6 +243,10 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                         is_p = True
                 else:
                     mat = _block_logits(buf, h_c, weight[v0:v1], b_v)
+                    if softcap is not None:
+                        _soft_cap_(mat, softcap, inv_t)
+                        slope = buf_slope[: mat.numel()].view_as(mat)
+                        _cap_slope(mat, softcap, temperature, out=slope)
                     mat.sub_(lse[s:e].unsqueeze(1))  # log p
                 if use_ent:  # M = -p (g + g_ent (log p + H))
                     p = buf_p[: mat.numel()].view_as(mat).copy_(mat).exp_()
@@ -222,6 +254,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                     mat.add_(g_c).mul_(p).neg_()
                 elif not is_p:  # M = p
                     mat.exp_()
+                if slope is not None:  # through the cap: dz_raw = dz_capped * (1 - tanh^2)
+                    mat.mul_(slope)
                 mat = mat.to(hidden.dtype)
                 if need_h:
                     part = mat @ weight[v0:v1]
@@ -234,21 +268,22 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 if need_b:
                     db[v0:v1] += (mat.T @ r.to(mat.dtype)).squeeze(1).to(db.dtype)
             if need_h:
-                onehot_part = g_c * weight[y_c].to(cdtype)
+                onehot_part = g_y * weight[y_c].to(cdtype)
                 dh[s:e] = (r * dh_acc.to(cdtype) + onehot_part).to(hidden.dtype)
             if need_w:
-                dw.index_add_(0, y_c, (g_c * h_raw).to(dw.dtype))
+                dw.index_add_(0, y_c, (g_y * h_raw).to(dw.dtype))
             if need_b:
-                db.index_add_(0, y_c, g_c.squeeze(1).to(db.dtype))
+                db.index_add_(0, y_c, g_y.squeeze(1).to(db.dtype))
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, *[None] * 8
+        return dh, dw, db, *[None] * 9
 
 
 def chunked_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """Per-token log-probs (and entropy, argmax flag) of logits (h @ W.T + b) / T, no N x V logits.
+    """Per-token log-probs (and entropy, argmax flag) of logits cap(h @ W.T + b) / T (cap: the
+    optional `softcap`), no N x V logits.
 
     `chunk_size` tokens and `vocab_chunk_size` vocabulary rows per block (defaults:
     `default_chunk_sizes`). Gradients flow to hidden, weight and bias.
@@ -274,13 +309,15 @@ def chunked_token_logprobs(
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
         and not with_entropy
+        and o.softcap is None
     )
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     keep_last = needs_grad and not precompute_dh and not torch.compiler.is_compiling()
+    keep_last = keep_last and o.softcap is None  # the kept block has lost the cap's slope
     logprobs, entropy, is_argmax = ChunkedTokenLogProbs.apply(
-        hidden, weight, bias, targets, temperature, with_entropy, with_argmax, token_chunk,
+        hidden, weight, bias, targets, temperature, o.softcap, with_entropy, with_argmax, token_chunk,
         vocab_block, precompute_dh, keep_last,
     )  # fmt: skip
     return TokenLogProbs(

@@ -23,7 +23,8 @@ from stageflow.kernels.token_logprobs import (
 def naive_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """log softmax((h @ W.T + b) / T)[target] per token (and entropy, argmax flag), on full logits.
+    """log softmax(cap((h @ W.T + b)) / T)[target] per token (and entropy, argmax flag), on full
+    logits; cap(z) = c tanh(z / c) with `softcap` c, the identity without.
 
     `compute_dtype` is the dtype of the logits and of the results (default: the input dtype,
     fp32 for half inputs); gradients flow back to the inputs in their own dtype.
@@ -35,6 +36,8 @@ def naive_token_logprobs(
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
+    if o.softcap is not None:
+        logits = o.softcap * torch.tanh(logits / o.softcap)
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

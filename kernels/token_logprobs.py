@@ -13,16 +13,18 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 
 Tensor = torch.Tensor
-HEAD = ("bias", "temperature", "with_entropy", "with_argmax")
+HEAD = ("bias", "temperature", "softcap", "with_entropy", "with_argmax")
 
 
 class LogProbOptions(TypedDict, total=False):
-    """bias [V] or None; temperature T > 0 (logits / T); with_entropy, with_argmax: the extra
+    """bias [V] or None; temperature T > 0 (logits / T); softcap c > 0 or None (logits become
+    c tanh(z / c) before the temperature: Gemma2's final-logit soft-capping); with_entropy, with_argmax: the extra
     outputs; impl (entry points); chunk_size (tokens per chunk), vocab_chunk_size (chunked) or
     block_v (Triton): the tiles of the fused paths; compute_dtype (naive: logits dtype)."""
 
     bias: Tensor | None
     temperature: float
+    softcap: float | None
     with_entropy: bool
     with_argmax: bool
     impl: str
@@ -38,6 +40,7 @@ class Options:
 
     bias: Tensor | None = None
     temperature: float = 1.0
+    softcap: float | None = None
     with_entropy: bool = False
     with_argmax: bool = False
     impl: str = "fused"
@@ -97,3 +100,5 @@ def check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, options: Optio
         raise ValueError(f"bias must be [V]={weight.shape[0]}; got {tuple(bias.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
+    if options.softcap is not None and not options.softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None; got {options.softcap}")

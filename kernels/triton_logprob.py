@@ -5,6 +5,8 @@ input dtype); Triton kernels then stream each row over the vocabulary:
 - forward: online log-sum-exp, the target's logit and the entropy, in fp32 registers;
 - backward: the chunk's logits are recomputed and overwritten in place by their gradient
   dz = (g (onehot(y) - p) - g_ent p (log p + H)) / T, then dh = dz @ W and dW += dz.T @ h_c.
+With a soft cap c (Gemma2) the kernels read each logit as c tanh(z / c) and the backward scales
+dz by the cap's slope 1 - tanh^2.
 Only one [chunk, V] logits buffer is alive at a time. The module imports without triton
 (`HAS_TRITON` is then False); kernels are built on first use, so whether they are interpreted
 follows TRITON_INTERPRET at that moment.
@@ -45,9 +47,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _tanh(x):
+    """tanh from exp (triton.language has none): 1 - 2 / (e^2x + 1), exact at +-inf."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
 def _fwd_kernel(
-    z_ptr, z_stride, y_ptr, lse_ptr, logp_ptr, ent_ptr, n_vocab, inv_t,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr, z_stride, y_ptr, lse_ptr, logp_ptr, ent_ptr, n_vocab, inv_t, cap,
+    WITH_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """One program per row: online LSE over vocab tiles, selected log-prob, entropy."""
     row = tl.program_id(0).to(tl.int64)
@@ -58,7 +65,10 @@ def _fwd_kernel(
     for v0 in range(0, n_vocab, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < n_vocab
-        z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            z = cap * _tanh(z / cap)
+        z = tl.where(mask, z * inv_t, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         scale = tl.exp(m - m_new)
         e = tl.exp(z - m_new)
@@ -69,7 +79,10 @@ def _fwd_kernel(
         m = m_new
     lse = m + tl.log(s)
     y = tl.load(y_ptr + row)
-    z_y = tl.load(z_row + y).to(tl.float32) * inv_t
+    z_y = tl.load(z_row + y).to(tl.float32)
+    if SOFTCAP:
+        z_y = cap * _tanh(z_y / cap)
+    z_y = z_y * inv_t
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, z_y - lse)
     if WITH_ENTROPY:
@@ -77,8 +90,8 @@ def _fwd_kernel(
 
 
 def _bwd_kernel(
-    z_ptr, z_stride, y_ptr, lse_ptr, ent_ptr, g_ptr, g_ent_ptr, n_vocab, inv_t,
-    WITH_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr, z_stride, y_ptr, lse_ptr, ent_ptr, g_ptr, g_ent_ptr, n_vocab, inv_t, cap,
+    WITH_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """One program per row: overwrite the row's logits with their gradient (see module doc)."""
     row = tl.program_id(0).to(tl.int64)
@@ -92,13 +105,19 @@ def _bwd_kernel(
     for v0 in range(0, n_vocab, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < n_vocab
-        logp = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - lse
+        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            t = _tanh(z / cap)
+            z = cap * t
+        logp = z * inv_t - lse
         p = tl.exp(logp)
         if WITH_ENTROPY_GRAD:
             dz = -p * (g + g_ent * (logp + ent))
         else:
             dz = -p * g
         dz = tl.where(offs == y, dz + g, dz) * inv_t
+        if SOFTCAP:
+            dz = dz * (1.0 - t * t)
         tl.store(z_row + offs, dz.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -123,7 +142,7 @@ class TritonTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, temperature, with_entropy, token_chunk, block_v
+        ctx, hidden, weight, bias, targets, temperature, softcap, with_entropy, token_chunk, block_v
     ):
         n, vocab = hidden.shape[0], weight.shape[0]
         fwd, _ = _kernels(interpreting())
@@ -137,11 +156,12 @@ class TritonTokenLogProbs(torch.autograd.Function):
             z = _chunk_logits(hidden[s:e], weight, bias)
             fwd[(e - s,)](
                 z, z.stride(0), targets[s:e], lse[s:], logprobs[s:],
-                entropy[s:] if with_entropy else lse, vocab, 1.0 / temperature,
-                WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+                entropy[s:] if with_entropy else lse, vocab, 1.0 / temperature, softcap or 1.0,
+                WITH_ENTROPY=with_entropy, SOFTCAP=softcap is not None, BLOCK_V=block_v,
+                num_warps=num_warps,
             )  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.temperature, ctx.softcap, ctx.with_entropy = temperature, softcap, with_entropy
         ctx.token_chunk, ctx.block_v = token_chunk, block_v
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -168,8 +188,9 @@ class TritonTokenLogProbs(torch.autograd.Function):
             dz = _chunk_logits(h_c, weight, bias)
             bwd[(e - s,)](
                 dz, dz.stride(0), targets[s:e], lse[s:], entropy[s:] if use_ent else lse[s:],
-                g[s:], g_ent[s:], vocab, 1.0 / ctx.temperature,
-                WITH_ENTROPY_GRAD=use_ent, BLOCK_V=ctx.block_v, num_warps=num_warps,
+                g[s:], g_ent[s:], vocab, 1.0 / ctx.temperature, ctx.softcap or 1.0,
+                WITH_ENTROPY_GRAD=use_ent, SOFTCAP=ctx.softcap is not None, BLOCK_V=ctx.block_v,
+                num_warps=num_warps,
             )  # fmt: skip
             if need_h:
                 torch.mm(dz, weight, out=dh[s:e])
@@ -182,13 +203,13 @@ class TritonTokenLogProbs(torch.autograd.Function):
                 db += dz.sum(0, dtype=db.dtype)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, *[None] * 6
 
 
 def triton_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """Per-token log-probs (and entropy) of (h @ W.T + b) / T with Triton kernels (no argmax).
+    """Per-token log-probs (and entropy) of cap(h @ W.T + b) / T with Triton kernels (no argmax).
 
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests). `chunk_size` tokens per
     [chunk, V] logits buffer; `block_v` the vocabulary tile of the kernels.
@@ -206,7 +227,7 @@ def triton_token_logprobs(
     token_chunk = min(token_chunk, max(n, 1))
     block_v = o.block_v or _launch_config(vocab)[0]
     logprobs, entropy = TritonTokenLogProbs.apply(
-        hidden.contiguous(), weight.contiguous(), o.bias, targets, o.temperature, o.with_entropy,
-        token_chunk, block_v,
+        hidden.contiguous(), weight.contiguous(), o.bias, targets, o.temperature, o.softcap,
+        o.with_entropy, token_chunk, block_v,
     )  # fmt: skip
     return TokenLogProbs(logprobs, entropy if o.with_entropy else None)

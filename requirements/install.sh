@@ -22,3 +22,12 @@ case "$device" in
   *)
     echo "install.sh: DEVICE must be cpu or cuda, got '$device'" >&2; exit 2 ;;
 esac
+
+# The UI tests and `stageflow ui --screenshot` render pages in Chromium (Debian's package).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  else
+    echo "install.sh: Chromium not found; install it (Debian: apt-get install chromium) for the UI tests" >&2
+  fi
+fi

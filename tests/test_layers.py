@@ -23,6 +23,7 @@ LAYERS = {
 HEAVY = {
     "torch", "ray", "vllm", "transformers", "tokenizers", "deepspeed", "peft", "safetensors",
     "datasets", "mlflow", "matplotlib", "scipy", "numpy", "triton", "cloudpickle", "pandas",
+    "playwright",
 }  # fmt: skip
 # registries a core module may look up: the others are filled by actors and the engine
 CORE_REGISTRIES = {"TASKS", "CHECKS"}

@@ -17,6 +17,7 @@ from stageflow.core.study_file import load_study
 from stageflow.platform.commands.prune import KEEP, prune
 from stageflow.platform.commands.status import study_status
 from stageflow.platform.commands.submit import submit_study
+from stageflow.platform.commands.ui_page import missing_browser, screenshot_study
 from stageflow.platform.commands.validate import load_and_validate
 from stageflow.platform.engine.tracking import serve_ui
 from stageflow.platform.engine.trial_plan import fingerprints
@@ -43,6 +44,7 @@ examples:
   stageflow prune runs/quickstart --keep final --dry-run
   stageflow submit studies/quickstart.yaml --address http://HEAD:8265
   stageflow ui runs/quickstart
+  stageflow ui runs/quickstart --screenshot docs/quickstart/ui
 """
 
 
@@ -117,6 +119,12 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument(
         "--open", action="store_true", help="open the study's runs in a browser, where one exists"
+    )
+    ui.add_argument(
+        "--screenshot",
+        metavar="DIR",
+        help="instead of serving: save the study's runs view and its first trial's charts as "
+        "DIR/runs.png and DIR/trial.png (headless Chromium)",
     )
     export = commands.add_parser(
         "export",
@@ -313,6 +321,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
             "no mlflow.db here; expected a study's storage directory (run the study first)",
         )
     spec, _ = load_study_dir(args.study_dir, check=False)
+    if args.screenshot:
+        missing = missing_browser()
+        if missing:
+            raise StudyError(args.study_dir, "--screenshot", f"expected {missing}")
+        out = Path(args.screenshot)
+        for path in screenshot_study(
+            study.tracking_uri, spec.experiment, spec.name, out, args.host
+        ):
+            print(f"wrote {path}")
+        return 0
     return serve_ui(study.tracking_uri, spec.experiment, args.host, args.port, args.open)
 
 

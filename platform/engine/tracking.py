@@ -217,6 +217,27 @@ def wait_for_port(host: str, port: int, server: subprocess.Popen, timeout: float
     return False
 
 
+def start_ui_server(
+    tracking_uri: str, host: str, port: int, quiet: bool = False
+) -> subprocess.Popen:
+    """`mlflow server` on the study's store, in a process group of its own (`stop_ui_server`);
+    `quiet`: its log lines go nowhere."""
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+        "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.Popen(command, start_new_session=True, stdout=out, stderr=out)
+
+
+def stop_ui_server(server: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
+    """End the server's process group (the server and the workers it started)."""
+    try:
+        os.killpg(server.pid, signum)
+    except ProcessLookupError:  # already gone
+        pass
+
+
 def serve_ui(
     tracking_uri: str,
     experiment: str,
@@ -231,36 +252,14 @@ def serve_ui(
     The server and its workers run in their own process group, which SIGTERM or SIGINT of
     this process ends as a whole (a process manager's stop leaves nothing holding the port).
     """
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        tracking_uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
     url = runs_view(tracking_uri, experiment, f"http://{host}:{port}")
     print(f"MLflow UI on http://{host}:{port} (store {tracking_uri}); Ctrl-C to stop", flush=True)
     print(f"the study's runs: {url}", flush=True)
-    server = subprocess.Popen(command, start_new_session=True)
+    server = start_ui_server(tracking_uri, host, port)
     if open_browser and wait_for_port(host, port, server):
         webbrowser.open(url)  # a no-op where no browser is found
-
-    def stop(signum: int, _frame: Any) -> None:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:  # already gone
-            pass
-
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
+        signal.signal(signum, lambda signum, _frame: stop_ui_server(server, signal.SIGTERM))
     code = server.wait()
-    try:  # the workers the server started, should any outlive it
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_ui_server(server)  # the workers the server started, should any outlive it
     return 0 if code in (0, -signal.SIGTERM) else code

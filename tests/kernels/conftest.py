@@ -69,15 +69,18 @@ def _weighted_sum(lp, ent, g, g_ent):
 
 @pytest.fixture
 def check_against_reference() -> Callable[..., None]:
-    """check(fn, inputs, temperature=1.0, with_entropy=False, atol, rtol): values and grads.
+    """check(fn, inputs, temperature=1.0, with_entropy=False, softcap=None, atol, rtol): values
+    and grads.
 
     `fn(h, w, y, bias=, temperature=, with_entropy=)` must return TokenLogProbs. Upstream
     gradients are random, so every token's dlogp and dH enter dh, dW and db.
     """
 
-    def check(fn, inputs, *, temperature=1.0, with_entropy=False, atol=ATOL, rtol=RTOL):
+    def check(
+        fn, inputs, *, temperature=1.0, with_entropy=False, softcap=None, atol=ATOL, rtol=RTOL
+    ):
         ref_in = inputs.float64_copy()
-        kw = dict(temperature=temperature, with_entropy=with_entropy)
+        kw = dict(temperature=temperature, with_entropy=with_entropy, softcap=softcap)
         out = fn(inputs.h, inputs.w, inputs.y, bias=inputs.b, **kw)
         ref = reference_token_logprobs(ref_in.h, ref_in.w, ref_in.y, bias=ref_in.b, **kw)
         torch.testing.assert_close(out.logprobs.double(), ref.logprobs, atol=atol, rtol=rtol)

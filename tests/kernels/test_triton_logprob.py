@@ -118,6 +118,14 @@ def test_bias_and_temperature(lm_inputs, check_against_reference):
     check_against_reference(fn, inputs, temperature=0.7, with_entropy=True)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["lp", "lp+entropy"])
+def test_soft_cap(lm_inputs, check_against_reference, with_entropy):
+    """Gemma2's c tanh(z / c) before the temperature; tile edges masked after the cap."""
+    fn = functools.partial(triton_token_logprobs, chunk_size=8, block_v=64)
+    inputs = _on_device(lm_inputs(N, H, V, bias=True, seed=4))
+    check_against_reference(fn, inputs, temperature=0.7, with_entropy=with_entropy, softcap=2.0)
+
+
 @pytest.mark.parametrize("logit_scale", [0.01, 60.0], ids=["flat", "peaked"])
 def test_invariants(lm_inputs, logit_scale):
     inputs = _on_device(lm_inputs(N, H, V, seed=3, logit_scale=logit_scale))

@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from stageflow.platform.commands.cli import main
+from stageflow.platform.commands.ui_page import VIEWPORT, UiPage, missing_browser
 from stageflow.platform.engine.tracking import default_tracking_uri
 
 
@@ -143,8 +144,10 @@ def api(port: int, path: str, body: dict | None = None) -> dict:
 def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
     """`stageflow ui` serves the study's store on 127.0.0.1 and prints the address of the
     study's runs view: the experiment opens on its runs (its kind), the study run's description
-    holds the table, each trial's names its path; a SIGTERM ends the server and every worker it
-    started, and frees the port."""
+    holds the table, each trial's names its path; loaded in headless Chromium the page lists
+    the study run, unfolds it to its trials, and a trial's page draws its metric charts; a
+    SIGTERM ends the server and every worker it started, and frees the port."""
+    assert missing_browser() is None, f"the UI test needs {missing_browser()}"
     port = free_port()
     ui = subprocess.Popen(
         [
@@ -188,6 +191,14 @@ def test_ui_opens_on_the_runs_and_ends_whole_on_sigterm(eval_study):
         ]
         server = psutil.Process(ui.pid).children(recursive=True)
         assert server, "the UI started no server process"
+        # what a person sees: the printed address in headless Chromium, the study run unfolded
+        # to its trials, and a trial's metric charts drawn
+        with UiPage() as page:
+            assert page.open_runs(runs_view) == ["evalonly"]
+            listed = page.expand("evalonly")
+            assert sorted(listed) == ["all>probe seed=0", "evalonly", "probe>all seed=0"], listed
+            charts = page.open_charts(page.run_link("probe>all seed=0") + "/model-metrics")
+            assert "facts/avg_loglik" in charts, charts
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
@@ -213,3 +224,22 @@ def test_embedded_ray_binds_loopback(tmp_path):
     )
     node, gcs = done.stdout.split()[-2:]
     assert node == "127.0.0.1" and gcs.startswith("127.0.0.1:"), done.stdout + done.stderr
+
+
+def test_ui_screenshot(eval_study, tmp_path, capsys):
+    """`stageflow ui --screenshot DIR`: the runs view and a trial's charts as PNGs of the
+    browser's window size, from a server it starts on a free port and ends."""
+    import struct
+
+    out = tmp_path / "shots"
+    assert main(["ui", str(eval_study[0]), "--screenshot", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [
+        "wrote",
+        str(out / "runs.png"),
+        "wrote",
+        str(out / "trial.png"),
+    ]
+    for name in ("runs.png", "trial.png"):
+        head = (out / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", head[16:24]) == (VIEWPORT["width"], VIEWPORT["height"])

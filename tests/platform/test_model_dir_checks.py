@@ -103,3 +103,24 @@ def test_broken_model_directory(tmp_path, capsys, good_model, damage, expected):
 
 def test_good_model_directory_passes(tmp_path, capsys, good_model):
     assert main(["validate", str(study(tmp_path, good_model))]) == 0, capsys.readouterr().err
+
+
+def test_untied_gemma2_refused_for_vllm(tmp_path, capsys):
+    """transformers loads a Gemma2 with its own LM head; vLLM's Gemma2 has none and would fail at
+    engine start: validate says so (for a study that samples from the engines)."""
+    model = build_arch_model("gemma2", tmp_path / "gemma2")
+    edit_json(model / "config.json", tie_word_embeddings=False)
+    rewrite_weights(
+        model, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()})
+    )
+    path = study(tmp_path, model)
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluation"]["sets"]["facts"]["metrics"].append("accuracy")  # generation: an engine
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        "expected tie_word_embeddings: true for Gemma2ForCausalLM" in err
+        and len(err.splitlines()) == 1
+    ), err
+    assert main(["validate", str(path), "rollout.backend=hf"]) == 0, capsys.readouterr().err

@@ -397,18 +397,19 @@ def test_truncated_model_weights(tmp_path, capsys):
     assert not (tmp_path / "storage").exists()
 
 
-def test_logit_soft_capping_model_refused(tmp_path, capsys):
-    """A model whose config transforms its logits would be trained on the wrong log-probs."""
+def test_logit_scaling_model_refused(tmp_path, capsys):
+    """A model whose config scales its logits (Granite) would be trained on the wrong log-probs;
+    Gemma2's soft-capping is applied by the head (tests/kernels/test_softcap.py)."""
     import json
 
     from stageflow.core.models import TinyModelSpec, build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", TinyModelSpec(hidden_size=64, num_heads=2))
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    (model / "config.json").write_text(json.dumps({**config, "logits_scaling": 8.0}))
     code, err = validate(write_study(tmp_path, set_key("model.path", str(model))), capsys=capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "its config sets final_logit_softcapping=30.0" in err and "model.path:" in err
+    assert "its config sets logits_scaling=8.0" in err and "model.path:" in err
 
 
 def test_run_refuses_bad_input_before_starting_anything(tmp_path, capsys):
