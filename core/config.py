@@ -306,12 +306,24 @@ class InsertSpec:
 
 
 @dataclass(frozen=True)
+class SampleSpec:
+    """`n` orderings of `stages` drawn uniformly without replacement (seeded by `seed`): the
+    report estimates each score's mean and standard deviation over all len(stages)! orderings."""
+
+    stages: list[str] = MISSING
+    n: int = MISSING
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class OrderingSpec:
-    """Exactly one of: all permutations of a list, one insertion sweep, explicit paths 'a>b>c'."""
+    """Exactly one of: all permutations of a list, one insertion sweep, explicit paths 'a>b>c',
+    a uniform sample of the permutations."""
 
     permutations: Optional[list[str]] = None
     insert: Optional[InsertSpec] = None
     explicit: Optional[list[str]] = None
+    sample: Optional[SampleSpec] = None
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ import hashlib
 import itertools
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from stageflow.core.config import DataSpec, OrderingSpec, StageSpec, StudySpec
+from stageflow.core.config import DataSpec, OrderingSpec, SampleSpec, StageSpec, StudySpec
 from stageflow.core.registry import TASKS
 
 PATH_SEPARATOR = ">"
@@ -93,7 +94,28 @@ def ordering_paths(orderings: OrderingSpec) -> list[tuple[str, ...]]:
         return [
             tuple(ins.into[: p - 1]) + (ins.stage,) + tuple(ins.into[p - 1 :]) for p in positions
         ]
+    if orderings.sample is not None:
+        return sampled_orderings(orderings.sample)
     return [parse_path(text) for text in orderings.explicit or []]
+
+
+def sampled_orderings(sample: SampleSpec) -> list[tuple[str, ...]]:
+    """`sample.n` distinct permutations of `sample.stages`, each set of n equally likely (ranks
+    drawn without replacement from the k! permutations, then unranked), listed in
+    lexicographic order: the draw decides which orderings run, the order only lets trials
+    that share a prefix follow each other."""
+    k = len(sample.stages)
+    ranks = random.Random(sample.seed).sample(range(math.factorial(k)), sample.n)
+    return [nth_permutation(sample.stages, rank) for rank in sorted(ranks)]
+
+
+def nth_permutation(items: list[str], rank: int) -> tuple[str, ...]:
+    """The permutation of `items` at `rank` in itertools.permutations' order (Lehmer code)."""
+    left, out = list(items), []
+    for i in range(len(items), 0, -1):
+        index, rank = divmod(rank, math.factorial(i - 1))
+        out.append(left.pop(index))
+    return tuple(out)
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

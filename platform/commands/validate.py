@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import tempfile
 import urllib.error
@@ -27,7 +28,14 @@ from stageflow.actors.rendering import (
     row_prompt,
 )
 from stageflow.actors.rewards import check_rewards
-from stageflow.core.config import DataSpec, RLLoopParams, StageSpec, StudyError, StudySpec
+from stageflow.core.config import (
+    DataSpec,
+    RLLoopParams,
+    SampleSpec,
+    StageSpec,
+    StudyError,
+    StudySpec,
+)
 from stageflow.core.data_files import is_plain, spec_rows
 from stageflow.core.expand import parse_path
 from stageflow.core.footprint import checkpoint_bytes, size_text
@@ -266,11 +274,12 @@ class _Validator:
 
     def check_orderings(self) -> None:
         o = self.spec.orderings
-        given = [n for n in ("permutations", "insert", "explicit") if getattr(o, n) is not None]
+        kinds = ("permutations", "insert", "explicit", "sample")
+        given = [n for n in kinds if getattr(o, n) is not None]
         if len(given) != 1:
             self.fail(
                 "orderings",
-                f"expected exactly one of permutations, insert or explicit, got {', '.join(given) or 'none'}",
+                f"expected exactly one of permutations, insert, explicit or sample, got {', '.join(given) or 'none'}",
             )
         if o.permutations is not None:
             for i, name in enumerate(o.permutations):
@@ -295,6 +304,25 @@ class _Validator:
                 self.known_stage(f"orderings.explicit[{i}]", name)
         if o.explicit is not None and not o.explicit:
             self.fail("orderings.explicit", "expected at least one path like 'a>b>c'")
+        if o.sample is not None:
+            self.check_sample(o.sample)
+
+    def check_sample(self, sample: SampleSpec) -> None:
+        for i, name in enumerate(sample.stages):
+            self.known_stage(f"orderings.sample.stages[{i}]", name)
+        if len(set(sample.stages)) != len(sample.stages) or len(sample.stages) < 3:
+            self.fail(
+                "orderings.sample.stages",
+                "expected at least 3 distinct stage names (fewer have at most 2 orderings: "
+                "use permutations)",
+            )
+        total = math.factorial(len(sample.stages))
+        if not 2 <= sample.n <= total:
+            self.fail(
+                "orderings.sample.n",
+                f"expected 2 to {total} orderings (the {len(sample.stages)} stages have {total}), "
+                f"got {sample.n}",
+            )
 
     def check_grid(self) -> None:
         """Every swept setting is applied to each trial, or refused here."""

@@ -21,6 +21,7 @@ from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial, oracle_path
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.ordering_test import OrderingTest, holm, ordering_test, verdict
+from stageflow.platform.results.population import PopulationEstimate, estimate
 from stageflow.platform.results.tables import format_table
 
 # lazy: scipy only for the KS forget quality
@@ -221,6 +222,24 @@ class Analysis:
                         "orderings": len(per_ordering),
                     }
                 )
+        return rows
+
+    def population(self) -> list[tuple[str, str, PopulationEstimate]]:
+        """With `orderings.sample`: (score, method, its estimate over all k! orderings) for each
+        analysis score, and for each metric at the path's end (method "path end")."""
+        sample = self.spec.orderings.sample
+        if sample is None:
+            return []
+        total = math.factorial(len(sample.stages))
+        rows = [
+            (score, method, estimate(per_ordering, total))
+            for score in self.score_names
+            for method, per_ordering in self.by_ordering(score).items()
+        ]
+        branch = tuple(f"{m}/" for m in self.methods)
+        metrics = sorted({k for _, r in self.records for k in r["metrics"]})
+        for metric in [m for m in metrics if not m.startswith(branch)]:
+            rows.append((metric, "path end", estimate(self.path_values(metric), total)))
         return rows
 
     def value_table(self, score: str) -> str:

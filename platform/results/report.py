@@ -71,6 +71,37 @@ def ordering_section(analysis) -> tuple[str, str]:
     return "Does the ordering change the outcome?", "\n\n".join([*lines, summary_table(summary)])
 
 
+def population_section(analysis) -> tuple[str, str] | None:
+    """With `orderings.sample`: each score over all orderings, estimated from the sample."""
+    rows = analysis.population()
+    if not rows:
+        return None
+    first = rows[0][2]
+    level = f"{first.level:.0%}"
+
+    def interval(value: float, ci: tuple[float, float]) -> str:
+        return f"{value:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
+
+    table = format_table(
+        ["score", "method", "orderings", f"mean [{level}]", f"sd over orderings [{level}]",
+         "seed sd"],
+        [
+            [score, method, f"{e.n} of {e.total}", interval(e.mean, e.mean_ci),
+             interval(e.sd, e.sd_ci), f"{e.seed_sd:.2g}"]
+            for score, method, e in rows
+        ],
+    )  # fmt: skip
+    text = (
+        f"{first.n} of the {first.total} orderings were drawn uniformly without replacement; "
+        f"each ordering's value is its mean over seeds. The mean over all orderings has a t "
+        f"interval and the standard deviation across them (how much the ordering matters) "
+        f"Bonett's interval, both with the finite-population correction "
+        f"(docs/formulas.md#sampled-orderings). A sample's range does not estimate the range "
+        f"of all orderings. 'seed sd' is the spread of one ordering's value over seeds."
+    )
+    return f"All {first.total} orderings, estimated from {first.n}", f"{text}\n\n{table}"
+
+
 def trials_table(results: list[tuple[object, dict[str, float]]]) -> str:
     """One row per trial and model: the path's end, then each unlearning branch after it."""
     metrics = sorted({k for _, final in results for k in final if k.count("/") == 1})
@@ -194,6 +225,9 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
             )
 
     sections = [ordering_section(analysis), *findings(analysis)]
+    population = population_section(analysis)
+    if population:
+        sections.insert(1, population)
     sections += [
         (f"{score} by ordering (mean ± seed std)", analysis.value_table(score))
         for score in analysis.score_names

@@ -1,9 +1,25 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections import Counter
 
-from stageflow.core.config import DataSpec, InsertSpec, OrderingSpec, StageSpec, StudySpec
-from stageflow.core.expand import apply_hparams, expand, ordering_paths, trial_count, trial_spec
+from stageflow.core.config import (
+    DataSpec,
+    InsertSpec,
+    OrderingSpec,
+    SampleSpec,
+    StageSpec,
+    StudySpec,
+)
+from stageflow.core.expand import (
+    apply_hparams,
+    expand,
+    nth_permutation,
+    ordering_paths,
+    trial_count,
+    trial_spec,
+)
 
 
 def stage(
@@ -84,3 +100,21 @@ def test_trial_count_is_the_number_of_trials_without_making_them():
         f"stages.{n}.lr": [i * 1e-6 for i in range(1, 101)] for n in ("inst", "facts", "npo")
     }
     assert trial_count(spec(grid=million, seeds=[0, 1])) == 6 * 10**6 * 2
+
+
+def test_sampled_orderings_are_a_uniform_draw_without_replacement():
+    stages = ["a", "b", "c", "d"]
+    assert [nth_permutation(stages, r) for r in range(24)] == list(itertools.permutations(stages))
+    draws = [
+        ordering_paths(OrderingSpec(sample=SampleSpec(stages, 5, seed))) for seed in range(2400)
+    ]
+    assert all(len(set(d)) == 5 == len(d) and d == sorted(d) for d in draws)
+    assert draws[7] == ordering_paths(OrderingSpec(sample=SampleSpec(stages, 5, 7)))  # seeded
+    counts = Counter(p for d in draws for p in d)
+    assert len(counts) == 24  # every ordering can be drawn, each about 2400 * 5 / 24 = 500 times
+    assert all(abs(c - 500) < 4 * (500 * (1 - 5 / 24)) ** 0.5 for c in counts.values()), counts
+    # every pair of orderings is drawn together alike: 2400 * (5 * 4) / (24 * 23) = 87 times
+    pairs = Counter(frozenset(pair) for d in draws for pair in itertools.combinations(d, 2))
+    assert len(pairs) == 24 * 23 // 2 and all(abs(c - 87) < 5 * 87**0.5 for c in pairs.values())
+    seven = OrderingSpec(sample=SampleSpec([f"s{i}" for i in range(7)], 300, 0))
+    assert len(set(ordering_paths(seven))) == 300  # of 5,040, without enumerating them

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -107,6 +109,36 @@ def test_three_stage_permutations_train_15_prefixes_not_18(tmp_path, ray_cluster
     assert main(["report", str(storage)]) == 0
     assert "| a>b>c" in capsys.readouterr().out
     check_plan_against_the_run(tmp_path / "perm3.yaml", storage, capsys)
+
+
+def test_sampled_orderings_run_the_draw_and_report_all_orderings(tmp_path, ray_cluster, capsys):
+    """`orderings: {sample: ...}`: the trials walk exactly the drawn orderings (3 of the 24 of
+    four stages, two seeds), and the report estimates each score over all 24."""
+    from stageflow.core.config import SampleSpec
+    from stageflow.core.expand import sampled_orderings
+
+    sample = {"stages": ["a", "b", "c", "d"], "n": 3, "seed": 5}
+    path = short_study(tmp_path, "sample4", ["a", "b", "c", "d"], seeds=[0, 1])
+    study = yaml.safe_load(path.read_text())
+    study["orderings"] = {"sample": sample}
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path)]) == 0
+    storage = tmp_path / "sample4"
+    records = [json.loads(p.read_text()) for p in (storage / "trials").glob("*.json")]
+    drawn = {">".join(p) for p in sampled_orderings(SampleSpec(**sample))}
+    assert {">".join(r["trial"]["path"]) for r in records} == drawn and len(records) == 6
+    report = (storage / "report" / "report.md").read_text()
+    assert "## All 24 orderings, estimated from 3" in report
+    row = next(line for line in report.splitlines() if line.startswith("| inst/avg_loglik"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["path end", "3 of 24"], row
+    mean, sd = (float(c.split(" [")[0]) for c in cells[3:5])
+    values = {}  # the report's mean and sd are those of the drawn orderings' seed means
+    for r in records:
+        values.setdefault(">".join(r["trial"]["path"]), []).append(r["metrics"]["inst/avg_loglik"])
+    seed_means = [sum(v) / len(v) for v in values.values()]
+    assert mean == pytest.approx(statistics.fmean(seed_means), abs=1e-3)
+    assert sd == pytest.approx(statistics.stdev(seed_means), rel=1e-3)
 
 
 def check_plan_against_the_run(path: Path, storage: Path, capsys) -> None:

@@ -136,7 +136,7 @@ CASES = [
     (
         "two ordering forms",
         set_key("orderings.explicit", ["inst>facts"]),
-        "orderings: expected exactly one of permutations, insert or explicit",
+        "orderings: expected exactly one of permutations, insert, explicit or sample",
     ),
     (
         "insertion position out of range",
@@ -147,6 +147,21 @@ CASES = [
         "explicit path with unknown stage",
         set_key("orderings", {"explicit": ["inst>math"]}),
         "orderings.explicit[0]: unknown stage 'math'",
+    ),
+    (
+        "sample of more orderings than there are",
+        set_key("orderings", {"sample": {"stages": ["inst", "facts", "check"], "n": 7}}),
+        "orderings.sample.n: expected 2 to 6 orderings (the 3 stages have 6), got 7",
+    ),
+    (
+        "sample of two stages",
+        set_key("orderings", {"sample": {"stages": ["inst", "facts"], "n": 2}}),
+        "orderings.sample.stages: expected at least 3 distinct stage names",
+    ),
+    (
+        "sample of an unknown stage",
+        set_key("orderings", {"sample": {"stages": ["inst", "facts", "chek"], "n": 2}}),
+        "orderings.sample.stages[2]: unknown stage 'chek'; did you mean 'check'?",
     ),
     (
         "unlearning names a non-unlearn stage",
