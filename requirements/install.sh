@@ -26,7 +26,8 @@ esac
 # The UI tests and `stageflow ui --screenshot` render pages in Chromium (Debian's package).
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "install.sh: apt-get could not install chromium; the UI tests need it" >&2
   else
     echo "install.sh: Chromium not found; install it (Debian: apt-get install chromium) for the UI tests" >&2
   fi
