@@ -66,6 +66,23 @@ def graddiff(x: LossInputs, gamma: float = 1.0, alpha: float = 1.0) -> torch.Ten
     return with_retain(gamma * losses.ga_loss(x.logprobs, x.mask), x, alpha)
 
 
+@OBJECTIVES.register("wga", kinds=("unlearn",), retain_weight="alpha", nonnegative=("beta",))
+def wga(x: LossInputs, beta: float = 1.0, gamma: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """WGA: gamma * (-sum_t w_t NLL_t / |tokens|), w_t = p_t^beta detached, + alpha * NLL_r."""
+    return with_retain(gamma * losses.wga_loss(x.logprobs, x.mask, beta=beta), x, alpha)
+
+
+@OBJECTIVES.register(
+    "satimp", kinds=("unlearn",), retain_weight="alpha", nonnegative=("beta1", "beta2")
+)
+def satimp(
+    x: LossInputs, beta1: float = 5.0, beta2: float = 1.0, gamma: float = 1.0, alpha: float = 0.1
+) -> torch.Tensor:
+    """SatImp: WGA with weights p_t^beta1 (1 - p_t)^beta2 detached, + alpha * NLL_r."""
+    loss = losses.satimp_loss(x.logprobs, x.mask, beta1=beta1, beta2=beta2)
+    return with_retain(gamma * loss, x, alpha)
+
+
 @OBJECTIVES.register("npo", kinds=("unlearn",), needs_ref=True, retain_weight="alpha")
 def npo(x: LossInputs, beta: float = 0.1, alpha: float = 0.0) -> torch.Tensor:
     """NPO: mean -(2/beta) log sigmoid(-beta (log pi_theta(y|x) - log pi_ref(y|x))) + alpha NLL_r."""

@@ -58,6 +58,31 @@ def ga_loss(
     return -nll_loss(token_logprobs, mask, reduction)
 
 
+def weighted_ga_loss(
+    token_logprobs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Token-weighted gradient ascent: sum_{b,t} m w log p / sum m, the weights w detached (zero
+    outside the mask, so that junk there cannot leak)."""
+    w = _masked(weights.detach(), mask)
+    return _reduce(w * token_logprobs, mask, "token_mean")
+
+
+def wga_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """WGA: gradient ascent with token weights p_t^beta (p_t = pi_theta(y_t|x, y_<t), detached):
+    tokens the model still predicts well weigh most."""
+    p = _masked(token_logprobs.detach(), mask).exp()
+    return weighted_ga_loss(token_logprobs, mask, p**beta)
+
+
+def satimp_loss(
+    token_logprobs: torch.Tensor, mask: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0
+) -> torch.Tensor:
+    """SatImp: gradient ascent with token weights p_t^beta1 (1 - p_t)^beta2 (detached): the
+    saturated (p near 1) and the already forgotten (p near 0) tokens weigh least."""
+    p = _masked(token_logprobs.detach(), mask).exp()
+    return weighted_ga_loss(token_logprobs, mask, p**beta1 * (1.0 - p) ** beta2)
+
+
 def npo_loss(
     token_logprobs: torch.Tensor,
     ref_token_logprobs: torch.Tensor,

@@ -70,6 +70,22 @@ def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
     assert first > 20 * torch.log(torch.tensor(2.0)).item()  # NPO at pi = pi_ref, plus NLL_r
 
 
+@pytest.mark.parametrize("objective", ["wga", "satimp"])
+def test_token_weighted_ascent_lowers_the_forget_likelihood(
+    learner, actor_model_dir, qa_rows, objective
+):
+    """WGA and SatImp (no retain term) on the rows the model was just taught: their answers'
+    log-likelihood falls."""
+    learner.load(actor_model_dir)
+    learner.train_stage(SFT, qa_rows, seed=0)
+    before = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    spec = stage(kind="unlearn", objective=objective, lr=1e-2, steps=4, params={"alpha": 0.0})
+    metrics = learner.train_stage(spec, qa_rows)
+    after = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert after < before, (before, after)
+
+
 @pytest.mark.parametrize("target", ["paraphrased_answers", "perturbed_answers"])
 def test_probability_mass_moves_to_what_the_model_learns(learner, actor_model_dir, target):
     """Train on paraphrases of the refusal (or on the alternative answers) while probing: the

@@ -31,6 +31,8 @@ def test_registry_metadata():
         "graddiff": (("unlearn",), {"gamma": 1.0, "alpha": 1.0}, False),
         "npo": (("unlearn",), {"beta": 0.1, "alpha": 0.0}, True),
         "simnpo": (("unlearn",), {"beta": 4.5, "delta": 0.0, "alpha": 0.0}, False),
+        "wga": (("unlearn",), {"beta": 1.0, "gamma": 1.0, "alpha": 1.0}, False),
+        "satimp": (("unlearn",), {"beta1": 5.0, "beta2": 1.0, "gamma": 1.0, "alpha": 0.1}, False),
     }
     for name, (kinds, params, needs_ref) in expected.items():
         entry = OBJECTIVES[name]
@@ -64,6 +66,13 @@ def test_formulas_match_docs_formulas_md():
     b, d = 4.5, 0.3
     simnpo = (-(2 / b) * torch.nn.functional.logsigmoid(b * (-seq / length - d))).mean()
     torch.testing.assert_close(OBJECTIVES["simnpo"].fn(x, beta=b, delta=d), simnpo)
+    p = x.logprobs.exp()
+    wga = -(p**0.5 * -x.logprobs * x.mask).sum() / x.mask.sum()
+    torch.testing.assert_close(
+        OBJECTIVES["wga"].fn(x, beta=0.5, gamma=2.0, alpha=0.3), 2.0 * wga + 0.3 * retain_nll
+    )
+    sat = (p**3 * (1 - p) ** 2 * x.logprobs * x.mask).sum() / x.mask.sum()
+    torch.testing.assert_close(OBJECTIVES["satimp"].fn(x, beta1=3.0, beta2=2.0, alpha=0.0), sat)
 
 
 def test_npo_at_equal_policies_is_2_log2_over_beta():

@@ -45,6 +45,35 @@ def test_sequence_logprobs_and_nll():
         losses.nll_loss(logp, mask, "sum")
 
 
+@pytest.mark.parametrize(
+    "name, weight",
+    [
+        ("wga", lambda p: p**0.7),
+        ("satimp", lambda p: p**5.0 * (1 - p) ** 1.5),
+    ],
+)
+def test_token_weighted_ascent_matches_formula(name, weight):
+    """WGA (w = p^beta) and SatImp (w = p^beta1 (1 - p)^beta2): sum m w log p / sum m, value
+    and gradient (w is detached: d loss / d log p_t = w_t / sum m)."""
+    logp, _, mask = _batch(12)
+    tokens = [lp for row in _rows(logp, mask) for lp in row]
+    want = sum(weight(math.exp(lp)) * lp for lp in tokens) / len(tokens)
+    if name == "wga":
+        got = losses.wga_loss(logp, mask, beta=0.7)
+    else:
+        got = losses.satimp_loss(logp, mask, beta1=5.0, beta2=1.5)
+    assert got.item() == pytest.approx(want, abs=1e-12)
+    (grad,) = torch.autograd.grad(got, logp)
+    for b in range(B):
+        for t in range(T):
+            expected = weight(math.exp(logp[b, t].item())) / len(tokens) if mask[b, t] else 0.0
+            assert grad[b, t].item() == pytest.approx(expected, abs=1e-12)
+    # beta = 0 is plain gradient ascent
+    assert losses.wga_loss(logp, mask, beta=0.0).item() == pytest.approx(
+        losses.ga_loss(logp, mask).item(), abs=1e-12
+    )
+
+
 def test_npo_matches_formula():
     logp, ref, mask = _batch(1)
     beta = 0.5
@@ -160,11 +189,13 @@ def test_junk_at_masked_positions_does_not_leak():
         losses.npo_loss(junk, ref, mask),
         losses.simnpo_loss(junk, mask),
         losses.grpo_loss(junk, None, torch.ones(B), mask),
+        losses.wga_loss(junk, mask),
+        losses.satimp_loss(junk, mask),
     ):
         assert torch.isfinite(value)
 
 
-@pytest.mark.parametrize("loss_name", ["nll", "npo", "simnpo", "grpo"])
+@pytest.mark.parametrize("loss_name", ["nll", "npo", "simnpo", "grpo", "wga", "satimp"])
 def test_gradients_reach_hidden_and_lm_head_like_float64(loss_name):
     """Loss on fused (chunked) fp32 log-probs: dh and dW equal the float64 naive path's."""
     gen = torch.Generator().manual_seed(10)
@@ -184,6 +215,10 @@ def test_gradients_reach_hidden_and_lm_head_like_float64(loss_name):
             return losses.npo_loss(lp, ref_tok.to(lp.dtype), mask, beta=0.5)
         if loss_name == "simnpo":
             return losses.simnpo_loss(lp, mask)
+        if loss_name == "wga":
+            return losses.wga_loss(lp, mask, beta=0.5)
+        if loss_name == "satimp":
+            return losses.satimp_loss(lp, mask, beta1=2.0, beta2=1.0)
         return losses.grpo_loss(
             lp, lp.detach() - 0.1, adv, mask, beta=0.04, ref_token_logprobs=ref_tok.to(lp.dtype),
             entropy=out.entropy, entropy_coef=0.01,
