@@ -243,3 +243,14 @@ def test_ui_screenshot(eval_study, tmp_path, capsys):
         head = (out / name).read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         assert struct.unpack(">II", head[16:24]) == (VIEWPORT["width"], VIEWPORT["height"])
+
+
+def test_ui_screenshot_without_a_browser_is_one_sentence(eval_study, tmp_path, capsys, monkeypatch):
+    from stageflow.platform.commands import ui_page
+
+    monkeypatch.setattr(ui_page, "find_browser", lambda: None)
+    out = tmp_path / "shots"
+    assert main(["ui", str(eval_study[0]), "--screenshot", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--screenshot: expected Chromium on the PATH" in err and len(err.splitlines()) == 1
+    assert not out.exists()
