@@ -1,6 +1,6 @@
 """The MLflow UI as a browser shows it: headless Chromium, driven by Playwright, on the pages
-`stageflow ui` serves. `stageflow ui --screenshot` saves the study's runs view as a PNG, and
-the tests read the rendered pages through the same class."""
+`stageflow ui` serves. `stageflow ui --screenshot` saves the study's runs view and a trial's
+charts as PNGs, and the tests read the rendered pages through the same class."""
 
 from __future__ import annotations
 
