@@ -5,11 +5,11 @@ charts as PNGs, and the tests read the rendered pages through the same class."""
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 from stageflow.platform.engine.tracking import (
+    free_port,
     runs_view,
     start_ui_server,
     stop_ui_server,
@@ -117,12 +117,6 @@ class UiPage:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path))
         return path
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def screenshot_study(

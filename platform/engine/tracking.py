@@ -206,6 +206,13 @@ def runs_view(tracking_uri: str, experiment: str, address: str) -> str:
     return f"{address}/#/experiments/{found.experiment_id}/runs" if found else address
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now (the system's pick)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def wait_for_port(host: str, port: int, server: subprocess.Popen, timeout: float = 120) -> bool:
     """Whether the server at host:port answers (False when it ended or took too long)."""
     deadline = time.time() + timeout

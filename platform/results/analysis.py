@@ -21,7 +21,7 @@ from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial, oracle_path
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.ordering_test import OrderingTest, holm, ordering_test, verdict
-from stageflow.platform.results.population import PopulationEstimate, estimate
+from stageflow.platform.results.population import PopulationEstimate, estimate, mean_seed_sd
 from stageflow.platform.results.tables import format_table
 
 # lazy: scipy only for the KS forget quality
@@ -57,7 +57,7 @@ def spread_over_seeds(per_ordering: dict[str, list[float]]) -> tuple[float, floa
     """(spread of the per-ordering means, mean within-ordering seed std, their ratio)."""
     means = [_mean(v) for v in per_ordering.values()]
     spread = max(means) - min(means) if means else float("nan")
-    seed_std = _mean([_std(v) for v in per_ordering.values()])
+    seed_std = mean_seed_sd(per_ordering)
     ratio = spread / seed_std if seed_std and not math.isnan(seed_std) else float("nan")
     return spread, seed_std, ratio
 

@@ -42,8 +42,7 @@ def estimate(
     """The mean and standard deviation over all `total` orderings, from the sampled
     orderings' values ({ordering: [value per seed]})."""
     values = [statistics.fmean(v) for v in per_ordering.values() if v]
-    seed_sds = [statistics.stdev(v) for v in per_ordering.values() if len(v) > 1]
-    seed_sd = statistics.fmean(seed_sds) if seed_sds else float("nan")
+    seed_sd = mean_seed_sd(per_ordering)
     n = len(values)
     if n < 2:
         nan = float("nan")
@@ -53,6 +52,17 @@ def estimate(
         n, total, mean, mean_interval(values, total, level), sd,
         sd_interval(values, total, level), seed_sd, level,
     )  # fmt: skip
+
+
+def mean_seed_sd(per_ordering: dict[str, list[float]]) -> float:
+    """The mean over orderings of each one's standard deviation over seeds (NaN values and
+    orderings with fewer than two values left out; nan when no ordering has two)."""
+    sds = []
+    for values in per_ordering.values():
+        values = [v for v in values if not math.isnan(v)]
+        if len(values) > 1:
+            sds.append(statistics.stdev(values))
+    return statistics.fmean(sds) if sds else float("nan")
 
 
 def finite_correction(n: int, total: int) -> float:

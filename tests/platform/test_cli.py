@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from stageflow.platform.commands.cli import main
 from stageflow.platform.commands.ui_page import VIEWPORT, UiPage, missing_browser
-from stageflow.platform.engine.tracking import default_tracking_uri
+from stageflow.platform.engine.tracking import default_tracking_uri, free_port
 
 
 def test_help_reads_well():
@@ -123,12 +123,6 @@ def test_resume_of_a_finished_study_starts_nothing(eval_study, capsys):
     out = capsys.readouterr().out
     assert "all 2 trials of evalonly are finished; nothing to run" in out and "| probe>all" in out
     assert time.monotonic() - start < 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(port: int, path: str, body: dict | None = None) -> dict:

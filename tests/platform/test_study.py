@@ -118,10 +118,8 @@ def test_sampled_orderings_run_the_draw_and_report_all_orderings(tmp_path, ray_c
     from stageflow.core.expand import sampled_orderings
 
     sample = {"stages": ["a", "b", "c", "d"], "n": 3, "seed": 5}
-    path = short_study(tmp_path, "sample4", ["a", "b", "c", "d"], seeds=[0, 1])
-    study = yaml.safe_load(path.read_text())
-    study["orderings"] = {"sample": sample}
-    path.write_text(yaml.safe_dump(study))
+    stages = ["a", "b", "c", "d"]
+    path = short_study(tmp_path, "sample4", stages, seeds=[0, 1], orderings={"sample": sample})
     assert main(["run", str(path)]) == 0
     storage = tmp_path / "sample4"
     records = [json.loads(p.read_text()) for p in (storage / "trials").glob("*.json")]

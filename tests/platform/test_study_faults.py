@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 
 from stageflow.core.prefix_cache import PrefixCache
 from stageflow.platform.commands.cli import main
+from stageflow.platform.engine.tracking import free_port
 from tests.platform.test_study import ONE_STEP, run_cli, runs_by_kind, short_study
 
 
@@ -136,11 +136,6 @@ def test_submit_runs_the_study_as_a_ray_job(tmp_path):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PATH": path, **auth}
     ray_bin = str(Path(sys.executable).parent / "ray")
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     gcs, dashboard = free_port(), free_port()
 
