@@ -34,14 +34,22 @@ from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_bui
 from stageflow.actors.dispatch import ALL, RANK0, REF0, SPLIT, SPLIT_RANK0, dispatch
 from stageflow.actors.metrics import AnswerStats
 from stageflow.actors.objectives import LossInputs
-from stageflow.actors.policy import PolicyModule
+from stageflow.actors.policy import PolicyModule, decoder_layers
 from stageflow.actors.rendering import Completion, encode_item
 from stageflow.actors.weight_sync import write_shared_weights
+from stageflow.core.alternatives import chosen_rows
 from stageflow.core.config import LearnerSpec, StageSpec
 from stageflow.core.files import staged_dir
 from stageflow.core.models import attention_implementation
-from stageflow.core.registry import OBJECTIVES, load_plugins, objective_of
+from stageflow.core.registry import (
+    OBJECTIVES,
+    LayerStates,
+    LogitTarget,
+    load_plugins,
+    objective_of,
+)
 from stageflow.kernels.peak_memory import PeakMemory
+from stageflow.kernels.soft_targets import SoftTarget
 
 # lazy: DeepSpeed, transformers and safetensors load when a learner rank starts
 
@@ -228,7 +236,10 @@ class LearnerWorker:
         def multiplier(step: int) -> float:
             return lr_multiplier(step, total_steps, stage.schedule, stage.warmup_steps)
 
-        if self.engine is None or self.spec.reset_optimizer_per_stage:
+        states = entry.states(params)
+        # a stage that trains some layers only, or follows one, starts a new engine
+        partial = states is not None or (self._stage or {}).get("states") is not None
+        if self.engine is None or self.spec.reset_optimizer_per_stage or partial:
             base = self.model_dir if self.engine is None else None  # the weights' directory
             if self.engine is not None:
                 state = self.gathered_state(everywhere=True)
@@ -237,6 +248,8 @@ class LearnerWorker:
             if self.spec.lora is not None:
                 seed = lora.adapter_seed(self.seed, stage)
                 self.adapter = lora.attach_adapter(self.policy.lm, self.spec.lora, seed, base)
+            if states is not None and states.trainable is not None:
+                self._train_only(states.trainable)
             self.engine, *_ = deepspeed.initialize(
                 model=self.policy,
                 model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
@@ -252,8 +265,33 @@ class LearnerWorker:
             self.engine._config.gradient_clipping = float(stage.grad_clip or 0.0)
         self.ref = self._snapshot() if entry.needs_reference(params) else None
         loss = dataclasses.asdict(entry.loss_params(params))  # the loss's own, typed
-        self._stage = {"entry": entry, "params": params, "loss": loss, "step": 0}
+        self._stage = {
+            "entry": entry,
+            "params": params,
+            "loss": loss,
+            "target": entry.target(params),
+            "states": states,
+            "direction": None if states is None else self._direction(stage),
+            "ref_logprobs": self.ref is not None and entry.target(params) is None and not states,
+            "step": 0,
+        }
         return {"objective": name, **params}
+
+    def _train_only(self, layers: tuple[int, ...]) -> None:
+        """Freeze every parameter outside decoder layers `layers` (embeddings, final norm and
+        LM head included; under LoRA the adapters of the other layers)."""
+        blocks = decoder_layers(self.policy.lm)
+        keep = {id(p) for i in layers for p in blocks[i].parameters()}
+        for p in self.policy.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+
+    def _direction(self, stage: StageSpec) -> torch.Tensor:
+        """The stage's fixed random unit vector u [H] (RMU), uniform in [0, 1)^H then normed,
+        as the WMDP code draws it; from the trial's seed and the stage's settings."""
+        gen = torch.Generator().manual_seed(lora.adapter_seed(self.seed, stage))
+        u = torch.rand(self.hf_config.hidden_size, generator=gen)
+        return (u / u.norm()).to(self.device)
 
     def _encode(self, items: list[Any], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
         return [encode_item(self.tokenizer, it, max_len) for it in items]
@@ -272,27 +310,60 @@ class LearnerWorker:
         )
 
     def _update(
-        self, encoded: list, retain: list, local_n: int, global_n: int, extra: dict
+        self,
+        encoded: list,
+        retain: list,
+        local_n: int,
+        global_n: int,
+        extra: dict,
+        chosen: list | None = None,
     ) -> dict:
-        """One optimizer step on this rank's share: forward (forget + retain together), loss, step."""
+        """One optimizer step on this rank's share: one forward over the forget rows, their
+        chosen answers (preference objectives) and the retain rows; loss; step."""
         entry, loss_params = self._stage["entry"], self._stage["loss"]
-        batch = self._batch(encoded + retain)
+        target: LogitTarget | None = self._stage["target"]
+        paired = chosen is not None
+        chosen = chosen if encoded and paired else []  # an empty share's dummy row: both
+        batch = self._batch(encoded + chosen + retain)
         split = len(encoded) or 1  # an empty share runs the one-row dummy batch of `_batch`
+        pairs = slice(split, split + len(chosen)) if chosen else slice(0, split)
         start = time.perf_counter()
         peak = PeakMemory(self.device).start()
         self.engine.train()
-        logprobs = self._forward(self.engine, batch)
+        states: LayerStates | None = self._stage["states"]
         mask = batch.mask.to(self.device)
+        rest = split + len(chosen)  # where the retain rows start
+        soft = None if target is None else self._soft_target(target, batch, split)
+        out = self._forward(
+            self.engine, batch, soft_target=soft, layer=None if states is None else states.layer
+        )
+        out, layer_out = out if states is not None else (out, None)
+        logprobs, ce = out if soft is not None else (out, None)
         inputs = LossInputs(logprobs=logprobs[:split], mask=mask[:split], **extra)
+        if soft is not None:
+            inputs.target_ce, inputs.target_mask = ce[:split], soft.mask[:split]
+        if paired:
+            inputs.chosen_logprobs, inputs.chosen_mask = logprobs[pairs], mask[pairs]
         if retain:
-            inputs.retain_logprobs, inputs.retain_mask = logprobs[split:], mask[split:]
-        if self.ref is not None and inputs.ref_logprobs is None:  # pi_ref: the forget rows only
-            ref_batch = self._batch(encoded) if retain else batch
+            inputs.retain_logprobs, inputs.retain_mask = logprobs[rest:], mask[rest:]
+        if states is not None:
+            inputs.states, inputs.direction = layer_out[:split], self._stage["direction"]
+            if retain:
+                inputs.retain_states = layer_out[rest:]
+                with torch.no_grad():
+                    inputs.ref_retain_states = self.ref.layer_states(
+                        batch.input_ids[rest:].to(self.device),
+                        batch.attention_mask[rest:].to(self.device),
+                        states.layer,
+                    )
+        if self._stage["ref_logprobs"] and inputs.ref_logprobs is None:  # forget, chosen rows
+            ref_batch = self._batch(encoded + chosen) if retain else batch
             with torch.no_grad():
                 ref = self._forward(self.ref, ref_batch)
-            inputs.ref_logprobs = torch.nn.functional.pad(
-                ref, (0, logprobs.shape[1] - ref.shape[1])
-            )
+            ref = torch.nn.functional.pad(ref, (0, logprobs.shape[1] - ref.shape[1]))
+            inputs.ref_logprobs = ref[:split]
+            if paired:
+                inputs.chosen_ref_logprobs = ref[pairs]
         weight = local_n * self.world / max(global_n, 1)
         loss = entry.fn(inputs, **loss_params) * weight
         lr = self.engine.lr_scheduler.get_last_lr()[0]
@@ -330,6 +401,24 @@ class LearnerWorker:
             "peak_mem_mib": peak_mib,
         }
 
+    def _soft_target(self, target: LogitTarget, batch: TokenBatch, split: int) -> SoftTarget:
+        """The head's `SoftTarget` over the answer tokens of the forget rows (the first `split`),
+        less each answer's first `skip_first`; with pi_ref's hidden states as the source."""
+        mask = batch.mask.to(self.device).clone()
+        mask[split:] = 0
+        if target.skip_first:
+            mask *= mask.cumsum(-1) > target.skip_first
+        if target.source == "self":
+            return SoftTarget(mask, target.shift)
+        with torch.no_grad():
+            hidden = self.ref.hidden_states(
+                batch.input_ids[:split].to(self.device),
+                batch.attention_mask[:split].to(self.device),
+            )
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, 0, 0, mask.shape[0] - split))
+        head = self.ref.lm.lm_head
+        return SoftTarget(mask, target.shift, hidden, head.weight, head.bias)
+
     @dispatch(RANK0)
     def train_stage(
         self,
@@ -357,6 +446,10 @@ class LearnerWorker:
             raise RuntimeError(f"objective '{entry.name}' weights a retain set; the stage has none")
         encoded = self._encode(rows, stage.max_len)
         retain_enc = self._encode(retain_rows, stage.max_len) if use_retain else []
+        source = entry.alternatives(params)  # a preference objective's chosen answers
+        chosen_enc = (
+            self._encode(chosen_rows(rows, source, seed), stage.max_len) if source else None
+        )
         plan = batch_indices(len(rows), stage.batch_size, steps, seed)
         retain_plan = (
             batch_indices(len(retain_enc), stage.batch_size, steps, seed + 1)
@@ -372,8 +465,9 @@ class LearnerWorker:
                 if use_retain
                 else []
             )
+            chosen = None if chosen_enc is None else [chosen_enc[i] for i in mine]
             metrics.append(
-                self._update([encoded[i] for i in mine], retain, len(mine), len(idx), extra={})
+                self._update([encoded[i] for i in mine], retain, len(mine), len(idx), {}, chosen)
             )
             if probe:
                 metrics[-1]["probe"] = self._probe(probe)

@@ -1,8 +1,9 @@
 """Training objectives, registered by name in `OBJECTIVES` (what a stage's `objective:` names).
 
 Each objective is one function of `LossInputs` (per-token log-probs [B, T] of the stage's batch
-under pi_theta, its answer mask, and when needed pi_ref's log-probs and a retain batch's
-log-probs) and its hyper-parameters, returning a scalar loss. The formulas live in
+under pi_theta, its answer mask, and when needed pi_ref's log-probs, a retain batch's log-probs
+and, for an objective with a `LogitTarget`, each token's cross-entropy to its full-vocabulary
+target) and its hyper-parameters, returning a scalar loss. The formulas live in
 `stageflow.kernels.losses`; the notation is docs/formulas.md's (log pi(y|x) summed over answer
 tokens, |y| the answer length). Each entry is a `registry.Objective`: the stage kinds that
 accept it, its hyper-parameters with defaults, whether it needs pi_ref or a retain set.
@@ -10,11 +11,14 @@ accept it, its hyper-parameters with defaults, whether it needs pi_ref or a reta
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from stageflow.core.alternatives import IDK
 from stageflow.core.lazy import lazy_module
-from stageflow.core.registry import OBJECTIVES
+from stageflow.core.registry import OBJECTIVES, LayerStates, LogitTarget
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +38,25 @@ class LossInputs:
     retain_mask: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    target_ce: torch.Tensor | None = None  # -sum_v q_v log p_v per token (`LogitTarget`)
+    target_mask: torch.Tensor | None = None  # the tokens `target_ce` covers
+    # preference objectives: the chosen answers of the same prompts, row for row
+    chosen_logprobs: torch.Tensor | None = None
+    chosen_mask: torch.Tensor | None = None
+    chosen_ref_logprobs: torch.Tensor | None = None
+    # representation objectives (`LayerStates`): a decoder layer's output [B, T, H] at the
+    # target positions, pi_ref's on the retain rows, and the stage's fixed random unit vector [H]
+    states: torch.Tensor | None = None
+    retain_states: torch.Tensor | None = None
+    ref_retain_states: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+
+
+def target_ce(x: LossInputs) -> torch.Tensor:
+    """Token mean of the cross-entropy to the objective's full-vocabulary target."""
+    if x.target_ce is None or x.target_mask is None:
+        raise ValueError("this objective needs its logit target's cross-entropy (target_ce)")
+    return losses.nll_loss(-x.target_ce, x.target_mask)
 
 
 def retain_nll(x: LossInputs) -> torch.Tensor:
@@ -97,6 +120,121 @@ def simnpo(
 ) -> torch.Tensor:
     """SimNPO: mean -(2/beta) log sigmoid(beta (NLL_theta(y|x)/|y| - delta)) + alpha NLL_r."""
     return with_retain(losses.simnpo_loss(x.logprobs, x.mask, beta=beta, delta=delta), x, alpha)
+
+
+@OBJECTIVES.register(
+    "ceu",
+    kinds=("unlearn",),
+    retain_weight="alpha",
+    nonnegative=("skip_first",),
+    logit_target=lambda p: LogitTarget("self", math.inf, p.skip_first),
+)
+def ceu(x: LossInputs, skip_first: int = 1, gamma: float = 1.0, alpha: float = 0.0) -> torch.Tensor:
+    """CE-U: gamma * token mean of CE(p_theta, q), q = softmax(z_theta detached, true token
+    removed), over answer tokens after the first `skip_first` of each answer, + alpha * NLL_r."""
+    return with_retain(gamma * target_ce(x), x, alpha)
+
+
+@OBJECTIVES.register(
+    "undial",
+    kinds=("unlearn",),
+    retain_weight="alpha",
+    positive=("beta",),
+    logit_target=lambda p: LogitTarget("reference", p.beta),
+)
+def undial(
+    x: LossInputs, beta: float = 10.0, gamma: float = 1.0, alpha: float = 0.0
+) -> torch.Tensor:
+    """UNDIAL: gamma * token mean of CE(p_theta, q), q = softmax(z_ref - beta * onehot(y)) from
+    the frozen pi_ref (the stage's start), over answer tokens, + alpha * NLL_r."""
+    return with_retain(gamma * target_ce(x), x, alpha)
+
+
+def preference(x: LossInputs, beta: float) -> torch.Tensor:
+    """DPO's loss with the stage's answers rejected and the chosen answers preferred."""
+    if x.chosen_logprobs is None or x.ref_logprobs is None or x.chosen_ref_logprobs is None:
+        raise ValueError("a preference objective needs chosen answers and pi_ref's log-probs")
+    return losses.dpo_loss(
+        x.chosen_logprobs, x.chosen_ref_logprobs, x.chosen_mask,
+        x.logprobs, x.ref_logprobs, x.mask, beta=beta,
+    )  # fmt: skip
+
+
+@OBJECTIVES.register(
+    "dpo",
+    kinds=("unlearn",),
+    needs_ref=True,
+    retain_weight="alpha",
+    positive=("beta",),
+    alternative=lambda p: p.alternative,
+)
+def dpo(
+    x: LossInputs,
+    alternative: str | None = None,
+    beta: float = 0.1,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """DPO for unlearning: gamma * mean_b -(2/beta) log sigmoid(beta * (log pi_theta/pi_ref of
+    the chosen answer - of the forget answer)) + alpha * NLL_r; the chosen answers from
+    `alternative` (`idk`, or a column of the stage's data); pi_ref the stage's start."""
+    return with_retain(gamma * preference(x, beta), x, alpha)
+
+
+@OBJECTIVES.register(
+    "idkdpo",
+    kinds=("unlearn",),
+    needs_ref=True,
+    retain_weight="alpha",
+    positive=("beta",),
+    alternative=lambda p: IDK,
+)
+def idkdpo(
+    x: LossInputs, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0
+) -> torch.Tensor:
+    """IdkDPO: DPO with an "I don't know" answer chosen for every forget prompt."""
+    return with_retain(gamma * preference(x, beta), x, alpha)
+
+
+def rmu_layers(p: Any) -> LayerStates:
+    """RMU's layer, and the layers that train: `trainable_layers`, or the layer and the two
+    before it (the WMDP code's 5, 6, 7 for layer 7)."""
+    trainable = p.trainable_layers
+    if trainable is None:
+        trainable = range(max(0, p.layer - 2), p.layer + 1)
+    elif isinstance(trainable, str) or not isinstance(trainable, Sequence):
+        trainable = [trainable]  # validate names it: expected a list of layer indexes
+    return LayerStates(p.layer, tuple(trainable))
+
+
+@OBJECTIVES.register(
+    "rmu",
+    kinds=("unlearn",),
+    retain_weight="alpha",
+    nonnegative=("layer", "gamma"),
+    positive=("steering",),
+    layer_states=rmu_layers,
+)
+def rmu(
+    x: LossInputs,
+    layer: int = 1,
+    trainable_layers: list[int] | None = None,
+    steering: float = 20.0,
+    gamma: float = 1.0,
+    alpha: float = 100.0,
+) -> torch.Tensor:
+    """RMU: gamma * d(h_l(forget), c u) + alpha * d(h_l(retain), h_l^ref(retain)), d the mean
+    over rows of sum_t m_t mean_h (a - b)^2 / |y|, h_l decoder layer `layer`'s output, u the
+    stage's fixed random unit vector, c = `steering`; only `trainable_layers` train."""
+    if x.states is None or x.direction is None:
+        raise ValueError("rmu needs the layer's states and the stage's direction")
+    loss = gamma * losses.activation_loss(x.states, steering * x.direction, x.mask)
+    if alpha:
+        if x.retain_states is None or x.ref_retain_states is None:
+            raise ValueError("rmu's retain weight is > 0 but the stage has no retain states")
+        retain = losses.activation_loss(x.retain_states, x.ref_retain_states, x.retain_mask)
+        loss = loss + alpha * retain
+    return loss
 
 
 # the clip range and the KL coefficient of every RL objective

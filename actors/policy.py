@@ -1,15 +1,20 @@
 """The learner's policy: a causal LM whose LM head returns per-token log-probs of the targets.
 
 The head runs the fused log-prob kernel (`kernels: fused`) or the naive full-logits path
-(`kernels: naive`), so with `fused` the N x V logits are never materialised.
+(`kernels: naive`), so with `fused` the N x V logits are never materialised; given a
+`SoftTarget` it also returns each token's cross-entropy to a full-vocabulary target, chunk by
+chunk (kernels/soft_targets.py), inside the head's forward where ZeRO-3 has gathered its weight.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
 from stageflow.core.models import LOGIT_TRANSFORMS
 from stageflow.kernels.logprob import per_token_logprobs
+from stageflow.kernels.soft_targets import SoftTarget, per_token_soft_target_ce
 
 
 class LogProbHead(torch.nn.Linear):
@@ -22,9 +27,17 @@ class LogProbHead(torch.nn.Linear):
     impl = "fused"
     softcap: float | None = None  # Gemma2's final-logit soft-capping (config)
 
-    def forward(self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False, soft_target=None
+    ):
         if targets is None:
             return super().forward(hidden)
+        if soft_target is not None:  # training at T = 1: log-probs and the target's CE
+            logprobs = self.forward(hidden, targets, mask)
+            ce = per_token_soft_target_ce(
+                hidden, self.weight, targets, soft_target, bias=self.bias, softcap=self.softcap
+            )
+            return logprobs, ce
         out = per_token_logprobs(
             hidden,
             self.weight,
@@ -55,9 +68,66 @@ class PolicyModule(torch.nn.Module):
         lm.lm_head.softcap = getattr(lm.config, "final_logit_softcapping", None)
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, mask, temperature=1.0, with_argmax=False):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        mask,
+        temperature=1.0,
+        with_argmax=False,
+        soft_target: SoftTarget | None = None,
+        layer: int | None = None,
+    ):
+        """Per-token log-probs [B, T-1]; with `with_argmax` also the argmax flags, with
+        `soft_target` also the cross-entropies to it (a pair); with `layer`, (that, the
+        decoder layer's output at the target positions [B, T-1, H])."""
+        with self.capture(layer) as states:
+            out = self.lm.lm_head(
+                self.hidden_states(input_ids, attention_mask),
+                input_ids[:, 1:],
+                mask,
+                temperature,
+                with_argmax,
+                soft_target,
+            )
+        return out if layer is None else (out, states[0])
+
+    def hidden_states(self, input_ids, attention_mask):
+        """The last layer's hidden states aligned with the targets: [B, T-1, H]."""
         base = getattr(self.lm, self.lm.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.lm.lm_head(
-            hidden.last_hidden_state[:, :-1], input_ids[:, 1:], mask, temperature, with_argmax
-        )
+        return hidden.last_hidden_state[:, :-1]
+
+    def layer_states(self, input_ids, attention_mask, layer: int):
+        """Decoder layer `layer`'s output at the target positions (each answer token's own
+        position): [B, T-1, H]."""
+        with self.capture(layer) as states:
+            self.hidden_states(input_ids, attention_mask)
+        return states[0]
+
+    @contextmanager
+    def capture(self, layer: int | None):
+        """A list that receives decoder layer `layer`'s output [B, T-1, H] (from position 1 on,
+        aligned with the targets) during the block; nothing when `layer` is None."""
+        states: list[torch.Tensor] = []
+        if layer is None:
+            yield states
+            return
+
+        def keep(module, args, output):
+            states.append((output[0] if isinstance(output, tuple) else output)[:, 1:])
+
+        handle = decoder_layers(self.lm)[layer].register_forward_hook(keep)
+        try:
+            yield states
+        finally:
+            handle.remove()
+
+
+def decoder_layers(lm: torch.nn.Module) -> torch.nn.ModuleList:
+    """The causal LM's stack of decoder layers (`layers`, or GPT-2's `h`)."""
+    base = getattr(lm, lm.base_model_prefix)
+    found = getattr(base, "layers", None) or getattr(base, "h", None)
+    if not isinstance(found, torch.nn.ModuleList):  # internal: validate checks the architecture
+        raise RuntimeError(f"no decoder layer list in {type(base).__name__}")
+    return found

@@ -32,6 +32,29 @@ def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class LogitTarget:
+    """A full-vocabulary target an objective trains towards, per answer token:
+    q = softmax(s - shift * onehot(y)), s the policy's own logits (detached, `source` "self") or
+    pi_ref's ("reference"); shift inf removes the target token. `skip_first`: answer tokens at
+    the start of each answer left out. The learner's head computes the cross-entropy to q chunk
+    by chunk (kernels/soft_targets.py) and hands it to the loss as `LossInputs.target_ce`."""
+
+    source: Literal["self", "reference"]
+    shift: float
+    skip_first: int = 0
+
+
+@dataclass(frozen=True)
+class LayerStates:
+    """What a representation objective reads (RMU): decoder layer `layer`'s output on the stage's
+    rows (and pi_ref's on the retain rows, `LossInputs.states`, `ref_retain_states`), with only
+    the parameters of decoder layers `trainable` training (None: every parameter)."""
+
+    layer: int
+    trainable: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Objective:
     """A training objective: `fn(LossInputs, **params) -> loss`.
 
@@ -42,7 +65,11 @@ class Objective:
     accept it; `needs_ref`: pi_ref log-probs are required; `retain_weight`: the parameter
     weighting the retain-set NLL; `retain_prompts`: the RL loop also samples the stage's
     retain prompts; `default_rewards(params)`: rewards used when a stage lists none;
-    `nonnegative`: loss parameters checked >= 0.
+    `nonnegative`, `positive`: loss parameters checked >= 0, > 0; `logit_target(Params)`: the `LogitTarget` of an
+    objective on full-vocabulary distributions (CE-U, UNDIAL); `alternative(Params)`: where a
+    preference objective's chosen answers come from (core/alternatives.py: `idk` or a column;
+    None: not given), each forget answer being the rejected one (DPO, IdkDPO);
+    `layer_states(Params)`: the `LayerStates` of a representation objective (RMU).
     """
 
     name: str
@@ -55,6 +82,10 @@ class Objective:
     retain_prompts: bool = False
     default_rewards: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
     nonnegative: tuple[str, ...] = ()  # loss parameters that must be >= 0
+    positive: tuple[str, ...] = ()  # loss parameters that must be > 0
+    logit_target: Callable[[Any], LogitTarget] | None = None
+    alternative: Callable[[Any], str | None] | None = None
+    layer_states: Callable[[Any], LayerStates] | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -101,6 +132,8 @@ class Objective:
             return
         for name in self.nonnegative:
             yield from positive(name, getattr(typed, name), allow_zero=True)
+        for name in self.positive:
+            yield from positive(name, getattr(typed, name))
         if self.rl_loop:
             yield from self.loop_params(params).problems()
 
@@ -115,8 +148,28 @@ class Objective:
         return {**self.params, **(overrides or {})}
 
     def needs_reference(self, params: dict[str, Any]) -> bool:
-        """Whether pi_ref log-probs must be computed (NPO; an RL loop with a KL coefficient)."""
-        return self.needs_ref or (self.rl_loop and (params.get("beta") or 0) > 0)
+        """Whether the stage keeps a frozen pi_ref: for its log-probs (NPO; an RL loop with a KL
+        coefficient), its logits (a `LogitTarget` from the reference) or its layer states on
+        the retain rows (`LayerStates` with a retain term)."""
+        target = self.target(params)
+        return (
+            self.needs_ref
+            or (self.rl_loop and (params.get("beta") or 0) > 0)
+            or (target is not None and target.source == "reference")
+            or (self.layer_states is not None and self.uses_retain(params))
+        )
+
+    def states(self, params: dict[str, Any]) -> LayerStates | None:
+        """The layer a representation objective reads for a stage's `params`, or None."""
+        return None if self.layer_states is None else self.layer_states(self.loss_params(params))
+
+    def alternatives(self, params: dict[str, Any]) -> str | None:
+        """The source of a preference objective's chosen answers for a stage's `params`."""
+        return None if self.alternative is None else self.alternative(self.loss_params(params))
+
+    def target(self, params: dict[str, Any]) -> LogitTarget | None:
+        """The objective's full-vocabulary target for a stage's `params`, or None."""
+        return None if self.logit_target is None else self.logit_target(self.loss_params(params))
 
     def uses_retain(self, params: dict[str, Any]) -> bool:
         """Whether the retain batch contributes (the objective's retain weight is non-zero)."""

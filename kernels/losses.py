@@ -99,6 +99,27 @@ def npo_loss(
     return (-(2.0 / beta) * F.logsigmoid(-beta * log_ratio)).mean()
 
 
+def dpo_loss(
+    chosen_logprobs: torch.Tensor,
+    chosen_ref_logprobs: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    rejected_ref_logprobs: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """DPO: mean_b -(2/beta) log sigmoid(beta * (log-ratio(chosen) - log-ratio(rejected))), the
+    log-ratio log pi_theta(y|x) - log pi_ref(y|x) of summed answer log-probs; row b of the chosen
+    and the rejected tensors share a prompt. (2/beta) log 2 where pi_theta = pi_ref."""
+    chosen = sequence_logprobs(chosen_logprobs, chosen_mask) - sequence_logprobs(
+        chosen_ref_logprobs.detach(), chosen_mask
+    )
+    rejected = sequence_logprobs(rejected_logprobs, rejected_mask) - sequence_logprobs(
+        rejected_ref_logprobs.detach(), rejected_mask
+    )
+    return (-(2.0 / beta) * F.logsigmoid(beta * (chosen - rejected))).mean()
+
+
 def simnpo_loss(
     token_logprobs: torch.Tensor,
     mask: torch.Tensor,
@@ -116,6 +137,13 @@ def simnpo_loss(
     if length_normalize:
         nll = nll / answer_lengths(mask).to(nll.dtype)
     return (-(2.0 / beta) * F.logsigmoid(beta * (nll - delta))).mean()
+
+
+def activation_loss(states: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RMU's distance of hidden states [B, T, H] to a target (states or a vector [H]):
+    mean_b (sum_t m_t mean_h (s - target)^2 / |y_b|), over the answer tokens of each row."""
+    per_token = (states - target.detach()).square().mean(-1)
+    return _reduce(per_token, mask, "sequence_mean")
 
 
 def k3_kl(token_logprobs: torch.Tensor, ref_token_logprobs: torch.Tensor) -> torch.Tensor:

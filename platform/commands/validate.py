@@ -28,6 +28,7 @@ from stageflow.actors.rendering import (
     row_prompt,
 )
 from stageflow.actors.rewards import check_rewards
+from stageflow.core.alternatives import IDK, alternative_problem
 from stageflow.core.config import (
     DataSpec,
     RLLoopParams,
@@ -45,6 +46,7 @@ from stageflow.core.models import (
     check_model_dir,
     has_chat_template,
     logit_transform,
+    read_config,
 )
 from stageflow.core.registry import (
     CHECKS,
@@ -53,6 +55,7 @@ from stageflow.core.registry import (
     REWARDS,
     STAGE_KINDS,
     TASKS,
+    LayerStates,
     Objective,
     Registry,
     closest,
@@ -172,6 +175,10 @@ class _Validator:
                 f"{key}.retain",
                 f"objective '{objective}' weights a retain set ({entry.retain_weight} > 0); expected a retain data set or {entry.retain_weight}: 0",
             )
+        if entry.alternative is not None:
+            self.check_alternative(key, stage, objective, entry)
+        if entry.layer_states is not None:
+            self.check_layers(key, entry.states(dict(stage.params)))
         ranks = self.spec.learner.ranks
         if not entry.rl_loop and stage.batch_size < ranks:
             self.fail(
@@ -184,6 +191,40 @@ class _Validator:
             self.check_data(f"{key}.retain", stage.retain)
         for sub_key, problem in stage.problems():
             self.fail(f"{key}.{sub_key}", problem)
+
+    def check_alternative(
+        self, key: str, stage: StageSpec, objective: str, entry: Objective
+    ) -> None:
+        """A preference objective's chosen answers: `idk` or a column every forget row has."""
+        source = entry.alternatives(dict(stage.params))
+        if not isinstance(source, str):
+            self.fail(
+                f"{key}.params.alternative",
+                f"objective '{objective}' prefers another answer to each forget answer; expected '{IDK}' (built-in \"I don't know\" answers) or the name of a column of the stage's data",
+            )
+        self.check_data(f"{key}.data", stage.data)
+        problem = alternative_problem(self.rows(f"{key}.data", stage.data), source)
+        if problem:
+            self.fail(f"{key}.params.alternative", problem)
+
+    def check_layers(self, key: str, states: LayerStates) -> None:
+        """A representation objective's layers exist in the study's model."""
+        model = self.spec.model
+        if model.path is None:
+            count = model.tiny.num_layers
+        elif check_model_dir(model.path):
+            return  # check_model names what is wrong with the directory
+        else:
+            count = read_config(model.path).get("num_hidden_layers")
+        if not isinstance(count, int):
+            return
+        for sub_key, layers in (("layer", [states.layer]), ("trainable_layers", states.trainable)):
+            bad = [i for i in layers or () if not (isinstance(i, int) and 0 <= i < count)]
+            if bad or (sub_key == "trainable_layers" and not layers):
+                self.fail(
+                    f"{key}.params.{sub_key}",
+                    f"the model has decoder layers 0 to {count - 1}; expected {'a list of ' if sub_key != 'layer' else ''}layer indexes among them, got {bad[0] if bad else '[]'}",
+                )
 
     def check_rl(self, key: str, stage: StageSpec, objective: str, entry: Objective) -> None:
         """An RL stage's rewards (parameters, gate thresholds) and its loop settings."""

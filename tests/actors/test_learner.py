@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -70,12 +71,10 @@ def test_schedule_and_unlearning_objectives(learner, actor_model_dir, qa_rows):
     assert first > 20 * torch.log(torch.tensor(2.0)).item()  # NPO at pi = pi_ref, plus NLL_r
 
 
-@pytest.mark.parametrize("objective", ["wga", "satimp"])
-def test_token_weighted_ascent_lowers_the_forget_likelihood(
-    learner, actor_model_dir, qa_rows, objective
-):
-    """WGA and SatImp (no retain term) on the rows the model was just taught: their answers'
-    log-likelihood falls."""
+@pytest.mark.parametrize("objective", ["wga", "satimp", "ceu", "undial"])
+def test_unlearning_lowers_the_forget_likelihood(learner, actor_model_dir, qa_rows, objective):
+    """WGA, SatImp, CE-U and UNDIAL (no retain term) on the rows the model was just taught: their
+    answers' log-likelihood falls."""
     learner.load(actor_model_dir)
     learner.train_stage(SFT, qa_rows, seed=0)
     before = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
@@ -84,6 +83,56 @@ def test_token_weighted_ascent_lowers_the_forget_likelihood(
     after = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("objective", ["idkdpo", "dpo"])
+def test_preference_unlearning_prefers_the_alternative(
+    learner, actor_model_dir, qa_rows, objective
+):
+    """IdkDPO (an "I don't know" answer chosen) and DPO (a column's answer chosen) from the taught
+    model: the first step's loss is (2/beta) log 2 (pi_theta = pi_ref), the forget answers'
+    log-likelihood falls and the chosen answers' gains on it (DPO moves the margin: both may fall)."""
+    from stageflow.core.alternatives import chosen_rows
+
+    rows = [{**row, "better": "no comment"} for row in qa_rows]
+    source = "idk" if objective == "idkdpo" else "better"
+    chosen = chosen_rows(rows[:4], source, seed=0)
+    learner.load(actor_model_dir)
+    learner.train_stage(SFT, qa_rows, seed=0)
+
+    def loglik(items):
+        return sum(sum(lp) for lp in learner.logprobs(items))
+
+    before, chosen_before = loglik(rows[:4]), loglik(chosen)
+    params = {"alpha": 0.0, **({"alternative": "better"} if objective == "dpo" else {})}
+    spec = stage(kind="unlearn", objective=objective, lr=1e-2, steps=4, params=params)
+    metrics = learner.train_stage(spec, rows, seed=0)
+    assert metrics[0]["loss"] == pytest.approx(20 * math.log(2), rel=1e-4)
+    forget_change, chosen_change = loglik(rows[:4]) - before, loglik(chosen) - chosen_before
+    assert forget_change < 0 and chosen_change > forget_change, (forget_change, chosen_change)
+
+
+def test_rmu_trains_its_layers_only_and_steers_the_forget_states(learner, actor_model_dir, qa_rows):
+    """RMU on the last of two decoder layers, with layer 1 alone training: every other tensor
+    stays bit-identical, the forget states approach c u (the loss, alpha 0, falls) and the
+    forget answers' log-likelihood falls; with a retain set the retain term starts at 0 (the
+    states equal pi_ref's at the stage's start)."""
+    learner.load(actor_model_dir)
+    learner.train_stage(SFT, qa_rows, seed=0)
+    start = learner.state_dict()
+    before = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    params = {"layer": 1, "trainable_layers": [1], "alpha": 0.0}
+    spec = stage(kind="unlearn", objective="rmu", lr=1e-2, steps=6, params=params)
+    losses = [m["loss"] for m in learner.train_stage(spec, qa_rows, seed=0)]
+    after = learner.state_dict()
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert sum(sum(lp) for lp in learner.logprobs(qa_rows[:4])) < before
+    moved = {k for k in start if not torch.equal(start[k], after[k])}
+    assert moved and all(k.startswith("model.layers.1.") for k in moved), moved
+    retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
+    spec = stage(spec, steps=1, params={"layer": 0, "alpha": 1.0, "gamma": 0.0})
+    first = learner.train_stage(spec, qa_rows, retain, seed=0)[0]
+    assert first["loss"] == 0.0 and first["grad_norm"] == 0.0
 
 
 @pytest.mark.parametrize("target", ["paraphrased_answers", "perturbed_answers"])
@@ -152,28 +201,52 @@ def test_save_loads_in_transformers(learner, actor_model_dir, qa_rows, tmp_path)
 
 
 @pytest.mark.slow
-def test_zero3_state_dict_on_rank0_matches(learner, actor_model_dir, qa_rows):
+def test_zero3_matches_zero2_for_sft_and_full_vocabulary_unlearning(
+    learner, actor_model_dir, qa_rows
+):
     from safetensors.torch import load_file
 
     from stageflow.actors.learner import LearnerGroup
 
     base = load_file(actor_model_dir / "model.safetensors")
+    # the full-vocabulary objectives read the head's weight (and UNDIAL pi_ref's) in the head
+    # and RMU a layer's states (pi_ref's on the retain rows) with one layer training
+    rmu = {"layer": 1, "trainable_layers": [1], "alpha": 1.0}
+    unlearn = [
+        stage(kind="unlearn", objective=name, steps=2, params=params)
+        for name, params in (("ceu", {}), ("undial", {}), ("rmu", rmu))
+    ]
+    retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
     zero3 = LearnerGroup(actor_model_dir, LearnerSpec(ranks=2, zero_stage=3), CPU)
     try:
         zero3.train_stage(stage(steps=1), qa_rows, seed=1)  # partitions the weights
         zero3.load(actor_model_dir)
         zero3.train_stage(stage(steps=3), qa_rows, seed=0)
-        state3 = zero3.state_dict()
+        states3 = [zero3.state_dict()]
+        for spec in unlearn:
+            zero3.train_stage(spec, qa_rows, retain, seed=0)
+            states3.append(zero3.state_dict())
     finally:
         zero3.shutdown()
     learner.load(actor_model_dir)
     learner.train_stage(stage(steps=3), qa_rows, seed=0)
-    state2 = learner.state_dict()
-    assert set(state3) == set(state2) == set(base)
-    for name in base:
-        assert state3[name].shape == base[name].shape
-        assert not torch.equal(state3[name], base[name]) or "norm" in name
-        torch.testing.assert_close(state3[name], state2[name], atol=1e-5, rtol=1e-4)
+    states2 = [learner.state_dict()]
+    for spec in unlearn:
+        learner.train_stage(spec, qa_rows, retain, seed=0)
+        states2.append(learner.state_dict())
+    for before, after in zip(states2, states2[1:]):  # each unlearning stage changed the weights
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Adam turns summation-order differences of near-zero gradients into steps of up to lr:
+    # after the unlearning stages the tolerance is 1% of one stage's update (lr 5e-3 x 2 steps)
+    for i, (state3, state2) in enumerate(zip(states3, states2)):
+        atol = 1e-5 if i == 0 else 1e-4
+        assert set(state3) == set(state2) == set(base)
+        for name in base:
+            assert state3[name].shape == base[name].shape
+            assert not torch.equal(state3[name], base[name]) or "norm" in name
+            torch.testing.assert_close(state3[name], state2[name], atol=atol, rtol=1e-3)
+    rmu_moved = {k for k in states2[2] if not torch.equal(states2[2][k], states2[3][k])}
+    assert rmu_moved and all(k.startswith("model.layers.1.") for k in rmu_moved)
 
 
 def test_setup_errors_before_any_actor(ray_cluster, actor_model_dir, tmp_path, monkeypatch):

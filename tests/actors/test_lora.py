@@ -85,6 +85,35 @@ def test_a_lora_stage_trains_the_adapter_alone(lora_learner, actor_model_dir, qa
             assert torch.equal(merged[name], weight), name
 
 
+@pytest.mark.parametrize(
+    "objective, params",
+    [("ceu", {}), ("undial", {}), ("rmu", {"layer": 1, "trainable_layers": [1], "alpha": 0.0})],
+)
+def test_unlearning_objectives_train_the_adapter_under_lora(
+    lora_learner, actor_model_dir, qa_rows, objective, params
+):
+    """CE-U, UNDIAL and RMU under LoRA: the frozen head's weight gets no gradient (the kernel
+    skips dW), the base weights stay bit-identical, the forget answers' likelihood falls (RMU:
+    its distance to the steering target); RMU trains the adapters of its layers only."""
+    base = load_file(actor_model_dir / "model.safetensors")
+    lora_learner.load(actor_model_dir)
+    before = sum(sum(lp) for lp in lora_learner.logprobs(qa_rows[:4]))
+    spec = dataclasses.replace(SFT, kind="unlearn", objective=objective, steps=3, params=params)
+    metrics = lora_learner.train_stage(spec, qa_rows, seed=0)
+    after = sum(sum(lp) for lp in lora_learner.logprobs(qa_rows[:4]))
+    assert all(m["grad_norm"] > 0 for m in metrics)
+    if objective == "rmu":  # on the untaught model its own distance is what must fall
+        assert metrics[-1]["loss"] < metrics[0]["loss"], metrics
+    else:
+        assert after < before, (before, after)
+    live, trainable = live_state(lora_learner)
+    for name, weight in base.items():
+        live_name = name if name in live else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(live[live_name], weight), name
+    if objective == "rmu":
+        assert trainable and all(".layers.1." in n and ".lora_" in n for n in trainable)
+
+
 def test_rollout_engines_serve_the_merged_weights(
     lora_learner, rollout, actor_model_dir, qa_rows, logprob_gap
 ):

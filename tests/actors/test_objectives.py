@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stageflow.actors.objectives import LossInputs
-from stageflow.core.registry import OBJECTIVES
+from stageflow.core.registry import OBJECTIVES, LayerStates
 
 
 def _inputs(seed: int = 0, ref: bool = True, retain: bool = True) -> LossInputs:
@@ -33,6 +33,19 @@ def test_registry_metadata():
         "simnpo": (("unlearn",), {"beta": 4.5, "delta": 0.0, "alpha": 0.0}, False),
         "wga": (("unlearn",), {"beta": 1.0, "gamma": 1.0, "alpha": 1.0}, False),
         "satimp": (("unlearn",), {"beta1": 5.0, "beta2": 1.0, "gamma": 1.0, "alpha": 0.1}, False),
+        "ceu": (("unlearn",), {"skip_first": 1, "gamma": 1.0, "alpha": 0.0}, False),
+        "undial": (("unlearn",), {"beta": 10.0, "gamma": 1.0, "alpha": 0.0}, False),
+        "dpo": (
+            ("unlearn",),
+            {"alternative": None, "beta": 0.1, "gamma": 1.0, "alpha": 1.0},
+            True,
+        ),
+        "idkdpo": (("unlearn",), {"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, True),
+        "rmu": (
+            ("unlearn",),
+            {"layer": 1, "trainable_layers": None, "steering": 20.0, "gamma": 1.0, "alpha": 100.0},
+            False,
+        ),
     }
     for name, (kinds, params, needs_ref) in expected.items():
         entry = OBJECTIVES[name]
@@ -73,6 +86,80 @@ def test_formulas_match_docs_formulas_md():
     )
     sat = (p**3 * (1 - p) ** 2 * x.logprobs * x.mask).sum() / x.mask.sum()
     torch.testing.assert_close(OBJECTIVES["satimp"].fn(x, beta1=3.0, beta2=2.0, alpha=0.0), sat)
+
+
+def test_full_vocabulary_objectives_declare_their_target():
+    """CE-U: the policy's own logits, true token removed, first answer token skipped; UNDIAL:
+    pi_ref's logits lowered by beta on the true token (so the stage keeps pi_ref). Their loss is
+    gamma * the token mean of the head's cross-entropies, plus alpha * NLL_r."""
+    ceu, undial = OBJECTIVES["ceu"], OBJECTIVES["undial"]
+    target = ceu.target(ceu.resolve())
+    assert (target.source, target.shift, target.skip_first) == ("self", math.inf, 1)
+    assert not ceu.needs_reference(ceu.resolve())
+    target = undial.target(undial.resolve({"beta": 3}))
+    assert (target.source, target.shift, target.skip_first) == ("reference", 3.0, 0)
+    assert undial.needs_reference(undial.resolve()) and OBJECTIVES["npo"].target({}) is None
+    x = _inputs()
+    x.target_ce, x.target_mask = torch.rand(3, 7) * 4, x.mask
+    retain_nll = -(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum()
+    mean_ce = (x.target_ce * x.mask).sum() / x.mask.sum()
+    for name in ("ceu", "undial"):
+        got = OBJECTIVES[name].fn(x, gamma=2.0, alpha=0.5)
+        torch.testing.assert_close(got, 2.0 * mean_ce + 0.5 * retain_nll)
+    assert dict(undial.problems({"beta": 0})) == {"beta": "expected a positive number, got 0.0"}
+    assert dict(ceu.problems({"skip_first": -1})) == {
+        "skip_first": "expected a non-negative number, got -1"
+    }
+    with pytest.raises(ValueError, match="target_ce"):
+        OBJECTIVES["ceu"].fn(_inputs())
+
+
+def test_preference_objectives_prefer_the_alternative_to_the_forget_answer():
+    """DPO and IdkDPO: gamma * the DPO loss with the stage's answers rejected and the chosen
+    ones preferred, + alpha * NLL_r; `alternatives` says where the chosen answers come from."""
+    from stageflow.kernels.losses import dpo_loss
+
+    assert OBJECTIVES["idkdpo"].alternatives({}) == "idk"
+    assert OBJECTIVES["dpo"].alternatives({"alternative": "perturbed_answers"}) == (
+        "perturbed_answers"
+    )
+    assert OBJECTIVES["dpo"].alternatives({}) is None and OBJECTIVES["npo"].alternatives({}) is None
+    x, other = _inputs(1), _inputs(2)
+    x.chosen_logprobs, x.chosen_mask = other.logprobs, other.mask
+    x.chosen_ref_logprobs = other.ref_logprobs
+    retain_nll = -(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum()
+    pref = dpo_loss(
+        other.logprobs, other.ref_logprobs, other.mask, x.logprobs, x.ref_logprobs, x.mask, 0.3
+    )
+    for name in ("dpo", "idkdpo"):
+        got = OBJECTIVES[name].fn(x, beta=0.3, gamma=2.0, alpha=0.5)
+        torch.testing.assert_close(got, 2.0 * pref + 0.5 * retain_nll)
+    with pytest.raises(ValueError, match="chosen answers"):
+        OBJECTIVES["idkdpo"].fn(_inputs())
+
+
+def test_rmu_steers_the_forget_states_and_keeps_the_retain_states():
+    """gamma * d(h(forget), c u) + alpha * d(h(retain), h_ref(retain)); its layers: the named
+    one, and it with the two before it training unless `trainable_layers` says otherwise."""
+    from stageflow.kernels.losses import activation_loss
+
+    entry = OBJECTIVES["rmu"]
+    assert entry.states({"layer": 7}) == LayerStates(7, (5, 6, 7))
+    assert entry.states({"layer": 0}) == LayerStates(0, (0,))
+    assert entry.states({"layer": 3, "trainable_layers": [1]}) == LayerStates(3, (1,))
+    assert entry.needs_reference(entry.resolve()) and not entry.needs_reference({"alpha": 0})
+    g = torch.Generator().manual_seed(0)
+    x = _inputs()
+    x.states, x.direction = torch.randn(3, 7, 4, generator=g), torch.rand(4, generator=g)
+    x.retain_states, x.ref_retain_states = torch.randn(2, 2, 5, 4, generator=g)
+    got = entry.fn(x, steering=6.5, gamma=2.0, alpha=3.0)
+    want = 2.0 * activation_loss(x.states, 6.5 * x.direction, x.mask) + 3.0 * activation_loss(
+        x.retain_states, x.ref_retain_states, x.retain_mask
+    )
+    torch.testing.assert_close(got, want)
+    x.retain_states = None
+    with pytest.raises(ValueError, match="retain states"):
+        entry.fn(x)
 
 
 def test_npo_at_equal_policies_is_2_log2_over_beta():

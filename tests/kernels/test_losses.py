@@ -91,6 +91,57 @@ def test_npo_matches_formula():
     assert got.item() == pytest.approx(alt / B, abs=1e-12)
 
 
+def test_dpo_matches_formula_and_its_gradient():
+    """-(2/beta) log sigma(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
+    mean over pairs, in plain python; its gradient: d/d log pi_t(y_w) = (2 sigma(-beta m) / B)
+    times -1 on chosen tokens and +1 on rejected ones; (2/beta) log 2 at pi = pi_ref."""
+    win, win_ref, win_mask = _batch(2)
+    lose, lose_ref, lose_mask = _batch(3)
+    beta = 0.7
+    margins = [
+        (sum(a) - sum(r)) - (sum(c) - sum(d))
+        for a, r, c, d in zip(
+            _rows(win, win_mask), _rows(win_ref, win_mask),
+            _rows(lose, lose_mask), _rows(lose_ref, lose_mask),
+        )
+    ]  # fmt: skip
+    want = sum(-(2 / beta) * _logsigmoid(beta * m) for m in margins) / B
+    got = losses.dpo_loss(win, win_ref, win_mask, lose, lose_ref, lose_mask, beta=beta)
+    assert got.item() == pytest.approx(want, abs=1e-12)
+    g_win, g_lose = torch.autograd.grad(got, (win, lose))
+    for b, m in enumerate(margins):
+        scale = 2 / (1 + math.exp(beta * m)) / B
+        torch.testing.assert_close(g_win[b], -scale * win_mask[b].double(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(g_lose[b], scale * lose_mask[b].double(), atol=1e-12, rtol=0)
+    at_ref = losses.dpo_loss(win, win, win_mask, lose, lose, lose_mask, beta=0.1)
+    assert at_ref.item() == pytest.approx(20 * math.log(2), abs=1e-12)
+
+
+def test_activation_loss_is_the_wmdp_distance():
+    """RMU's distance: per row, the sum over answer tokens of the mean over features of the
+    squared difference, over the row's answer length; then the mean over rows (plain python)."""
+    gen = torch.Generator().manual_seed(4)
+    states = torch.randn(B, T, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(5, generator=gen, dtype=torch.float64)
+    _, _, mask = _batch(5)
+    rows = []
+    for b in range(B):
+        tokens = [t for t in range(T) if mask[b, t]]
+        per_token = [
+            sum((states[b, t, h].item() - target[h].item()) ** 2 for h in range(5)) / 5
+            for t in tokens
+        ]
+        rows.append(sum(per_token) / len(tokens))
+    got = losses.activation_loss(states, target, mask)
+    assert got.item() == pytest.approx(sum(rows) / B, abs=1e-12)
+    (grad,) = torch.autograd.grad(got, states)
+    lengths = mask.sum(-1, keepdim=True).unsqueeze(-1).double()
+    want = 2 * (states.detach() - target) / 5 / lengths / B * mask.unsqueeze(-1)
+    torch.testing.assert_close(grad, want, atol=1e-12, rtol=0)
+    pair = torch.randn(B, T, 5, generator=gen, dtype=torch.float64)
+    assert losses.activation_loss(pair, pair, mask).item() == 0.0  # states against states
+
+
 def test_npo_tends_to_ga_as_beta_goes_to_zero():
     """Gradient -> grad of mean_b log pi_theta(y|x); value - 2 log2 / beta -> mean log-ratio."""
     logp, ref, mask = _batch(2)
@@ -191,6 +242,7 @@ def test_junk_at_masked_positions_does_not_leak():
         losses.grpo_loss(junk, None, torch.ones(B), mask),
         losses.wga_loss(junk, mask),
         losses.satimp_loss(junk, mask),
+        losses.dpo_loss(junk, ref, mask, junk, ref, mask),
     ):
         assert torch.isfinite(value)
 

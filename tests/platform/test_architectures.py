@@ -82,6 +82,39 @@ def study_file(tmp_path: Path, arch: str, model_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_learner_reads_every_decoder_layers_output(arch, zoo):
+    """What RMU reads: the policy's decoder-layer states equal transformers' hidden states (the
+    output of layer l is hidden_states[l + 1] below the last layer, whose entry is after the
+    final norm), at the target positions, in one forward with the log-probs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stageflow.actors.batching import collate_rows
+    from stageflow.actors.policy import PolicyModule, decoder_layers
+    from stageflow.core.models import attention_implementation
+
+    lm = AutoModelForCausalLM.from_pretrained(
+        zoo[arch], dtype=torch.float32, attn_implementation=attention_implementation(zoo[arch])
+    ).eval()
+    batch = collate_rows(
+        AutoTokenizer.from_pretrained(zoo[arch]),
+        [{"prompt": "Q: where? ", "answer": "in Bellin"}, {"prompt": "Q: who?", "answer": "x"}],
+        64,
+    )
+    with torch.no_grad():
+        want = lm(batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        policy = PolicyModule(lm)
+        layers = len(decoder_layers(lm))
+        assert layers == 2
+        for layer in range(layers - 1):
+            got = policy.layer_states(batch.input_ids, batch.attention_mask, layer)
+            torch.testing.assert_close(got, want.hidden_states[layer + 1][:, 1:])
+        logprobs, states = policy(batch.input_ids, batch.attention_mask, batch.mask, layer=1)
+        last = policy.layer_states(batch.input_ids, batch.attention_mask, 1)
+        assert logprobs.shape == batch.mask.shape and torch.equal(states, last)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_architecture_runs_a_chat_study(arch, zoo, tmp_path, ray_cluster):

@@ -117,3 +117,45 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
     assert any(k.startswith("forget_score/ga/spread") for k in study_run.data.metrics)
     assert main(["report", str(storage)]) == 0
     assert "Does the ordering change the outcome?" in capsys.readouterr().out
+
+
+METHODS_STUDY = STUDY.with_name("unlearning_methods.yaml")
+METHODS = (
+    "ga", "graddiff", "npo", "simnpo", "wga", "satimp", "ceu", "undial", "dpo", "idkdpo", "rmu",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, capsys):
+    """studies/unlearning_methods.yaml reduced to one path and its oracle: every method runs as a
+    branch from the same model, and the report scores each (the forget score is the drop of the
+    refusal paraphrases' log-likelihood, so a method that unlearns makes it positive)."""
+    spec = load_and_validate(METHODS_STUDY)
+    assert tuple(spec.unlearning) == METHODS
+    assert {t.path for t in expand(spec)} == {
+        ("pretrain", *order)
+        for order in [
+            ("refusal", "inst", "facts", "math"), ("inst", "refusal", "facts", "math"),
+            ("inst", "facts", "refusal", "math"), ("inst", "facts", "math", "refusal"),
+            ("inst", "facts", "math"),
+        ]
+    }  # fmt: skip
+    storage = tmp_path / "methods"
+    reduced = [
+        *(r for r in REDUCED if "positions" not in r and "stages.ga" not in r),
+        "orderings.insert.positions=[5]",
+        *[f"stages.{m}.data.size=16" for m in METHODS],
+        *[
+            f"stages.{m}.retain.size=16"
+            for m in ("graddiff", "wga", "satimp", "dpo", "idkdpo", "rmu")
+        ],
+    ]
+    assert main(["run", str(METHODS_STUDY), f"storage_dir={storage}", *reduced]) == 0
+    report = (storage / "report" / "report.md").read_text()
+    table = report.split("## Finding 1")[1].split("##")[0]
+    scores = {}
+    for method in METHODS:
+        row = re.search(rf"^\| {method} +\| (-?[0-9.e+-]+)", table, re.MULTILINE)
+        assert row, method
+        scores[method] = float(row.group(1))
+    assert scores["ga"] > 0 and scores["npo"] > 0, scores

@@ -67,6 +67,24 @@ def drop_key(path: str):
     return change
 
 
+def unlearn_stage(objective: str, **params):
+    """A change adding the unlearning branch `forget` (facts' forget split) with `objective`."""
+
+    def change(study):
+        set_key(
+            "stages.forget",
+            {
+                "kind": "unlearn",
+                "objective": objective,
+                "params": params,
+                "data": {"task": "facts", "split": "forget"},
+            },
+        )(study)
+        set_key("unlearning", ["forget"])(study)
+
+    return change
+
+
 CASES = [
     ("unknown top-level key", set_key("seedz", [1]), "seedz: unknown key; did you mean 'seeds'?"),
     (
@@ -267,6 +285,41 @@ CASES = [
             set_key("unlearning", ["forget"])(s),
         ),
         "stages.forget.params.beta: expected a number, got 'high'",
+    ),
+    (
+        "a DPO stage without an alternative",
+        unlearn_stage("dpo", alpha=0),
+        "stages.forget.params.alternative: objective 'dpo' prefers another answer to each forget answer; expected 'idk'",
+    ),
+    (
+        "a DPO alternative column the data lacks",
+        unlearn_stage("dpo", alpha=0, alternative="chosen"),
+        "stages.forget.params.alternative: row 1 of the stage's data has no 'chosen' answer",
+    ),
+    (
+        "a DPO beta of zero",
+        unlearn_stage("dpo", alpha=0, alternative="idk", beta=0),
+        "stages.forget.params.beta: expected a positive number, got 0.0",
+    ),
+    (
+        "an RMU layer the model does not have",
+        unlearn_stage("rmu", alpha=0, layer=4),
+        "stages.forget.params.layer: the model has decoder layers 0 to 3; expected layer indexes among them, got 4",
+    ),
+    (
+        "RMU trainable layers the model does not have",
+        unlearn_stage("rmu", alpha=0, layer=2, trainable_layers=[1, 9]),
+        "stages.forget.params.trainable_layers: the model has decoder layers 0 to 3; expected a list of layer indexes among them, got 9",
+    ),
+    (
+        "RMU trainable layers not a list",
+        unlearn_stage("rmu", alpha=0, layer=2, trainable_layers="top"),
+        "stages.forget.params.trainable_layers: the model has decoder layers 0 to 3; expected a list of layer indexes among them, got top",
+    ),
+    (
+        "an UNDIAL beta of zero",
+        unlearn_stage("undial", beta=0),
+        "stages.forget.params.beta: expected a positive number, got 0.0",
     ),
     (
         "eval stage with unknown set",
