@@ -33,8 +33,14 @@ from stageflow.actors.batching import (
 from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
 from stageflow.actors.dispatch import ALL, RANK0, REF0, SPLIT, SPLIT_RANK0, dispatch
 from stageflow.actors.metrics import AnswerStats
+from stageflow.actors.objective_inputs import (
+    head_statistic,
+    mean_over_ranks,
+    steering_direction,
+    train_only,
+)
 from stageflow.actors.objectives import LossInputs
-from stageflow.actors.policy import PolicyModule, decoder_layers
+from stageflow.actors.policy import PolicyModule
 from stageflow.actors.rendering import Completion, encode_item
 from stageflow.actors.weight_sync import write_shared_weights
 from stageflow.core.alternatives import chosen_rows
@@ -44,12 +50,11 @@ from stageflow.core.models import attention_implementation
 from stageflow.core.registry import (
     OBJECTIVES,
     LayerStates,
-    LogitTarget,
+    VocabStat,
     load_plugins,
     objective_of,
 )
 from stageflow.kernels.peak_memory import PeakMemory
-from stageflow.kernels.soft_targets import SoftTarget
 
 # lazy: DeepSpeed, transformers and safetensors load when a learner rank starts
 
@@ -249,7 +254,7 @@ class LearnerWorker:
                 seed = lora.adapter_seed(self.seed, stage)
                 self.adapter = lora.attach_adapter(self.policy.lm, self.spec.lora, seed, base)
             if states is not None and states.trainable is not None:
-                self._train_only(states.trainable)
+                train_only(self.policy, states.trainable)
             self.engine, *_ = deepspeed.initialize(
                 model=self.policy,
                 model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
@@ -269,29 +274,16 @@ class LearnerWorker:
             "entry": entry,
             "params": params,
             "loss": loss,
-            "target": entry.target(params),
+            "statistic": entry.statistic(params),
             "states": states,
-            "direction": None if states is None else self._direction(stage),
-            "ref_logprobs": self.ref is not None and entry.target(params) is None and not states,
+            "direction": None
+            if states is None
+            else steering_direction(self.seed, stage, self.hf_config.hidden_size, self.device),
+            "ref_logprobs": self.ref is not None and not entry.statistic(params) and not states,
+            "state": {} if entry.stateful else None,
             "step": 0,
         }
         return {"objective": name, **params}
-
-    def _train_only(self, layers: tuple[int, ...]) -> None:
-        """Freeze every parameter outside decoder layers `layers` (embeddings, final norm and
-        LM head included; under LoRA the adapters of the other layers)."""
-        blocks = decoder_layers(self.policy.lm)
-        keep = {id(p) for i in layers for p in blocks[i].parameters()}
-        for p in self.policy.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
-
-    def _direction(self, stage: StageSpec) -> torch.Tensor:
-        """The stage's fixed random unit vector u [H] (RMU), uniform in [0, 1)^H then normed,
-        as the WMDP code draws it; from the trial's seed and the stage's settings."""
-        gen = torch.Generator().manual_seed(lora.adapter_seed(self.seed, stage))
-        u = torch.rand(self.hf_config.hidden_size, generator=gen)
-        return (u / u.norm()).to(self.device)
 
     def _encode(self, items: list[Any], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
         return [encode_item(self.tokenizer, it, max_len) for it in items]
@@ -321,7 +313,7 @@ class LearnerWorker:
         """One optimizer step on this rank's share: one forward over the forget rows, their
         chosen answers (preference objectives) and the retain rows; loss; step."""
         entry, loss_params = self._stage["entry"], self._stage["loss"]
-        target: LogitTarget | None = self._stage["target"]
+        stat: VocabStat | None = self._stage["statistic"]
         paired = chosen is not None
         chosen = chosen if encoded and paired else []  # an empty share's dummy row: both
         batch = self._batch(encoded + chosen + retain)
@@ -333,15 +325,15 @@ class LearnerWorker:
         states: LayerStates | None = self._stage["states"]
         mask = batch.mask.to(self.device)
         rest = split + len(chosen)  # where the retain rows start
-        soft = None if target is None else self._soft_target(target, batch, split)
+        head = None if stat is None else head_statistic(stat, batch, split, self.ref, self.device)
         out = self._forward(
-            self.engine, batch, soft_target=soft, layer=None if states is None else states.layer
+            self.engine, batch, statistic=head, layer=None if states is None else states.layer
         )
         out, layer_out = out if states is not None else (out, None)
-        logprobs, ce = out if soft is not None else (out, None)
+        logprobs, values = out if head is not None else (out, None)
         inputs = LossInputs(logprobs=logprobs[:split], mask=mask[:split], **extra)
-        if soft is not None:
-            inputs.target_ce, inputs.target_mask = ce[:split], soft.mask[:split]
+        if head is not None:
+            inputs.vocab_stat, inputs.vocab_stat_mask = values[:split], head.mask[:split]
         if paired:
             inputs.chosen_logprobs, inputs.chosen_mask = logprobs[pairs], mask[pairs]
         if retain:
@@ -364,6 +356,8 @@ class LearnerWorker:
             inputs.ref_logprobs = ref[:split]
             if paired:
                 inputs.chosen_ref_logprobs = ref[pairs]
+        if self._stage["state"] is not None:
+            inputs.state, inputs.mean_over_ranks = self._stage["state"], mean_over_ranks
         weight = local_n * self.world / max(global_n, 1)
         loss = entry.fn(inputs, **loss_params) * weight
         lr = self.engine.lr_scheduler.get_last_lr()[0]
@@ -399,25 +393,8 @@ class LearnerWorker:
             "tokens_per_s": float(totals[1]) / elapsed,
             "step_time_s": elapsed,
             "peak_mem_mib": peak_mib,
+            **{f"state/{k}": float(v) for k, v in (self._stage["state"] or {}).items()},
         }
-
-    def _soft_target(self, target: LogitTarget, batch: TokenBatch, split: int) -> SoftTarget:
-        """The head's `SoftTarget` over the answer tokens of the forget rows (the first `split`),
-        less each answer's first `skip_first`; with pi_ref's hidden states as the source."""
-        mask = batch.mask.to(self.device).clone()
-        mask[split:] = 0
-        if target.skip_first:
-            mask *= mask.cumsum(-1) > target.skip_first
-        if target.source == "self":
-            return SoftTarget(mask, target.shift)
-        with torch.no_grad():
-            hidden = self.ref.hidden_states(
-                batch.input_ids[:split].to(self.device),
-                batch.attention_mask[:split].to(self.device),
-            )
-        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, 0, 0, mask.shape[0] - split))
-        head = self.ref.lm.lm_head
-        return SoftTarget(mask, target.shift, hidden, head.weight, head.bias)
 
     @dispatch(RANK0)
     def train_stage(

@@ -2,8 +2,7 @@
 
 Each objective is one function of `LossInputs` (per-token log-probs [B, T] of the stage's batch
 under pi_theta, its answer mask, and when needed pi_ref's log-probs, a retain batch's log-probs
-and, for an objective with a `LogitTarget`, each token's cross-entropy to its full-vocabulary
-target) and its hyper-parameters, returning a scalar loss. The formulas live in
+and, for an objective with a `VocabStat`, each token's statistic of the full-vocabulary logits) and its hyper-parameters, returning a scalar loss. The formulas live in
 `stageflow.kernels.losses`; the notation is docs/formulas.md's (log pi(y|x) summed over answer
 tokens, |y| the answer length). Each entry is a `registry.Objective`: the stage kinds that
 accept it, its hyper-parameters with defaults, whether it needs pi_ref or a retain set.
@@ -12,13 +11,13 @@ accept it, its hyper-parameters with defaults, whether it needs pi_ref or a reta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stageflow.core.alternatives import IDK
 from stageflow.core.lazy import lazy_module
-from stageflow.core.registry import OBJECTIVES, LayerStates, LogitTarget
+from stageflow.core.registry import OBJECTIVES, LayerStates, VocabStat
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +37,8 @@ class LossInputs:
     retain_mask: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
-    target_ce: torch.Tensor | None = None  # -sum_v q_v log p_v per token (`LogitTarget`)
-    target_mask: torch.Tensor | None = None  # the tokens `target_ce` covers
+    vocab_stat: torch.Tensor | None = None  # the objective's `VocabStat` per token
+    vocab_stat_mask: torch.Tensor | None = None  # the tokens `vocab_stat` covers
     # preference objectives: the chosen answers of the same prompts, row for row
     chosen_logprobs: torch.Tensor | None = None
     chosen_mask: torch.Tensor | None = None
@@ -50,13 +49,17 @@ class LossInputs:
     retain_states: torch.Tensor | None = None
     ref_retain_states: torch.Tensor | None = None
     direction: torch.Tensor | None = None
+    # stateful objectives: a dict kept across the stage's steps, and the mean of a value over
+    # the learner's ranks (every rank computes the loss, so each keeps the same state)
+    state: dict[str, float] | None = None
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def target_ce(x: LossInputs) -> torch.Tensor:
-    """Token mean of the cross-entropy to the objective's full-vocabulary target."""
-    if x.target_ce is None or x.target_mask is None:
-        raise ValueError("this objective needs its logit target's cross-entropy (target_ce)")
-    return losses.nll_loss(-x.target_ce, x.target_mask)
+def mean_vocab_stat(x: LossInputs, power: int = 1) -> torch.Tensor:
+    """Token mean of the objective's full-vocabulary statistic (to the `power`)."""
+    if x.vocab_stat is None or x.vocab_stat_mask is None:
+        raise ValueError("this objective needs its full-vocabulary statistic (vocab_stat)")
+    return losses.nll_loss(-(x.vocab_stat**power), x.vocab_stat_mask)
 
 
 def retain_nll(x: LossInputs) -> torch.Tensor:
@@ -127,12 +130,12 @@ def simnpo(
     kinds=("unlearn",),
     retain_weight="alpha",
     nonnegative=("skip_first",),
-    logit_target=lambda p: LogitTarget("self", math.inf, p.skip_first),
+    vocab_stat=lambda p: VocabStat("cross_entropy", "self", math.inf, p.skip_first),
 )
 def ceu(x: LossInputs, skip_first: int = 1, gamma: float = 1.0, alpha: float = 0.0) -> torch.Tensor:
     """CE-U: gamma * token mean of CE(p_theta, q), q = softmax(z_theta detached, true token
     removed), over answer tokens after the first `skip_first` of each answer, + alpha * NLL_r."""
-    return with_retain(gamma * target_ce(x), x, alpha)
+    return with_retain(gamma * mean_vocab_stat(x), x, alpha)
 
 
 @OBJECTIVES.register(
@@ -140,14 +143,14 @@ def ceu(x: LossInputs, skip_first: int = 1, gamma: float = 1.0, alpha: float = 0
     kinds=("unlearn",),
     retain_weight="alpha",
     positive=("beta",),
-    logit_target=lambda p: LogitTarget("reference", p.beta),
+    vocab_stat=lambda p: VocabStat("cross_entropy", "reference", p.beta),
 )
 def undial(
     x: LossInputs, beta: float = 10.0, gamma: float = 1.0, alpha: float = 0.0
 ) -> torch.Tensor:
     """UNDIAL: gamma * token mean of CE(p_theta, q), q = softmax(z_ref - beta * onehot(y)) from
     the frozen pi_ref (the stage's start), over answer tokens, + alpha * NLL_r."""
-    return with_retain(gamma * target_ce(x), x, alpha)
+    return with_retain(gamma * mean_vocab_stat(x), x, alpha)
 
 
 def preference(x: LossInputs, beta: float) -> torch.Tensor:
@@ -235,6 +238,36 @@ def rmu(
         retain = losses.activation_loss(x.retain_states, x.ref_retain_states, x.retain_mask)
         loss = loss + alpha * retain
     return loss
+
+
+@OBJECTIVES.register(
+    "pdu",
+    kinds=("unlearn",),
+    needs_retain=True,
+    stateful=True,
+    nonnegative=("eps", "dual_step", "alpha", "gamma"),
+    vocab_stat=lambda p: VocabStat("margin"),
+)
+def pdu(
+    x: LossInputs,
+    eps: float | None = None,
+    dual_step: float = 1.0,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """PDU: gamma * token mean of (max_v z - mean_v z)^2 over the forget answers + lambda *
+    (NLL_r - eps), the retain loss a constraint NLL_r <= eps with dual variable lambda (from
+    `alpha`; after each step lambda <- max(0, lambda + dual_step (NLL_r - eps)), NLL_r the
+    ranks' mean); eps null: NLL_r at the stage's first step (no worse than at the start)."""
+    if x.state is None or x.mean_over_ranks is None:
+        raise ValueError("pdu keeps its dual variable in the stage's state")
+    retain = retain_nll(x)
+    observed = float(x.mean_over_ranks(retain.detach()))
+    if "dual" not in x.state:
+        x.state.update(dual=alpha, eps=observed if eps is None else eps)
+    dual, bound = x.state["dual"], x.state["eps"]
+    x.state["dual"] = max(0.0, dual + dual_step * (observed - bound))
+    return gamma * mean_vocab_stat(x, power=2) + dual * (retain - bound)
 
 
 # the clip range and the KL coefficient of every RL objective

@@ -2,8 +2,8 @@
 
 The head runs the fused log-prob kernel (`kernels: fused`) or the naive full-logits path
 (`kernels: naive`), so with `fused` the N x V logits are never materialised; given a
-`SoftTarget` it also returns each token's cross-entropy to a full-vocabulary target, chunk by
-chunk (kernels/soft_targets.py), inside the head's forward where ZeRO-3 has gathered its weight.
+`HeadStatistic` it also returns a per-token statistic of the full-vocabulary logits, chunk by
+chunk (kernels/vocab_stats.py), inside the head's forward where ZeRO-3 has gathered its weight.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from stageflow.core.models import LOGIT_TRANSFORMS
 from stageflow.kernels.logprob import per_token_logprobs
-from stageflow.kernels.soft_targets import SoftTarget, per_token_soft_target_ce
+from stageflow.kernels.vocab_stats import HeadStatistic, per_token_statistic
 
 
 class LogProbHead(torch.nn.Linear):
@@ -28,16 +28,16 @@ class LogProbHead(torch.nn.Linear):
     softcap: float | None = None  # Gemma2's final-logit soft-capping (config)
 
     def forward(  # type: ignore[override]
-        self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False, soft_target=None
+        self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False, statistic=None
     ):
         if targets is None:
             return super().forward(hidden)
-        if soft_target is not None:  # training at T = 1: log-probs and the target's CE
+        if statistic is not None:  # training at T = 1: log-probs and the statistic
             logprobs = self.forward(hidden, targets, mask)
-            ce = per_token_soft_target_ce(
-                hidden, self.weight, targets, soft_target, bias=self.bias, softcap=self.softcap
+            values = per_token_statistic(
+                hidden, self.weight, targets, statistic, bias=self.bias, softcap=self.softcap
             )
-            return logprobs, ce
+            return logprobs, values
         out = per_token_logprobs(
             hidden,
             self.weight,
@@ -75,11 +75,11 @@ class PolicyModule(torch.nn.Module):
         mask,
         temperature=1.0,
         with_argmax=False,
-        soft_target: SoftTarget | None = None,
+        statistic: HeadStatistic | None = None,
         layer: int | None = None,
     ):
         """Per-token log-probs [B, T-1]; with `with_argmax` also the argmax flags, with
-        `soft_target` also the cross-entropies to it (a pair); with `layer`, (that, the
+        `statistic` also its values (a pair); with `layer`, (that, the
         decoder layer's output at the target positions [B, T-1, H])."""
         with self.capture(layer) as states:
             out = self.lm.lm_head(
@@ -88,7 +88,7 @@ class PolicyModule(torch.nn.Module):
                 mask,
                 temperature,
                 with_argmax,
-                soft_target,
+                statistic,
             )
         return out if layer is None else (out, states[0])
 

@@ -60,6 +60,9 @@ def positive(key: str, value: float | None, allow_zero: bool = False) -> Problem
     """A problem when `value` is given and is not a (non-negative) finite number."""
     if value is None or isinstance(value, bool):
         return
+    if not isinstance(value, (int, float)):
+        yield key, f"expected a number, got {value!r}"
+        return
     bad = not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
     if bad:
         kind = "non-negative" if allow_zero else "positive"

@@ -14,6 +14,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,15 +33,17 @@ def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class LogitTarget:
-    """A full-vocabulary target an objective trains towards, per answer token:
-    q = softmax(s - shift * onehot(y)), s the policy's own logits (detached, `source` "self") or
-    pi_ref's ("reference"); shift inf removes the target token. `skip_first`: answer tokens at
-    the start of each answer left out. The learner's head computes the cross-entropy to q chunk
-    by chunk (kernels/soft_targets.py) and hands it to the loss as `LossInputs.target_ce`."""
+class VocabStat:
+    """A per-answer-token statistic of the full-vocabulary logits an objective trains on, which
+    the learner's head computes chunk by chunk (kernels/vocab_stats.py) and hands to the loss as
+    `LossInputs.vocab_stat`: "cross_entropy" to q = softmax(s - shift * onehot(y)), s the
+    policy's own logits (detached, `source` "self") or pi_ref's ("reference"), shift inf
+    removing the target token (CE-U, UNDIAL); or "margin", max_v z - mean_v z (PDU).
+    `skip_first`: answer tokens at the start of each answer left out."""
 
-    source: Literal["self", "reference"]
-    shift: float
+    kind: Literal["cross_entropy", "margin"]
+    source: Literal["self", "reference"] = "self"
+    shift: float = math.inf
     skip_first: int = 0
 
 
@@ -65,11 +68,13 @@ class Objective:
     accept it; `needs_ref`: pi_ref log-probs are required; `retain_weight`: the parameter
     weighting the retain-set NLL; `retain_prompts`: the RL loop also samples the stage's
     retain prompts; `default_rewards(params)`: rewards used when a stage lists none;
-    `nonnegative`, `positive`: loss parameters checked >= 0, > 0; `logit_target(Params)`: the `LogitTarget` of an
-    objective on full-vocabulary distributions (CE-U, UNDIAL); `alternative(Params)`: where a
+    `nonnegative`, `positive`: loss parameters checked >= 0, > 0; `vocab_stat(Params)`: the
+    `VocabStat` of an objective on the full-vocabulary logits (CE-U, UNDIAL, PDU); `alternative(Params)`: where a
     preference objective's chosen answers come from (core/alternatives.py: `idk` or a column;
     None: not given), each forget answer being the rejected one (DPO, IdkDPO);
-    `layer_states(Params)`: the `LayerStates` of a representation objective (RMU).
+    `layer_states(Params)`: the `LayerStates` of a representation objective (RMU);
+    `needs_retain`: a retain set always; `stateful`: a dict kept across the stage's steps is
+    `LossInputs.state` (its numbers are logged per step as `state/<name>`; PDU's dual variable).
     """
 
     name: str
@@ -83,9 +88,11 @@ class Objective:
     default_rewards: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
     nonnegative: tuple[str, ...] = ()  # loss parameters that must be >= 0
     positive: tuple[str, ...] = ()  # loss parameters that must be > 0
-    logit_target: Callable[[Any], LogitTarget] | None = None
+    vocab_stat: Callable[[Any], VocabStat] | None = None
     alternative: Callable[[Any], str | None] | None = None
     layer_states: Callable[[Any], LayerStates] | None = None
+    needs_retain: bool = False  # a retain set whatever the parameters (a constraint on it)
+    stateful: bool = False  # keeps state across a stage's steps (LossInputs.state)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -149,9 +156,9 @@ class Objective:
 
     def needs_reference(self, params: dict[str, Any]) -> bool:
         """Whether the stage keeps a frozen pi_ref: for its log-probs (NPO; an RL loop with a KL
-        coefficient), its logits (a `LogitTarget` from the reference) or its layer states on
+        coefficient), its logits (a `VocabStat` from the reference) or its layer states on
         the retain rows (`LayerStates` with a retain term)."""
-        target = self.target(params)
+        target = self.statistic(params)
         return (
             self.needs_ref
             or (self.rl_loop and (params.get("beta") or 0) > 0)
@@ -167,13 +174,15 @@ class Objective:
         """The source of a preference objective's chosen answers for a stage's `params`."""
         return None if self.alternative is None else self.alternative(self.loss_params(params))
 
-    def target(self, params: dict[str, Any]) -> LogitTarget | None:
-        """The objective's full-vocabulary target for a stage's `params`, or None."""
-        return None if self.logit_target is None else self.logit_target(self.loss_params(params))
+    def statistic(self, params: dict[str, Any]) -> VocabStat | None:
+        """The full-vocabulary statistic the objective trains on for a stage's `params`, or None."""
+        return None if self.vocab_stat is None else self.vocab_stat(self.loss_params(params))
 
     def uses_retain(self, params: dict[str, Any]) -> bool:
         """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
-        return self.retain_weight is not None and bool(params.get(self.retain_weight))
+        return self.needs_retain or (
+            self.retain_weight is not None and bool(params.get(self.retain_weight))
+        )
 
 
 @dataclass(frozen=True)

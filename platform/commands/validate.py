@@ -173,7 +173,9 @@ class _Validator:
         if entry.uses_retain(entry.resolve(dict(stage.params))) and stage.retain is None:
             self.fail(
                 f"{key}.retain",
-                f"objective '{objective}' weights a retain set ({entry.retain_weight} > 0); expected a retain data set or {entry.retain_weight}: 0",
+                f"objective '{objective}' constrains the loss on a retain set; expected a retain data set"
+                if entry.needs_retain
+                else f"objective '{objective}' weights a retain set ({entry.retain_weight} > 0); expected a retain data set or {entry.retain_weight}: 0",
             )
         if entry.alternative is not None:
             self.check_alternative(key, stage, objective, entry)

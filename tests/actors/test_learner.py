@@ -135,6 +135,25 @@ def test_rmu_trains_its_layers_only_and_steers_the_forget_states(learner, actor_
     assert first["loss"] == 0.0 and first["grad_norm"] == 0.0
 
 
+def test_pdu_flattens_the_forget_logits_under_its_retain_constraint(
+    learner, actor_model_dir, qa_rows
+):
+    """PDU from the taught model: the forget answers' log-likelihood falls; its dual variable is
+    logged every step, starts at alpha (the bound eps is the first retain loss, so the first
+    update adds 0), moves with the retain loss and stays >= 0."""
+    learner.load(actor_model_dir)
+    learner.train_stage(SFT, qa_rows, seed=0)
+    before = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
+    spec = stage(kind="unlearn", objective="pdu", lr=1e-2, steps=4, params={"dual_step": 5.0})
+    metrics = learner.train_stage(spec, qa_rows, retain, seed=0)
+    after = sum(sum(lp) for lp in learner.logprobs(qa_rows[:4]))
+    duals = [m["state/dual"] for m in metrics]
+    assert after < before, (before, after)
+    assert duals[0] == 1.0 and len(set(duals)) > 1 and min(duals) >= 0.0, duals
+    assert len({m["state/eps"] for m in metrics}) == 1
+
+
 @pytest.mark.parametrize("target", ["paraphrased_answers", "perturbed_answers"])
 def test_probability_mass_moves_to_what_the_model_learns(learner, actor_model_dir, target):
     """Train on paraphrases of the refusal (or on the alternative answers) while probing: the

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stageflow.actors.objectives import LossInputs
-from stageflow.core.registry import OBJECTIVES, LayerStates
+from stageflow.core.registry import OBJECTIVES, LayerStates, VocabStat
 
 
 def _inputs(seed: int = 0, ref: bool = True, retain: bool = True) -> LossInputs:
@@ -41,6 +41,11 @@ def test_registry_metadata():
             True,
         ),
         "idkdpo": (("unlearn",), {"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, True),
+        "pdu": (
+            ("unlearn",),
+            {"eps": None, "dual_step": 1.0, "alpha": 1.0, "gamma": 1.0},
+            False,
+        ),
         "rmu": (
             ("unlearn",),
             {"layer": 1, "trainable_layers": None, "steering": 20.0, "gamma": 1.0, "alpha": 100.0},
@@ -93,16 +98,16 @@ def test_full_vocabulary_objectives_declare_their_target():
     pi_ref's logits lowered by beta on the true token (so the stage keeps pi_ref). Their loss is
     gamma * the token mean of the head's cross-entropies, plus alpha * NLL_r."""
     ceu, undial = OBJECTIVES["ceu"], OBJECTIVES["undial"]
-    target = ceu.target(ceu.resolve())
-    assert (target.source, target.shift, target.skip_first) == ("self", math.inf, 1)
+    assert ceu.statistic(ceu.resolve()) == VocabStat("cross_entropy", "self", math.inf, 1)
     assert not ceu.needs_reference(ceu.resolve())
-    target = undial.target(undial.resolve({"beta": 3}))
-    assert (target.source, target.shift, target.skip_first) == ("reference", 3.0, 0)
-    assert undial.needs_reference(undial.resolve()) and OBJECTIVES["npo"].target({}) is None
+    assert undial.statistic(undial.resolve({"beta": 3})) == VocabStat(
+        "cross_entropy", "reference", 3.0, 0
+    )
+    assert undial.needs_reference(undial.resolve()) and OBJECTIVES["npo"].statistic({}) is None
     x = _inputs()
-    x.target_ce, x.target_mask = torch.rand(3, 7) * 4, x.mask
+    x.vocab_stat, x.vocab_stat_mask = torch.rand(3, 7) * 4, x.mask
     retain_nll = -(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum()
-    mean_ce = (x.target_ce * x.mask).sum() / x.mask.sum()
+    mean_ce = (x.vocab_stat * x.mask).sum() / x.mask.sum()
     for name in ("ceu", "undial"):
         got = OBJECTIVES[name].fn(x, gamma=2.0, alpha=0.5)
         torch.testing.assert_close(got, 2.0 * mean_ce + 0.5 * retain_nll)
@@ -110,7 +115,7 @@ def test_full_vocabulary_objectives_declare_their_target():
     assert dict(ceu.problems({"skip_first": -1})) == {
         "skip_first": "expected a non-negative number, got -1"
     }
-    with pytest.raises(ValueError, match="target_ce"):
+    with pytest.raises(ValueError, match="vocab_stat"):
         OBJECTIVES["ceu"].fn(_inputs())
 
 
@@ -160,6 +165,33 @@ def test_rmu_steers_the_forget_states_and_keeps_the_retain_states():
     x.retain_states = None
     with pytest.raises(ValueError, match="retain states"):
         entry.fn(x)
+
+
+def test_pdu_is_a_primal_dual_step_on_the_retain_constraint():
+    """gamma * mean margin^2 + lambda (NLL_r - eps); lambda starts at alpha and moves by
+    dual_step * (NLL_r - eps) after each step, never below 0; eps null: the first NLL_r."""
+    entry = OBJECTIVES["pdu"]
+    assert entry.statistic({}) == VocabStat("margin") and entry.uses_retain({"alpha": 0.0})
+    x = _inputs()
+    x.vocab_stat, x.vocab_stat_mask = torch.rand(3, 7) * 4, x.mask
+    x.state, x.mean_over_ranks = {}, lambda v: v
+    retain_nll = float(-(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum())
+    margin2 = (x.vocab_stat**2 * x.mask).sum() / x.mask.sum()
+    first = entry.fn(x, dual_step=0.5, alpha=2.0, gamma=3.0)  # eps = this NLL_r: a zero term
+    torch.testing.assert_close(first, 3.0 * margin2)
+    assert x.state == pytest.approx({"dual": 2.0, "eps": retain_nll})
+    x.state["eps"] = retain_nll - 0.4  # the retain loss now exceeds its bound by 0.4
+    second = entry.fn(x, dual_step=0.5, alpha=2.0, gamma=3.0)
+    torch.testing.assert_close(second, 3.0 * margin2 + 2.0 * 0.4, rtol=1e-6, atol=1e-6)
+    assert x.state["dual"] == pytest.approx(2.0 + 0.5 * 0.4)
+    x.state.update(dual=0.1, eps=retain_nll + 1.0)  # within the bound: lambda falls, floor 0
+    entry.fn(x, dual_step=0.5)
+    assert x.state["dual"] == 0.0
+    fixed = {}
+    x.state = fixed
+    entry.fn(x, eps=0.25)
+    assert fixed["eps"] == 0.25
+    assert dict(entry.problems({"eps": "low"})) == {"eps": "expected a number, got 'low'"}
 
 
 def test_npo_at_equal_policies_is_2_log2_over_beta():

@@ -317,6 +317,11 @@ CASES = [
         "stages.forget.params.trainable_layers: the model has decoder layers 0 to 3; expected a list of layer indexes among them, got top",
     ),
     (
+        "a PDU stage without a retain set",
+        unlearn_stage("pdu"),
+        "stages.forget.retain: objective 'pdu' constrains the loss on a retain set; expected a retain data set",
+    ),
+    (
         "an UNDIAL beta of zero",
         unlearn_stage("undial", beta=0),
         "stages.forget.params.beta: expected a positive number, got 0.0",

@@ -1,5 +1,6 @@
-"""The full-vocabulary soft-target cross-entropy (CE-U, UNDIAL) against a direct float64
-implementation of the published formulas: values and gradients, chunked, capped, with a teacher."""
+"""The full-vocabulary statistics (CE-U's and UNDIAL's cross-entropy, PDU's logit margin)
+against direct float64 implementations of the published formulas: values and gradients,
+chunked, capped, with a teacher."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stageflow.kernels import soft_targets
-from stageflow.kernels.soft_targets import (
-    SoftTarget,
+from stageflow.kernels import vocab_stats
+from stageflow.kernels.vocab_stats import (
+    HeadStatistic,
     Teacher,
-    per_token_soft_target_ce,
+    logit_margin,
+    per_token_statistic,
     soft_target_cross_entropy,
 )
 
@@ -66,7 +68,7 @@ CASES = [
 def test_matches_the_direct_formula(monkeypatch, name, shift, with_teacher, cap, chunk_elements):
     """fp32, chunked or not, against float64 direct: the value and dh, dW, db under a random
     upstream gradient."""
-    monkeypatch.setattr(soft_targets, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(vocab_stats, "CHUNK_ELEMENTS", chunk_elements)
     (h, w, b), y, teacher = leaves(seed=len(name))
     got = soft_target_cross_entropy(
         h, w, y, shift, Teacher(*teacher) if with_teacher else None, bias=b, softcap=cap
@@ -124,8 +126,8 @@ def test_per_token_keeps_the_masked_tokens_only():
     mask = torch.rand(2, N, generator=torch.Generator().manual_seed(0)) < 0.5
     th = teacher[0].view(1, N, H).expand(2, N, H).clone()
     th[~mask] = float("nan")
-    target = SoftTarget(mask, 2.0, th, teacher[1], teacher[2])
-    out = per_token_soft_target_ce(hidden, w, targets, target, bias=b)
+    target = HeadStatistic(mask, "cross_entropy", 2.0, th, teacher[1], teacher[2])
+    out = per_token_statistic(hidden, w, targets, target, bias=b)
     flat = soft_target_cross_entropy(h, w, y, 2.0, Teacher(*teacher), bias=b)
     assert out.shape == (2, N) and torch.isfinite(out).all()
     assert (out[~mask] == 0).all()
@@ -138,3 +140,32 @@ def test_a_bad_shift_is_one_sentence():
     (h, w, _), y, _ = leaves(seed=0)
     with pytest.raises(ValueError, match="shift must be > 0"):
         soft_target_cross_entropy(h, w, y, 0.0)
+
+
+@pytest.mark.parametrize("cap", [None, 2.0], ids=["plain", "capped"])
+@pytest.mark.parametrize("chunk_elements", [2**23, 5 * V], ids=["one-chunk", "five-row-chunks"])
+def test_logit_margin_matches_the_direct_formula(monkeypatch, cap, chunk_elements):
+    """PDU's max_v z - mean_v z (open-unlearning's maxLogits - averageLogits) on full float64
+    logits: the value and dh, dW, db under a random upstream gradient."""
+    monkeypatch.setattr(vocab_stats, "CHUNK_ELEMENTS", chunk_elements)
+    (h, w, b), _, _ = leaves(seed=11)
+    got = logit_margin(h, w, b, softcap=cap)
+    ref = [t.detach().double().requires_grad_(True) for t in (h, w, b)]
+    z = ref[0] @ ref[1].T + ref[2]
+    z = z if cap is None else cap * torch.tanh(z / cap)
+    want = z.max(-1).values - z.mean(-1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    g = torch.randn(N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = torch.autograd.grad((got * g.float()).sum(), (h, w, b))
+    for label, a, e in zip(("dh", "dW", "db"), grads, torch.autograd.grad((want * g).sum(), ref)):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=label)
+    (h64, w64, b64), _, _ = leaves(seed=12, dtype=torch.float64, n=5)
+    assert torch.autograd.gradcheck(lambda *t: logit_margin(*t, softcap=cap), (h64, w64, b64))
+
+
+def test_per_token_margin_keeps_the_masked_tokens_only():
+    (h, w, b), y, _ = leaves(seed=3)
+    mask = torch.rand(1, N, generator=torch.Generator().manual_seed(1)) < 0.5
+    out = per_token_statistic(h.view(1, N, H), w, y.view(1, N), HeadStatistic(mask, "margin"), b)
+    assert (out[~mask] == 0).all()
+    torch.testing.assert_close(out[mask], logit_margin(h, w, b)[mask[0]])
