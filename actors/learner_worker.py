@@ -270,16 +270,17 @@ class LearnerWorker:
             self.engine._config.gradient_clipping = float(stage.grad_clip or 0.0)
         self.ref = self._snapshot() if entry.needs_reference(params) else None
         loss = dataclasses.asdict(entry.loss_params(params))  # the loss's own, typed
+        statistic = entry.statistic(params)
         self._stage = {
             "entry": entry,
             "params": params,
             "loss": loss,
-            "statistic": entry.statistic(params),
+            "statistic": statistic,
             "states": states,
             "direction": None
             if states is None
             else steering_direction(self.seed, stage, self.hf_config.hidden_size, self.device),
-            "ref_logprobs": self.ref is not None and not entry.statistic(params) and not states,
+            "ref_logprobs": self.ref is not None and not statistic and not states,
             "state": {} if entry.stateful else None,
             "step": 0,
         }

@@ -1,9 +1,10 @@
 """Training objectives, registered by name in `OBJECTIVES` (what a stage's `objective:` names).
 
 Each objective is one function of `LossInputs` (per-token log-probs [B, T] of the stage's batch
-under pi_theta, its answer mask, and when needed pi_ref's log-probs, a retain batch's log-probs
-and, for an objective with a `VocabStat`, each token's statistic of the full-vocabulary logits) and its hyper-parameters, returning a scalar loss. The formulas live in
-`stageflow.kernels.losses`; the notation is docs/formulas.md's (log pi(y|x) summed over answer
+under pi_theta, its answer mask, and when needed pi_ref's log-probs, a retain batch's
+log-probs, and what the objective declares beyond them: a full-vocabulary statistic, chosen
+answers, a layer's states, state across steps) and its hyper-parameters, returning a scalar
+loss. The formulas live in `stageflow.kernels.losses`; the notation is docs/formulas.md's (log pi(y|x) summed over answer
 tokens, |y| the answer length). Each entry is a `registry.Objective`: the stage kinds that
 accept it, its hyper-parameters with defaults, whether it needs pi_ref or a retain set.
 """

@@ -2,7 +2,7 @@
 
 Command (repo root, the venv active):
 
-    python benchmarks/unlearning_methods.py           # 25M parameters, about 15 min on 2 cores
+    python benchmarks/unlearning_methods.py           # 25M parameters, about 13 min on 2 cores
     python benchmarks/unlearning_methods.py --quick   # smoke run (tiny model, 2 timed steps)
 
 Writes benchmarks/results/unlearning_methods.json and benchmarks/results/unlearning_methods.md.

@@ -60,12 +60,12 @@ def _block_logits(
     return z.copy_(b_v.expand(rows, cols)).addmm_(h_c, w_v.T)
 
 
-def _soft_cap_(z: torch.Tensor, softcap: float, inv_t: float) -> torch.Tensor:
+def soft_cap_(z: torch.Tensor, softcap: float, inv_t: float) -> torch.Tensor:
     """z <- c tanh(z / c) / T in place: the logits soft-capped, then tempered."""
     return z.div_(softcap).tanh_().mul_(softcap * inv_t)
 
 
-def _cap_slope(capped: torch.Tensor, softcap: float, temperature: float, out: torch.Tensor):
+def cap_slope(capped: torch.Tensor, softcap: float, temperature: float, out: torch.Tensor):
     """d cap(z) / dz = 1 - tanh^2(z / c), from the capped logits c tanh(z / c) / T."""
     return torch.mul(capped, temperature / softcap, out=out).square_().neg_().add_(1.0)
 
@@ -122,7 +122,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 b_v = None if bias_in is None else bias_in[v0:v1]
                 z = _block_logits(buf, h_c, weight[v0:v1], b_v)
                 if softcap is not None:
-                    _soft_cap_(z, softcap, inv_t)
+                    soft_cap_(z, softcap, inv_t)
                 in_block = (y_c >= v0) & (y_c < v1)
                 picked = z.gather(1, (y_c - v0).clamp(0, v1 - v0 - 1))
                 sel = picked if sel is None else torch.where(in_block, picked, sel)
@@ -154,7 +154,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             lse[s:e] = (m + run_sum.log()).squeeze(1)
             selected[s:e] = sel.squeeze(1)
             if softcap is not None:
-                _cap_slope(sel.squeeze(1), softcap, temperature, out=slope_y[s:e])
+                cap_slope(sel.squeeze(1), softcap, temperature, out=slope_y[s:e])
             if with_entropy:
                 entropy[s:e] = (run_sum.log() - run_t / run_sum).squeeze(1)
             if precompute_dh:
@@ -244,9 +244,9 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 else:
                     mat = _block_logits(buf, h_c, weight[v0:v1], b_v)
                     if softcap is not None:
-                        _soft_cap_(mat, softcap, inv_t)
+                        soft_cap_(mat, softcap, inv_t)
                         slope = buf_slope[: mat.numel()].view_as(mat)
-                        _cap_slope(mat, softcap, temperature, out=slope)
+                        cap_slope(mat, softcap, temperature, out=slope)
                     mat.sub_(lse[s:e].unsqueeze(1))  # log p
                 if use_ent:  # M = -p (g + g_ent (log p + H))
                     p = buf_p[: mat.numel()].view_as(mat).copy_(mat).exp_()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stageflow.kernels.chunked import cap_slope, soft_cap_
 from stageflow.kernels.token_logprobs import result_dtype
 
 Tensor = torch.Tensor
@@ -40,7 +41,7 @@ class Teacher:
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, softcap: float | None, dtype) -> Tensor:
     z = (h @ w.T if b is None else torch.addmm(b, h, w.T)).to(dtype)
-    return z if softcap is None else z.div_(softcap).tanh_().mul_(softcap)
+    return z if softcap is None else soft_cap_(z, softcap, 1.0)
 
 
 def _target(source: Tensor, targets: Tensor, shift: float) -> Tensor:
@@ -63,7 +64,7 @@ def _accumulate(dz, h, weight, cap, z, part, grads) -> None:
     (dh, dW, db), each None where not needed."""
     dh, dw, db = grads
     if cap is not None:  # through c tanh(raw / c): times 1 - tanh^2
-        dz.mul_(z.div_(cap).square_().neg_().add_(1.0))
+        dz.mul_(cap_slope(z, cap, 1.0, out=z))
     if dh is not None:
         dh[part] = (dz.to(weight.dtype) @ weight).to(dh.dtype)
     if dw is not None:

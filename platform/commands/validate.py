@@ -177,8 +177,6 @@ class _Validator:
                 if entry.needs_retain
                 else f"objective '{objective}' weights a retain set ({entry.retain_weight} > 0); expected a retain data set or {entry.retain_weight}: 0",
             )
-        if entry.alternative is not None:
-            self.check_alternative(key, stage, objective, entry)
         if entry.layer_states is not None:
             self.check_layers(key, entry.states(dict(stage.params)))
         ranks = self.spec.learner.ranks
@@ -189,6 +187,8 @@ class _Validator:
             )
         self.check_rl(key, stage, objective, entry)
         self.check_data(f"{key}.data", stage.data)
+        if entry.alternative is not None:  # reads the rows check_data has just checked
+            self.check_alternative(key, stage, objective, entry)
         if stage.retain is not None:
             self.check_data(f"{key}.retain", stage.retain)
         for sub_key, problem in stage.problems():
@@ -204,7 +204,6 @@ class _Validator:
                 f"{key}.params.alternative",
                 f"objective '{objective}' prefers another answer to each forget answer; expected '{IDK}' (built-in \"I don't know\" answers) or the name of a column of the stage's data",
             )
-        self.check_data(f"{key}.data", stage.data)
         problem = alternative_problem(self.rows(f"{key}.data", stage.data), source)
         if problem:
             self.fail(f"{key}.params.alternative", problem)
