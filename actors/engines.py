@@ -2,8 +2,9 @@
 
 A `RolloutWorker` holds one engine. Every engine loads new weights in place (safetensors bytes
 or a shared-memory weight file), samples completions of token-id prompts with per-token
-log-probs, and says what it is. vLLM runs its model in an engine-core process and reloads
-weights through `weight_sync.WeightReloadExtension`; the `hf` backend exists only as an
+log-probs, and says what it is. vLLM runs its model in the worker's own process or in its
+engine-core and worker processes (`rollout.engine_process`) and reloads weights through
+`weight_sync.WeightReloadExtension`; the `hf` backend exists only as an
 explicit, recorded choice (`rollout.backend: hf`), never as a fallback.
 """
 
@@ -69,6 +70,13 @@ class Engine:
         """Stop the engine (its processes included)."""
 
 
+def engine_in_actor(spec: RolloutSpec, device: str) -> bool:
+    """Whether vLLM runs in the rollout actor's process (`rollout.engine_process`)."""
+    if spec.engine_process == "auto":
+        return device == "cpu"
+    return spec.engine_process == "in_actor"
+
+
 class VLLMEngine(Engine):
     """vLLM's offline `LLM`, with the stageflow weight-reload extension in its worker."""
 
@@ -78,16 +86,19 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         super().__init__(model_dir, spec, device, seed)
+        self.in_actor = engine_in_actor(spec, device)
         extra: dict[str, Any] = {}
+        if self.in_actor:
+            # read when the engine is made; this process holds no other engine of another kind
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            extra["distributed_executor_backend"] = "uni"
         if device == "cpu":
             # vLLM 0.32 on CPU: a seeded request whose prefill is split across steps makes
             # the sampler call set_offset on a CPU generator, which kills the engine.
-            extra = {
-                "enable_chunked_prefill": False,
-                "max_num_batched_tokens": max(spec.max_model_len, 8192),
-            }
+            extra["enable_chunked_prefill"] = False
+            extra["max_num_batched_tokens"] = max(spec.max_model_len, 8192)
         else:
-            extra = {"enable_sleep_mode": spec.placement == "colocated"}
+            extra["enable_sleep_mode"] = spec.placement == "colocated"
         self.llm = LLM(
             model=model_dir,
             dtype=spec.dtype,
@@ -105,7 +116,8 @@ class VLLMEngine(Engine):
     def describe(self) -> str:
         import vllm
 
-        return f"vllm {vllm.__version__}"
+        where = "in the actor's process" if self.in_actor else "in its own processes"
+        return f"vllm {vllm.__version__}, {where}"
 
     def engine_pid(self) -> int:
         return self.llm.collective_rpc(rpc_name(WeightReloadExtension.process_id))[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,7 @@ class ActorGroup:
         resources: dict[str, float] | None = None,
         bundles: list[int] | None = None,
         actor_name: tuple[str, str] | None = None,
+        wait: bool = True,
     ):
         check_fits(name, num_ranks, num_cpus)
         self.name = name
@@ -161,26 +163,39 @@ class ActorGroup:
         self._remote_cls = ray.remote(cls)
         self._pg, self._owns_pg = self._reserve()
         self.actors: list[Any] = [self._create(rank) for rank in range(num_ranks)]
+        self._starting = [a.__ray_ready__.remote() for a in self.actors]
+        self._since = time.monotonic()
+        if wait or distributed:  # ranks of a distributed group meet once all have started
+            self.started(timeout_s=START_TIMEOUT_S)
+
+    def started(self, timeout_s: float = 0.0) -> bool:
+        """Whether every rank's constructor has returned, waiting up to `timeout_s`; raises
+        its error, or StudyError when the ranks are not up START_TIMEOUT_S after creation.
+        A group made with `wait=False` starts while its caller goes on; calls queue meanwhile."""
+        if not self._starting:
+            return True
         try:
             ready, pending = ray.wait(
-                [a.__ray_ready__.remote() for a in self.actors],
-                num_returns=num_ranks,
-                timeout=START_TIMEOUT_S,
+                self._starting, num_returns=len(self._starting), timeout=timeout_s
             )
-            if pending:
+            if pending and time.monotonic() - self._since >= START_TIMEOUT_S:
                 raise StudyError(
                     "",
-                    name,
-                    f"{len(pending)} of {num_ranks} actors did not start within "
+                    self.name,
+                    f"{len(pending)} of {self.num_ranks} actors did not start within "
                     f"{START_TIMEOUT_S:.0f} s (not enough free resources in the cluster or the "
                     "trial's placement group?)",
                 )
+            if pending:
+                return False
             ray.get(ready)  # raises the constructor's error, if any
-            if distributed:
+            if self.distributed:
                 self._handshake()
         except Exception:
             self.shutdown()
             raise
+        self._starting = []
+        return True
 
     # ----- placement -------------------------------------------------------------------------
     def _reserve(self) -> tuple[PlacementGroup, bool]:
@@ -372,6 +387,7 @@ class ModelGroup:
         placement: Placement | None = None,
         seed: int = 0,
         actor_name: tuple[str, str] | None = None,
+        wait: bool = True,
     ):
         placement = placement or Placement()
         self.spec, self.device = spec, resolve_device(placement.device)
@@ -388,6 +404,7 @@ class ModelGroup:
             name=self.name,
             actor_name=actor_name,
             env={"OMP_NUM_THREADS": str(placement.threads)} if placement.threads else None,
+            wait=wait,
         )
 
     @property

@@ -99,7 +99,7 @@ class RolloutWorker:
 
     @dispatch(ALL)
     def close(self) -> None:
-        """Stop the engine (its engine-core process included)."""
+        """Stop the engine (and its processes, where it runs in its own)."""
         if self.engine is not None:
             self.engine.close()
         self.engine = None

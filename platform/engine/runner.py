@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune import Callback
 
 from stageflow.actors.dispatch import call_actor
-from stageflow.actors.group import Placement
+from stageflow.actors.group import START_TIMEOUT_S, Placement
 from stageflow.actors.rollout import RolloutGroup
 from stageflow.actors.rollout_pool import start_rollout_pool
 from stageflow.core.config import StudyError, StudySpec
@@ -270,8 +270,22 @@ class SharedActors:
                 threads=resources.threads_per_actor,
             )
             engine_names = (NAMESPACE, f"{self.names['pool']}-engine")
-            self.engines = RolloutGroup(base_model, spec.rollout, placement, 0, engine_names)
+            # the engines start while the first trials start their learners (EnginesStarted)
+            self.engines = RolloutGroup(
+                base_model, spec.rollout, placement, 0, engine_names, wait=False
+            )
             self.pool = start_rollout_pool(self.engines, self.names["pool"], pinned)
+
+    def engine_tags(self) -> dict[str, Any]:
+        """The shared engines' backend and count for the study run (once they have started)."""
+        if self.engines is None:
+            return {}
+        self.engines.group.started(timeout_s=START_TIMEOUT_S)
+        info = self.engines.info()
+        return {
+            "stageflow.rollout.backend": info[0]["backend"],
+            "stageflow.rollout.workers": len(info),
+        }
 
     def stop(self) -> None:
         """End the shared actors (the engines shut their engine processes down first)."""
@@ -280,6 +294,28 @@ class SharedActors:
         for actor in (self.pool, self.tracker):
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+
+
+class EnginesStarted(Callback):
+    """Watches the shared engines start beside the first trials: an engine that fails to
+    start ends the study with its error; their backend is tagged on the study run once up."""
+
+    def __init__(self, actors: SharedActors, study_run: str):
+        self.actors, self.study_run, self.tagged = actors, study_run, False
+
+    def _tag(self) -> None:
+        tags = self.actors.engine_tags()
+        call_actor(self.actors.tracker, Tracker.set_tags, self.study_run, tags)
+        self.tagged = True
+
+    def on_step_begin(self, iteration, trials, **info):
+        engines = self.actors.engines
+        if not self.tagged and (engines is None or engines.group.started()):
+            self._tag()
+
+    def on_experiment_end(self, trials, **info):
+        if not self.tagged:
+            self._tag()
 
 
 def run_study(
@@ -337,10 +373,6 @@ def run_study(
             "stageflow.commit": git.get("commit", "unknown"),
             "stageflow.rollout.placement": spec.rollout.placement,
         }
-        if actors.engines is not None:
-            info = actors.engines.info()
-            tags.update({"stageflow.rollout.backend": info[0]["backend"]})
-            tags.update({"stageflow.rollout.workers": len(info)})
         call_actor(tracker, Tracker.set_tags, study_run, tags)
         shared = {
             "spec": spec,
@@ -351,7 +383,7 @@ def run_study(
             **actors.names,
             "study_run_id": study_run,
         }
-        callbacks: list[Callback] = [ProgressPrinter(trials)]
+        callbacks: list[Callback] = [ProgressPrinter(trials), EnginesStarted(actors, study_run)]
         if spec.storage.max_gb is not None:
             callbacks.append(StorageCap(study, plans, spec.storage.max_gb * 1e9))
         return fit_and_report(spec, trials, shared, concurrent, resume, tracker, callbacks, clock)

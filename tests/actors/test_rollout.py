@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import psutil
@@ -10,6 +11,7 @@ import ray
 import torch
 
 from stageflow.core.config import RolloutSpec, StageSpec
+from tests.actors.conftest import CPU, ROLLOUT_OPTIONS
 
 PROMPTS = ["Q1: name? ", "Q2: name? ", "abc"]
 
@@ -28,6 +30,35 @@ def test_generate_shapes_and_backend(rollout):
     # same seed, same samples
     again = rollout.generate(PROMPTS, n=2, temperature=1.0, max_tokens=12, seed=3)
     assert again["token_ids"] == out["token_ids"]
+
+
+@pytest.mark.slow
+def test_an_engine_in_the_actor_samples_as_one_in_its_own_processes(rollout, actor_model_dir):
+    """`rollout.engine_process`: on CPU vLLM runs in the rollout actor's process by default;
+    with the same seed it draws the same tokens, with the same log-probs, as vLLM in its own
+    engine-core and worker processes."""
+    from stageflow.actors.rollout import RolloutGroup
+    from stageflow.actors.weight_sync import Weights
+
+    spec = dataclasses.replace(ROLLOUT_OPTIONS, engine_process="separate")
+    base = Weights.of_dir(actor_model_dir)
+    sampling = {"n": 2, "temperature": 1.0, "max_tokens": 12, "seed": 3}
+    separate = RolloutGroup(actor_model_dir, spec, CPU, seed=0)
+    try:
+        theirs, their_info = separate.generate(PROMPTS, base, **sampling), separate.info()[0]
+    finally:
+        separate.shutdown()
+    ours, our_info = rollout.generate(PROMPTS, base, **sampling), rollout.info()[0]
+    assert (
+        our_info["engine_pid"] == our_info["pid"] and "in the actor's process" in our_info["engine"]
+    )
+    assert their_info["engine_pid"] != their_info["pid"] and "own processes" in their_info["engine"]
+    assert ours["token_ids"] == theirs["token_ids"]
+    flat = [
+        [v for samples in lps for seq in samples for v in seq]
+        for lps in (ours["logprobs"], theirs["logprobs"])
+    ]
+    torch.testing.assert_close(torch.tensor(flat[0]), torch.tensor(flat[1]), atol=1e-5, rtol=0)
 
 
 def _scaled_model(src, dst, scale: float):

@@ -48,13 +48,16 @@ def test_transformers_generates(tiny_model_dir):
     assert isinstance(tokenizer.decode(out[0, ids.shape[1] :]), str)
 
 
+# a plain vLLM script, no Ray; the engine in this process, eager, as rollout workers run it on CPU
 VLLM_SCRIPT = textwrap.dedent(
     """
     import os, sys
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     if __name__ == "__main__":
-        llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, gpu_memory_utilization=0.2, seed=0)
+        llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, gpu_memory_utilization=0.2, seed=0,
+                  enforce_eager=True, distributed_executor_backend="uni")
         out = llm.generate(["Q: hi\\nA:"], SamplingParams(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True), use_tqdm=False)
         print("GENERATED", len(out[0].outputs[0].token_ids), repr(out[0].outputs[0].text))
     """
