@@ -4,7 +4,7 @@ Command (repo root, the venv active; `make test-timed` runs it):
 
     python benchmarks/test_suite_time.py
 
-Runs `python -m pytest --durations=15` (what `make test` runs, plus the slowest tests) and
+Runs `python -m pytest --durations=0` (what `make test` runs, plus every test's time) and
 writes docs/test_suite.md: the commit, the machine's cores and load, pytest's summary line, the
 failed tests, the wall time and the slowest tests; pytest's whole output goes to
 build/test_suite.log. Exits with pytest's exit code.
@@ -34,7 +34,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--durations=15", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "--durations=0", "-p", "no:cacheprovider"],
         cwd=ROOT,
         capture_output=True,
         text=True,
