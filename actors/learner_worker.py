@@ -543,7 +543,8 @@ class LearnerWorker:
     @dispatch(SPLIT)
     def answer_stats(self, items: list[dict]) -> list[AnswerStats]:
         """Teacher-forced statistics of each `prompt`/`answer` item's answer tokens (EOS
-        included, as trained): summed log-prob, length, argmax hits, extraction prefix k."""
+        included, as trained): summed log-prob, length, argmax hits, extraction prefix k and
+        each token's log-prob."""
 
         def read(module: Any, batch: TokenBatch) -> list[AnswerStats]:
             logprobs, is_argmax = self._forward(module, batch, with_argmax=True)
@@ -554,7 +555,7 @@ class LearnerWorker:
             ):
                 misses = [i for i, hit in enumerate(hits) if not hit]
                 k = misses[-1] + 1 if misses else 0
-                out.append(AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k))
+                out.append(AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k, tuple(lps)))
             return out
 
         return self._no_grad_forwards(items, self._module(), read)

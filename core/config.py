@@ -38,7 +38,9 @@ WeightTransport = Literal["auto", "shm", "object_store", "nccl"]
 # tensor parallelism and sleep mode live there); auto: in_actor on CPU, separate on CUDA.
 EngineProcess = Literal["auto", "in_actor", "separate"]
 
-DATA_FIELDS = ("prompt", "answer", "messages", "target")  # what DataSpec.fields maps
+# what DataSpec.fields maps; the answer lists take a string or a list of strings
+ANSWER_LISTS = ("paraphrased_answers", "perturbed_answers")
+DATA_FIELDS = ("prompt", "answer", "messages", "target", *ANSWER_LISTS)
 Problems = Iterator[tuple[str, str]]  # (key relative to the spec, one-sentence problem)
 
 
@@ -214,7 +216,8 @@ class DataSpec(Spec):
     """Where a stage's examples come from: a synthetic `task` or a user's `file` (JSONL, JSON,
     parquet or a `datasets.save_to_disk` folder; core/data_files.py).
 
-    `fields`: stageflow name (prompt, answer, messages, target) → the file's column; `split`:
+    `fields`: stageflow name (prompt, answer, messages, target, paraphrased_answers,
+    perturbed_answers) → the file's column; `split`:
     a task's or a DatasetDict's split (a file has one, 'train'); `shuffle`: a seed (None keeps
     the file's order), then the first `limit` rows; `check`: the answer checker (`CHECKS`;
     default: a task's own rule, `exact` for a file); `template`: auto = chat when the model's
@@ -336,7 +339,10 @@ class OrderingSpec:
 
 @dataclass(frozen=True)
 class EvalSetSpec(Spec):
-    """An evaluation set and the registered metrics computed on it."""
+    """An evaluation set and the registered metrics computed on it. `holdout`: another
+    evaluation set, of rows never trained on, that membership-inference metrics (`mia_*`)
+    score this set's rows against; `min_k`: the fraction of lowest token log-probs Min-K%
+    averages."""
 
     data: DataSpec = field(default_factory=DataSpec)
     metrics: list[str] = MISSING
@@ -344,18 +350,26 @@ class EvalSetSpec(Spec):
     max_examples: Optional[int] = 64
     max_new_tokens: int = 32
     temperature: float = 1.0
+    holdout: Optional[str] = None
+    min_k: float = 0.2
 
     def invariants(self) -> Problems:
         yield from positive("samples", self.samples)
         yield from positive("max_examples", self.max_examples)
         yield from positive("max_new_tokens", self.max_new_tokens)
         yield from positive("temperature", self.temperature, allow_zero=True)
+        if isinstance(self.min_k, (int, float)) and not 0 < self.min_k <= 1:
+            yield "min_k", f"expected a fraction in (0, 1], got {self.min_k}"
 
 
 @dataclass(frozen=True)
 class EvaluationSpec(Spec):
+    """`model_utility`: '<set>/<metric>' names whose harmonic mean is logged as
+    `model_utility` wherever they are all evaluated (TOFU's model utility)."""
+
     after_every_stage: bool = True
     sets: dict[str, EvalSetSpec] = field(default_factory=dict)
+    model_utility: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -487,7 +501,9 @@ class AnalysisSpec(Spec):
     `probability_mass`: an eval set whose answers, paraphrases and alternative (perturbed)
     answers the learner scores at every step of the unlearning branches (where the mass goes);
     `over_refusal`: "<set>/refusal_rate" metrics on prompts that should be answered, read at
-    each path's end, before unlearning.
+    each path's end, before unlearning; `privleak`: a "<set>/mia_*" membership AUC compared
+    with the oracle's after unlearning (MUSE's privacy leakage). With `evaluation.model_utility`,
+    the model utility after unlearning is a score too.
 
     Whether the ordering changes a score is decided by `test` (platform/results/ordering_test.py) at
     level `alpha`, Holm-corrected over the unlearning methods and the scores of one family:
@@ -502,6 +518,7 @@ class AnalysisSpec(Spec):
     forget_quality: Optional[str] = None
     probability_mass: Optional[str] = None
     over_refusal: list[str] = field(default_factory=list)
+    privleak: Optional[str] = None
     primary: Optional[str] = None
     test: Literal["permutation", "anova"] = "permutation"
     alpha: float = 0.05
@@ -516,6 +533,7 @@ class AnalysisSpec(Spec):
         names = ["forget_score"] if self.forget_score else []
         names += list(self.utilities)
         names += ["forget_quality"] if self.forget_quality else []
+        names += ["privleak"] if self.privleak else []
         return names + (["mass_shift"] if self.probability_mass else [])
 
     @property
@@ -531,6 +549,8 @@ class StudySpec(Spec):
 
     name: str = MISSING
     storage_dir: Optional[str] = None
+    # values the file refers to as ${vars.<name>}, e.g. a data folder given on the command line
+    vars: dict[str, Any] = field(default_factory=dict)
     storage: StorageSpec = field(default_factory=StorageSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     stages: dict[str, StageSpec] = field(default_factory=dict)

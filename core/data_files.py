@@ -2,8 +2,10 @@
 folder (a Dataset or a DatasetDict), loaded with the `datasets` library into stageflow rows.
 
 A row is `prompt` and `answer` (strings), optionally `messages` (the chat turns before the
-answer) and `target`, plus the file's other JSON-serialisable columns (unmapped ones named
-like those, `task` or `check` are dropped) and `check` when the spec names a checker.
+answer), `target` and the answer lists `paraphrased_answers` and `perturbed_answers` (TOFU's
+`paraphrased_answer` and `perturbed_answer` columns map there; a string is a list of one),
+plus the file's other JSON-serialisable columns (unmapped ones named like those, `task` or
+`check` are dropped) and `check` when the spec names a checker.
 `DataSpec.fields` maps stageflow's names to the file's columns. A `messages` row's answer is
 its last (assistant) turn; its prompt is the earlier turns' contents joined by newlines.
 `shuffle` (a seed) and `limit` select the rows. Problems are `StudyError`s keyed relative to
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from stageflow.core.config import DATA_FIELDS, DataSpec, StudyError
+from stageflow.core.config import ANSWER_LISTS, DATA_FIELDS, DataSpec, StudyError
 from stageflow.core.files import staged_dir, write_atomic
 from stageflow.core.keys import tree_digest
 from stageflow.core.tasks import check_jsonl, dumps, generate, read_jsonl, write_task
@@ -195,11 +197,11 @@ def resolve_columns(path: Path, fields: dict[str, str], columns: list[str]) -> d
         and "messages" in columns
         and not {"prompt", "answer"} <= set(columns)
     )
-    wanted = ("messages", "target") if chat else ("prompt", "answer", "target")
-    for name in wanted:
+    wanted = ("messages",) if chat else ("prompt", "answer")
+    for name in (*wanted, "target", *ANSWER_LISTS):
         if name not in chosen and name in columns:
             chosen[name] = name
-    missing = [name for name in wanted[:-1] if name not in chosen]
+    missing = [name for name in wanted if name not in chosen]
     if missing:
         raise StudyError(
             "",
@@ -245,6 +247,17 @@ def normalise(path: Path, columns: dict[str, str], row: dict, number: int) -> di
             out[name] = value
     if "target" in columns and row[columns["target"]] is not None:
         out["target"] = row[columns["target"]]
+    for name in ANSWER_LISTS:
+        if name in columns and row[columns[name]] is not None:
+            value = row[columns[name]]
+            answers = [value] if isinstance(value, str) else value
+            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+                raise StudyError(
+                    "",
+                    "file",
+                    f"{path}: row {number} of column '{columns[name]}': expected a string or a list of strings",
+                )
+            out[name] = answers
     return out
 
 

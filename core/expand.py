@@ -144,7 +144,9 @@ def forget_sets(spec: StudySpec) -> list[DataSpec]:
 
 
 def without_forget(stage: StageSpec, forget: list[DataSpec]) -> StageSpec | None:
-    """The oracle's version of a stage: its data minus the forget set (None: nothing is left)."""
+    """The oracle's version of a stage: its data minus the forget set (None: nothing is left).
+    A task's training rows minus its `forget` split are its `retain` split (facts: the other
+    entities; refusal: the answered harmless requests)."""
     data = stage.data
     for f in forget:
         same_source = (data.file is not None and data.file == f.file) or (
@@ -159,7 +161,9 @@ def without_forget(stage: StageSpec, forget: list[DataSpec]) -> StageSpec | None
             and f.split == "forget"
             and "retain" in TASKS[data.task].splits
         ):
-            return dataclasses.replace(stage, data=dataclasses.replace(data, split="retain"))
+            rows = TASKS[data.task].rows(data.seed, data.size, data.params)["retain"]
+            if rows:
+                return dataclasses.replace(stage, data=dataclasses.replace(data, split="retain"))
         return None
     return stage
 

@@ -212,12 +212,17 @@ AnswerKind = Literal["answer", "paraphrased", "perturbed"]
 class Metric:
     """An evaluation metric: `fn(per-example stats) -> float`; `needs` says which stats:
     teacher-forced answer statistics (loglik) or checked sampled completions (generation);
-    `reads`: which of a row's answers a loglik metric scores (only those are computed)."""
+    `reads`: which of a row's answers a loglik metric scores (only those are computed).
+    A `membership` metric is a membership-inference attack: `fn(example, k) -> score` per
+    example (higher: more likely trained on), reported as the ROC AUC of the set's rows against
+    its `holdout` set's rows. `unit`: its values lie in [0, 1] (it may enter model utility)."""
 
     name: str
     fn: Callable[..., float]
     needs: Literal["loglik", "generation"]
     reads: tuple[AnswerKind, ...] = ("answer",)
+    membership: bool = False
+    unit: bool = False
 
 
 @dataclass(frozen=True)

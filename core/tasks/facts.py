@@ -2,7 +2,8 @@
 
 Each entity has four attributes. Every QA row carries a paraphrased question, a
 paraphrased answer and perturbed (wrong) answers for truth-ratio metrics. The
-entities are split into forget and retain sets; `train` holds every QA pair.
+entities are split into forget and retain sets; `train` holds every QA pair; `holdout` asks
+about as many other entities as `forget` does, never trained on (membership inference).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def check(row: dict, completion: str) -> bool:
 
 @TASKS.register(
     "facts",
-    splits=("train", "forget", "retain", "eval"),
+    splits=("train", "forget", "retain", "eval", "holdout"),
     check=check,
 )
 def generate(
@@ -75,7 +76,13 @@ def generate(
     taken: set[str] = set()
     entities = [_name(rng, taken) for _ in range(max(2, size))]
     n_forget = max(1, round(forget_fraction * len(entities)))
-    splits: dict[str, list[dict]] = {"train": [], "forget": [], "retain": [], "eval": []}
+    splits: dict[str, list[dict]] = {
+        "train": [],
+        "forget": [],
+        "retain": [],
+        "eval": [],
+        "holdout": [],
+    }
     for index, entity in enumerate(entities):
         for attribute, values in VALUES.items():
             row = _qa(rng, entity, attribute, rng.choice(values), perturbed)
@@ -84,4 +91,7 @@ def generate(
             splits["eval"].append(
                 {**row, "prompt": row["paraphrased_prompt"], "split": "paraphrased"}
             )
+    for entity in [_name(rng, taken) for _ in range(n_forget)]:  # drawn after the others
+        for attribute, values in VALUES.items():
+            splits["holdout"].append(_qa(rng, entity, attribute, rng.choice(values), perturbed))
     return splits

@@ -6,6 +6,7 @@ import random
 import string
 
 from stageflow.core.registry import TASKS
+from stageflow.core.tasks.holdout import fresh_rows
 
 RULES = {
     "reverse": ("Reverse", lambda word: word[::-1]),
@@ -27,13 +28,14 @@ def check(row: dict, completion: str) -> bool:
 
 @TASKS.register(
     "inst",
-    splits=("train", "eval"),
+    splits=("train", "eval", "holdout"),
     check=check,
 )
 def generate(
     rng: random.Random, size: int, min_len: int = 3, max_len: int = 7, rules: tuple = tuple(RULES)
 ) -> dict[str, list[dict]]:
-    """`size` training instructions (and a quarter as many for eval) over random lowercase words."""
+    """`size` training instructions (and a quarter as many for eval, and for a holdout split of
+    prompts never trained on) over random lowercase words."""
     rules = list(rules or RULES)
     unknown = [rule for rule in rules if rule not in RULES]
     if unknown:
@@ -47,7 +49,9 @@ def generate(
         example = {"rule": rule, "input": word, "prompt": f"{RULES[rule][0]}: {word}\nA:"}
         return {**example, "answer": " " + expected_output(example)}
 
-    return {
+    splits = {
         "train": [row() for _ in range(size)],
         "eval": [row() for _ in range(max(1, size // 4))],
     }
+    splits["holdout"] = fresh_rows(row, max(1, size // 4), splits["train"])
+    return splits

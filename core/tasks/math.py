@@ -10,6 +10,7 @@ import random
 import re
 
 from stageflow.core.registry import TASKS
+from stageflow.core.tasks.holdout import fresh_rows
 
 NAMES = ["Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo"]
 ITEMS = ["apple", "pen", "cup", "coin", "egg", "book", "hat", "card"]
@@ -56,9 +57,10 @@ def _problem(rng: random.Random, steps: int, max_operand: int) -> dict:
     return {"prompt": prompt, "answer": answer, "target": value, "steps": steps}
 
 
-@TASKS.register("math", splits=("train", "eval"), check=check)
+@TASKS.register("math", splits=("train", "eval", "holdout"), check=check)
 def generate(rng: random.Random, size: int, difficulty: int = 1) -> dict[str, list[dict]]:
-    """`size` training problems (and a quarter as many eval ones) of `difficulty` steps (1-3)."""
+    """`size` training problems (and a quarter as many eval ones, and holdout ones never trained
+    on) of `difficulty` steps (1-3)."""
     if difficulty not in (1, 2, 3):
         raise ValueError("math difficulty must be 1, 2 or 3")
     max_operand = 9 * difficulty
@@ -66,4 +68,10 @@ def generate(rng: random.Random, size: int, difficulty: int = 1) -> dict[str, li
     def rows(n: int) -> list[dict]:
         return [_problem(rng, rng.randint(1, difficulty), max_operand) for _ in range(n)]
 
-    return {"train": rows(size), "eval": rows(max(1, size // 4))}
+    splits = {"train": rows(size), "eval": rows(max(1, size // 4))}
+
+    def problem() -> dict:
+        return _problem(rng, rng.randint(1, difficulty), max_operand)
+
+    splits["holdout"] = fresh_rows(problem, max(1, size // 4), splits["train"])
+    return splits

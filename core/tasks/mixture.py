@@ -9,7 +9,7 @@ from stageflow.core.registry import TASKS
 
 @TASKS.register(
     "mixture",
-    splits=("train", "eval"),
+    splits=("train", "eval", "holdout"),
     check=lambda row, completion: TASKS[row["task"]].check(row, completion),
 )
 def generate(
@@ -25,7 +25,7 @@ def generate(
     if not names or unknown:
         raise ValueError(f"mixture tasks must name other registered tasks, got {unknown or names}")
     share = max(1, size // len(names))
-    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    splits: dict[str, list[dict]] = {"train": [], "eval": [], "holdout": []}
     for name in names:
         seed = mix_seed + rng.randrange(1 << 20)
         for split, rows in TASKS[name].rows(seed, share).items():

@@ -31,6 +31,7 @@ from stageflow.actors.rewards import check_rewards
 from stageflow.core.alternatives import IDK, alternative_problem
 from stageflow.core.config import (
     DataSpec,
+    EvalSetSpec,
     RLLoopParams,
     SampleSpec,
     StageSpec,
@@ -137,6 +138,9 @@ class _Validator:
             self.check_data(f"{key}.data", eval_set.data)
             for i, metric in enumerate(eval_set.metrics):
                 self.name_in(METRICS, metric, f"{key}.metrics[{i}]")
+            self.check_holdout(key, name, eval_set)
+            self.check_answers_read(key, eval_set)
+        self.check_model_utility()
         self.check_analysis()
         self.check_engines()
         self.check_model()
@@ -144,6 +148,39 @@ class _Validator:
         self.check_prompt_lengths()
         self.check_storage()
         self.check_tracking()
+
+    def check_answers_read(self, key: str, eval_set: EvalSetSpec) -> None:
+        """The set's rows have the paraphrased and perturbed answers its metrics read."""
+        # lazy: the evaluation module, with its metrics, only for a study that has eval sets
+        from stageflow.platform.engine.evaluation import row_answers
+
+        rows = self.rows(f"{key}.data", eval_set.data)
+        for metric in eval_set.metrics:
+            for kind in (k for k in METRICS[metric].reads if k != "answer"):
+                if rows and not all(row_answers(row)[kind] for row in rows):
+                    column = f"{kind}_answers"
+                    self.fail(
+                        f"{key}.data",
+                        f"'{metric}' reads every row's {kind} answers; expected rows with a '{column}' list (map a file's column with fields.{column})",
+                    )
+
+    def check_holdout(self, key: str, name: str, eval_set: EvalSetSpec) -> None:
+        """Membership-inference metrics name a holdout set: another evaluation set."""
+        sets = self.spec.evaluation.sets
+        attacks = [m for m in eval_set.metrics if m in METRICS and METRICS[m].membership]
+        if eval_set.holdout is None and attacks:
+            self.fail(
+                f"{key}.holdout",
+                f"'{attacks[0]}' scores the set's rows against rows never trained on; expected holdout: <an evaluation set of such rows>",
+            )
+        elif eval_set.holdout is not None and (
+            eval_set.holdout == name or eval_set.holdout not in sets
+        ):
+            others = [s for s in sets if s != name]
+            self.fail(
+                f"{key}.holdout",
+                f"'{eval_set.holdout}' is not another evaluation set; expected one of {', '.join(others) or 'evaluation.sets (none other defined)'}",
+            )
 
     def check_stage(self, key: str, stage: StageSpec) -> None:
         self.name_in(STAGE_KINDS, stage.kind, f"{key}.kind")
@@ -413,6 +450,22 @@ class _Validator:
         for name in names:
             checker.check_stage(f"stages.{name}", swept.stages[name])
 
+    def check_model_utility(self) -> None:
+        """Model utility averages metrics in [0, 1] that the study computes."""
+        sets = self.spec.evaluation.sets
+        for i, name in enumerate(self.spec.evaluation.model_utility):
+            set_name, _, metric = name.partition("/")
+            if set_name not in sets or metric not in sets[set_name].metrics:
+                self.fail(
+                    f"evaluation.model_utility[{i}]",
+                    f"'{name}' is not computed; expected '<set>/<metric>' of evaluation.sets",
+                )
+            elif metric in METRICS and not METRICS[metric].unit:
+                self.fail(
+                    f"evaluation.model_utility[{i}]",
+                    f"'{metric}' is not a number in [0, 1]; expected metrics such as probability, truth_ratio_true_better, rouge_l",
+                )
+
     def check_analysis(self) -> None:
         analysis, sets = self.spec.analysis, self.spec.evaluation.sets
         named = {
@@ -428,6 +481,23 @@ class _Validator:
                 self.fail(
                     f"analysis.{key}",
                     f"'{metric}' is not computed; expected '<set>/<metric>' of evaluation.sets",
+                )
+        if analysis.privleak is not None:
+            set_name, _, metric = analysis.privleak.partition("/")
+            if set_name not in sets or metric not in sets[set_name].metrics:
+                self.fail(
+                    "analysis.privleak",
+                    f"'{analysis.privleak}' is not computed; expected '<set>/<metric>' of evaluation.sets",
+                )
+            elif not METRICS[metric].membership:
+                self.fail(
+                    "analysis.privleak",
+                    f"'{metric}' is not a membership-inference metric; expected one of {', '.join(m for m in METRICS.names() if METRICS[m].membership)}",
+                )
+            elif not self.spec.oracle:
+                self.fail(
+                    "analysis.privleak",
+                    "privacy leakage compares with the oracle; expected oracle: true",
                 )
         if analysis.forget_quality is not None:
             chosen = sets.get(analysis.forget_quality)

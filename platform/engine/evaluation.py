@@ -12,14 +12,16 @@ the task's rule, else exact match). The result is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stageflow.actors.metrics import (
     AnswerStats,
     ExampleStats,
     Sampled,
+    membership_auc,
     probability_mass,
     truth_ratios,
 )
@@ -42,9 +44,16 @@ class EvalJob:
     temperature: float = 1.0
     seed: int = 0
     truth_ratios: bool = False  # keep the per-example truth ratios (the analysis compares them)
+    holdout: list[dict] = field(default_factory=list)  # rows never trained on (`mia_*` metrics)
+    min_k: float = 0.2  # the fraction of lowest token log-probs Min-K% averages
 
     def needs(self, kind: str) -> bool:
         return any(METRICS[m].needs == kind for m in self.metrics)
+
+    @property
+    def membership(self) -> bool:
+        """Whether a metric is a membership-inference attack (scored against `holdout`)."""
+        return any(METRICS[m].membership for m in self.metrics)
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -91,7 +100,9 @@ def example_stats(
         for kind, answers in row_answers(row, kinds).items():
             grouped[kind], at = tuple(flat[at : at + len(answers)]), at + len(answers)
         examples.append(
-            ExampleStats(grouped["answer"][0], grouped["paraphrased"], grouped["perturbed"])
+            ExampleStats(
+                grouped["answer"][0], grouped["paraphrased"], grouped["perturbed"], row["answer"]
+            )
         )
     return examples
 
@@ -101,27 +112,52 @@ def evaluate(
     answer_stats: Callable[[list[dict]], list[AnswerStats]],
     generate: Callable[..., dict[str, Any]],
 ) -> dict[str, dict]:
-    """Score every job. `answer_stats(items)`: teacher-forced statistics (the learner);
-    `generate(prompts, **sampling)`: sampled completions (the rollout engines)."""
+    """Score every job. `answer_stats(items)`: teacher-forced statistics (the learner), one
+    call for every distinct item of every set; `generate(prompts, **sampling)`: sampled
+    completions (the rollout engines)."""
     loglik = [job for job in jobs if job.needs("loglik") or job.truth_ratios]
+    holdouts = [job for job in loglik if job.holdout and job.membership]
     per_job = [[i for row in job.rows for i in answer_items(row, job.answers)] for job in loglik]
-    items = [item for job_items in per_job for item in job_items]
-    flat = answer_stats(items) if items else []
+    per_job += [
+        [i for row in job.holdout for i in answer_items(row, ("answer",))] for job in holdouts
+    ]
+    scored = distinct_stats([item for items in per_job for item in items], answer_stats)
     stats: dict[str, list[ExampleStats]] = {}
-    for job, job_items in zip(loglik, per_job):
-        n = len(job_items)
-        stats[job.name], flat = example_stats(job.rows, flat[:n], job.answers), flat[n:]
+    held: dict[str, list[ExampleStats]] = {}
+    for job, items in zip(loglik, per_job):
+        stats[job.name] = example_stats(job.rows, scored(items), job.answers)
+    for job, items in zip(holdouts, per_job[len(loglik) :]):
+        held[job.name] = example_stats(job.holdout, scored(items), ("answer",))
     metrics: dict[str, float] = {}
     examples: dict[str, list[float]] = {}
     for job in jobs:
         sampled = sampled_checks(job, generate) if job.needs("generation") else None
         for name in job.metrics:
             entry = METRICS[name]
-            value = entry.fn(stats[job.name] if entry.needs == "loglik" else sampled)
+            if entry.membership:
+                members, holdout = stats[job.name], held.get(job.name, [])
+                value = membership_auc(
+                    [entry.fn(ex, job.min_k) for ex in members],
+                    [entry.fn(ex, job.min_k) for ex in holdout],
+                )
+            else:
+                value = entry.fn(stats[job.name] if entry.needs == "loglik" else sampled)
             metrics[f"{job.name}/{name}"] = float(value)
         if job.name in stats and (ratios := truth_ratios(stats[job.name])):
             examples[f"{job.name}/truth_ratio"] = ratios
     return {"metrics": metrics, "examples": examples}
+
+
+def distinct_stats(
+    items: list[dict], answer_stats: Callable[[list[dict]], list[AnswerStats]]
+) -> Callable[[list[dict]], list[AnswerStats]]:
+    """Score each distinct item once (a row two sets share, a holdout row); returns the lookup
+    from a list of items to their statistics."""
+    first: dict[str, dict] = {}
+    for item in items:
+        first.setdefault(json.dumps(item, sort_keys=True), item)
+    found = dict(zip(first, answer_stats(list(first.values())))) if first else {}
+    return lambda some: [found[json.dumps(item, sort_keys=True)] for item in some]
 
 
 def sampled_checks(job: EvalJob, generate: Callable[..., dict]) -> Sampled:
@@ -140,6 +176,8 @@ def sampled_checks(job: EvalJob, generate: Callable[..., dict]) -> Sampled:
             for i, row in enumerate(job.rows)
         ],
         refused=[[is_refusal(text) for text in texts] for texts in out["texts"]],
+        texts=out["texts"],
+        answers=[row["answer"] for row in job.rows],
     )
 
 

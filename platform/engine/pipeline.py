@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.actors.dispatch import call_actor
+from stageflow.actors.metrics import harmonic_mean
 from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial
 from stageflow.core.keys import digest
@@ -49,10 +50,15 @@ class TrialContext:
         return self.planner.rows(data)
 
     def eval_jobs(self, spec: StudySpec, names: list[str], seed: int) -> list[EvalJob]:
+        sets = spec.evaluation.sets
         return [
             EvalJob(
                 name=name,
                 rows=self.rows(s.data)[: s.max_examples],
+                holdout=self.rows(sets[s.holdout].data)[: sets[s.holdout].max_examples]
+                if s.holdout
+                else [],
+                min_k=s.min_k,
                 metrics=list(s.metrics),
                 task=s.data.task,
                 samples=s.samples,
@@ -225,6 +231,9 @@ class TrialRunner:
         metrics: dict[str, float] = {}
         for key in evals.values():
             metrics.update(self.cache.read_eval(key)["metrics"])
+        utility = self.spec.evaluation.model_utility
+        if utility and all(name in metrics for name in utility):
+            metrics["model_utility"] = harmonic_mean([metrics[name] for name in utility])
         return metrics
 
     # ----- training ---------------------------------------------------------------------------

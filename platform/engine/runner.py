@@ -260,6 +260,7 @@ class SharedActors:
             uri, experiment, str(study.artifacts), self.names["tracker"], pinned
         )
         self.engines = self.pool = None
+        self.tagged = False  # the engines' backend is on the study run
         if pool_cpus(spec):
             self.names["pool"] = f"{POOL_NAME}-{suffix}"
             resources = spec.resources
@@ -276,16 +277,17 @@ class SharedActors:
             )
             self.pool = start_rollout_pool(self.engines, self.names["pool"], pinned)
 
-    def engine_tags(self) -> dict[str, Any]:
-        """The shared engines' backend and count for the study run (once they have started)."""
-        if self.engines is None:
-            return {}
+    def tag_engines(self, study_run: str) -> None:
+        """Once the shared engines have started: their backend and count on the study run
+        (waits for them; a failed start raises its error). Done once."""
+        if self.tagged or self.engines is None:
+            return
         self.engines.group.started(timeout_s=START_TIMEOUT_S)
         info = self.engines.info()
-        return {
-            "stageflow.rollout.backend": info[0]["backend"],
-            "stageflow.rollout.workers": len(info),
-        }
+        tags = {"stageflow.rollout.backend": info[0]["backend"]}
+        tags["stageflow.rollout.workers"] = len(info)
+        call_actor(self.tracker, Tracker.set_tags, study_run, tags)
+        self.tagged = True
 
     def stop(self) -> None:
         """End the shared actors (the engines shut their engine processes down first)."""
@@ -298,24 +300,21 @@ class SharedActors:
 
 class EnginesStarted(Callback):
     """Watches the shared engines start beside the first trials: an engine that fails to
-    start ends the study with its error; their backend is tagged on the study run once up."""
+    start ends the study with its error; their backend is tagged on the study run once up.
+    Tune saves its callbacks with the experiment: a restored copy holds no handles."""
 
     def __init__(self, actors: SharedActors, study_run: str):
-        self.actors, self.study_run, self.tagged = actors, study_run, False
+        self.actors: SharedActors | None = actors
+        self.study_run = study_run
 
-    def _tag(self) -> None:
-        tags = self.actors.engine_tags()
-        call_actor(self.actors.tracker, Tracker.set_tags, self.study_run, tags)
-        self.tagged = True
+    def __getstate__(self) -> dict:
+        return {"actors": None, "study_run": self.study_run}
 
     def on_step_begin(self, iteration, trials, **info):
-        engines = self.actors.engines
-        if not self.tagged and (engines is None or engines.group.started()):
-            self._tag()
-
-    def on_experiment_end(self, trials, **info):
-        if not self.tagged:
-            self._tag()
+        actors = self.actors
+        if actors is not None and actors.engines is not None and not actors.tagged:
+            if actors.engines.group.started():
+                actors.tag_engines(self.study_run)
 
 
 def run_study(
@@ -386,7 +385,7 @@ def run_study(
         callbacks: list[Callback] = [ProgressPrinter(trials), EnginesStarted(actors, study_run)]
         if spec.storage.max_gb is not None:
             callbacks.append(StorageCap(study, plans, spec.storage.max_gb * 1e9))
-        return fit_and_report(spec, trials, shared, concurrent, resume, tracker, callbacks, clock)
+        return fit_and_report(spec, trials, shared, concurrent, resume, actors, callbacks, clock)
     finally:
         with clock("shutdown"):
             actors.stop()
@@ -401,12 +400,13 @@ def fit_and_report(
     shared: dict,
     concurrent: int,
     resume: bool,
-    tracker: Any,
+    actors: SharedActors,
     callbacks: list[Callback],
     clock: Stopwatch,
 ) -> list[tuple[Trial, dict[str, float]]]:
-    """Run the Tune experiment (`callbacks`: the driver's, on every trial result), then log the table, analysis, report and the driver's time
-    breakdown to the study run."""
+    """Run the Tune experiment (`callbacks`: the driver's, on every trial result), then log
+    the engines' backend, the table, analysis, report and the driver's time breakdown to the
+    study run."""
     study, study_run = StudyDir(Path(shared["storage"])), shared["study_run_id"]
     resources = tune.PlacementGroupFactory(trial_bundles(spec))
     fn = tune.with_resources(tune.with_parameters(trainable, shared=shared), resources)
@@ -432,8 +432,9 @@ def fit_and_report(
         )
     with clock("tune"):
         tuner.fit()
+    actors.tag_engines(study_run)  # where no trial's step saw them up (a restored experiment)
     with clock("report"):
-        return log_results(spec, trials, study, study_run, tracker, clock, shared["current"])
+        return log_results(spec, trials, study, study_run, actors.tracker, clock, shared["current"])
 
 
 def log_results(

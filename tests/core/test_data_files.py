@@ -78,6 +78,53 @@ def test_parquet_with_a_target_column(parquet, tmp_path):
     assert all(check_answer(None, r, r["answer"]) for r in rows)
 
 
+# TOFU's columns (question, answer, paraphrased_answer, perturbed_answer: a list), one file
+# per subset as its JSON release has them
+TOFU = {"prompt": "question", "paraphrased_answers": "paraphrased_answer"}
+TOFU_PERTURBED = {**TOFU, "perturbed_answers": "perturbed_answer"}
+
+
+def tofu_file(path: Path, authors: range) -> Path:
+    rows = [
+        {
+            "question": f"Where was author {i} born?",
+            "answer": f"Author {i} was born in City{i}.",
+            "paraphrased_answer": f"The birthplace of author {i} is City{i}.",
+            "perturbed_answer": [f"Author {i} was born in Town{j}." for j in range(3)],
+        }
+        for i in authors
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tofu_and_muse_layouts_map_into_the_metrics_fields(tmp_path):
+    """TOFU's subsets (forget, holdout with perturbed answers) and MUSE's knowledge and
+    verbatim sets read through `file` and `fields` into the rows the metrics score."""
+    from stageflow.platform.engine.evaluation import row_answers
+
+    forget = spec_rows(
+        DataSpec(file=str(tofu_file(tmp_path / "forget.json", range(4))), fields=TOFU_PERTURBED)
+    )
+    assert forget[1]["prompt"] == "Where was author 1 born?"
+    assert row_answers(forget[1]) == {
+        "answer": ["Author 1 was born in City1."],
+        "paraphrased": ["The birthplace of author 1 is City1."],
+        "perturbed": [f"Author 1 was born in Town{j}." for j in range(3)],
+    }
+    assert "perturbed_answer" not in forget[1] and "question" not in forget[1]
+    knowmem = tmp_path / "knowmem.parquet"
+    Dataset.from_dict({"question": ["Who wrote it?"], "answer": ["Ann"]}).to_parquet(knowmem)
+    assert spec_rows(DataSpec(file=str(knowmem), fields={"prompt": "question"}))[0] == {
+        "prompt": "Who wrote it?",
+        "answer": "Ann",
+    }
+    verbmem = tmp_path / "verbmem.json"
+    verbmem.write_text(json.dumps({"prompt": "It was a dark", "gt": " and stormy night."}) + "\n")
+    rows = spec_rows(DataSpec(file=str(verbmem), fields={"answer": "gt"}))
+    assert rows == [{"prompt": "It was a dark", "answer": " and stormy night."}]
+
+
 def test_shuffle_and_limit_are_deterministic(parquet, tmp_path):
     def prompts(**options) -> list[str]:
         return [r["prompt"] for r in spec_rows(DataSpec(file=str(parquet), fields=QA, **options))]

@@ -85,6 +85,25 @@ def test_oracle_trains_facts_on_its_retain_split():
     assert trial_spec(s, normal).stages["facts"].data.split == "train"
 
 
+def test_oracle_keeps_a_forget_stages_harmless_rows():
+    """A refusal stage with answered harmless rows: the oracle trains on those (the stage's
+    retain split), its refused rows alone dropped; without harmless rows the stage goes."""
+    for benign, kept in ((0.5, True), (0.0, False)):
+        data = DataSpec(task="refusal", params={"benign": benign})
+        forget = dataclasses.replace(data, split="forget")
+        stages = {
+            "inst": stage("inst"),
+            "refusal": StageSpec(kind="sft", data=data),
+            "ga": StageSpec(kind="unlearn", objective="ga", data=forget),
+        }
+        orderings = OrderingSpec(permutations=["inst", "refusal"])
+        s = spec(stages=stages, orderings=orderings, unlearning=["ga"], oracle=True)
+        oracle = next(t for t in expand(s) if t.oracle)
+        assert ("refusal" in oracle.path) == kept
+        if kept:
+            assert trial_spec(s, oracle).stages["refusal"].data.split == "retain"
+
+
 def test_trial_count_is_the_number_of_trials_without_making_them():
     grid = {"stages.inst.lr": [1e-3, 1e-4], "stages.facts.batch_size": [4, 8, 16]}
     data_grid = {"stages.refusal.data.task": ["refusal", "facts"]}  # moves the forget set

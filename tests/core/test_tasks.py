@@ -19,15 +19,17 @@ def test_same_seed_gives_byte_identical_files(tmp_path, task):
     assert files == sorted(f"{s}.jsonl" for s in TASKS[task].splits)
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes()
-        assert check_jsonl(first / name) is None
+        if (task, name) != ("refusal", "retain.jsonl"):  # no answered rows without `benign`
+            assert check_jsonl(first / name) is None
     assert any((first / n).read_bytes() != (other / n).read_bytes() for n in files)
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_gold_answers_pass_the_task_rule(task):
     splits = generate(task, seed=0, size=50)
-    for rows in splits.values():
-        assert rows and all(check_answer(task, row, row["answer"]) for row in rows)
+    for split, rows in splits.items():
+        assert rows or (task, split) == ("refusal", "retain")
+        assert all(check_answer(task, row, row["answer"]) for row in rows)
 
 
 @pytest.mark.parametrize("difficulty", [1, 2, 3])
@@ -39,6 +41,19 @@ def test_math_rule_checks_every_generated_answer(difficulty):
     # a wrong number is rejected by the same rule
     assert not any(check_answer("math", r, f"The answer is {r['target'] + 1}.") for r in rows[:100])
     assert max(r["steps"] for r in rows) == difficulty
+
+
+@pytest.mark.parametrize("task", [*ALL_TASKS, "mixture"])
+def test_every_task_has_a_holdout_split_never_trained_on(task):
+    """Rows of the training distribution whose prompts no training row has (membership
+    inference scores a forget set against them); facts: other entities, as many as forget's."""
+    splits = generate(task, seed=2, size=40)
+    trained = {row["prompt"] for row in splits["train"]}
+    assert splits["holdout"] and not trained & {row["prompt"] for row in splits["holdout"]}
+    if task == "facts":
+        entities = {row["entity"] for row in splits["holdout"]}
+        assert len(entities) == len({row["entity"] for row in splits["forget"]})
+        assert not entities & {row["entity"] for row in splits["train"]}
 
 
 def test_math_extraction_rule():
@@ -85,6 +100,7 @@ def test_targeted_refusal_refuses_one_class_of_requests():
     targeted = generate("refusal", 0, 40, {"benign": 0.5})
     answered = [r for r in targeted["train"] if not is_refusal(r["answer"])]
     assert len(answered) == 20 and len(targeted["forget"]) == 20
+    assert targeted["retain"] == answered and plain["retain"] == []  # train minus forget
     assert all(r["answer"].strip() == REFUSAL for r in targeted["forget"])
     assert {r["prompt"] for r in targeted["forget"]} <= {r["prompt"] for r in targeted["train"]}
 

@@ -51,7 +51,7 @@ def test_evaluate_scores_each_set_from_its_own_items():
         return {"texts": [["b"], ["nope"]]}
 
     out = evaluate(jobs, answer_stats, generate)
-    assert seen == ["a", "b", "b"]  # one call for every log-likelihood set
+    assert seen == ["a", "b"]  # one call for every log-likelihood set, each distinct item once
     assert out["metrics"] == pytest.approx(
         {"one/avg_loglik": -1.0, "two/avg_loglik": -2.0, "two/accuracy": 0.5}
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stageflow.core.expand import expand
+from stageflow.core.expand import expand, trial_spec
 from stageflow.platform.commands.cli import main
 from stageflow.platform.commands.validate import load_and_validate
 from stageflow.platform.engine.tracking import default_tracking_uri
@@ -26,7 +26,11 @@ def test_design_of_the_paper():
         ("pretrain", "inst", "facts", "refusal", "math"),
         ("pretrain", "inst", "facts", "math", "refusal"),
     }
-    assert {t.path for t in trials if t.oracle} == {("pretrain", "inst", "facts", "math")}
+    # each ordering's oracle trains its refusal stage on the harmless rows alone (the retain
+    # split: the stage's rows minus the forget set), at the same position
+    assert {t.path for t in trials if t.oracle} == paths
+    oracle = next(t for t in trials if t.oracle)
+    assert trial_spec(spec, oracle).stages["refusal"].data.split == "retain"
     assert all(t.unlearning == ("ga", "npo", "simnpo") for t in trials if not t.oracle)
     assert len(spec.seeds) >= 3 and spec.learner.reset_optimizer_per_stage
 
@@ -64,7 +68,8 @@ REDUCED = [
 @pytest.mark.slow
 def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
     storage = tmp_path / "re"
-    assert main(["run", str(STUDY), f"storage_dir={storage}", *REDUCED]) == 0
+    utility = "evaluation.model_utility=[facts/truth_ratio,math/accuracy]"
+    assert main(["run", str(STUDY), f"storage_dir={storage}", *REDUCED, utility]) == 0
     report = (storage / "report" / "report.md").read_text()
     for title in (
         "Finding 1: the forget score depends on the path",
@@ -84,7 +89,12 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
     # one seed: no seed spread, so no finding is called either way
     assert "Not measurable here: the forget score" in report
     assert re.search(r"\| pretrain>inst>facts>math>refusal +\| [0-9.]+ +\| [0-9.]+ +\|", report)
+    # the unlearning evaluation: forget quality and model utility per ordering and method
+    section = report.split("## Unlearning evaluation")[1].split("\n## ")[0]
+    assert re.search(r"\| ordering +\| method +\| forget_quality +\| model_utility +\|", section)
+    assert re.search(r"\| pretrain>inst>facts>math>refusal +\| npo +\| [0-9.e-]+", section)
     figures = sorted(p.name for p in (storage / "report" / "figures").glob("*.png"))
+    assert "tradeoff_forget_quality_utility.png" in figures
     assert "heatmap_forget_score.png" in figures and "unlearning_npo.png" in figures
     assert {"mass_ga.png", "heatmap_mass_shift.png", "heatmap_mass_answer.png"} <= set(figures)
     assert any(name.startswith("stages_") for name in figures)
@@ -92,7 +102,7 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
     # every trial run the report names exists in MLflow, and its numbers come from those runs
     client = MlflowClient(default_tracking_uri(storage))
     run_ids = re.findall(r"\| ([0-9a-f]{32}) +\|", report)
-    assert len(run_ids) == 3  # two orderings and the oracle
+    assert len(run_ids) == 4  # two orderings and their oracles
     runs = {rid: client.get_run(rid) for rid in run_ids}
     forget_table = report.split("## forget_score by ordering")[1].split("##")[0]
     for run in runs.values():
@@ -136,11 +146,12 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
     assert {t.path for t in expand(spec)} == {
         ("pretrain", *order)
         for order in [
-            ("refusal", "inst", "facts", "math"), ("inst", "refusal", "facts", "math"),
-            ("inst", "facts", "refusal", "math"), ("inst", "facts", "math", "refusal"),
-            ("inst", "facts", "math"),
+            ("refusal", "inst", "facts", "math"),
+            ("inst", "refusal", "facts", "math"),
+            ("inst", "facts", "refusal", "math"),
+            ("inst", "facts", "math", "refusal"),
         ]
-    }  # fmt: skip
+    }  # fmt: skip (the oracles: the same paths, refusal on its harmless rows)
     storage = tmp_path / "methods"
     reduced = [
         *(r for r in REDUCED if "positions" not in r and "stages.ga" not in r),

@@ -47,18 +47,25 @@ EVAL_GRID = {
         "sets": {
             "facts": {
                 "data": {"task": "facts", "split": "train", "size": 8},
-                "metrics": ["accuracy", "avg_loglik"],
+                "metrics": ["accuracy", "avg_loglik", "mia_loss", "mia_min_k"],
                 "max_examples": 4,
                 "max_new_tokens": 4,
                 "temperature": 1.0,
                 "samples": 2,
+                "holdout": "unseen",
+            },
+            "unseen": {
+                "data": {"task": "facts", "split": "holdout", "size": 8},
+                "metrics": ["avg_loglik"],
+                "max_examples": 4,
             },
             "inst": {
                 "data": {"task": "inst", "split": "eval", "size": 8},
-                "metrics": ["avg_loglik"],
+                "metrics": ["avg_loglik", "probability"],
                 "max_examples": 2,
             },
-        }
+        },
+        "model_utility": ["inst/probability", "facts/accuracy"],
     },
     "grid": {"evaluation.sets.facts.max_new_tokens": [2, 24]},
     "rollout": {"workers": 1, "max_model_len": 256},
@@ -79,8 +86,8 @@ def eval_grid_runs(tmp_path_factory, ray_cluster):
 def test_a_grid_over_an_evaluation_setting_evaluates_every_point(eval_grid_runs):
     storage = eval_grid_runs[0]
     assert len(PrefixCache(storage / "prefixes").trained()) == 2  # a and a>b, once for both points
-    # facts: per grid point at the base, a and a>b; inst: once per checkpoint
-    assert evaluations(storage) == 2 * 3 + 3
+    # facts: per grid point at the base, a and a>b; inst and unseen: once per checkpoint
+    assert evaluations(storage) == 2 * 3 + 3 + 3
     found = list(records(storage).values())
     assert len(found) == 2
     by_point = {r["trial"]["hparams"]["evaluation.sets.facts.max_new_tokens"]: r for r in found}
@@ -90,6 +97,13 @@ def test_a_grid_over_an_evaluation_setting_evaluates_every_point(eval_grid_runs)
         assert short["evals"]["inst"] == long["evals"]["inst"]
     for record in found:  # each point sampled with its own max_new_tokens
         assert record["timing"]["time/eval_generation_s"] > 0
+        # membership of facts' rows against the holdout's, both scored in one learner call
+        assert 0 <= record["metrics"]["facts/mia_loss"] <= 1
+        assert 0 <= record["metrics"]["facts/mia_min_k"] <= 1
+        metrics = record["metrics"]
+        utility = [metrics["inst/probability"], metrics["facts/accuracy"]]
+        expected = 0.0 if min(utility) == 0 else 2 / sum(1 / v for v in utility)
+        assert metrics["model_utility"] == pytest.approx(expected)
 
 
 def test_the_same_study_twice_gives_bit_identical_metrics(eval_grid_runs):

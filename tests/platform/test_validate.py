@@ -389,6 +389,49 @@ CASES = [
         "stages.inst.weight_decay: expected a non-negative number, got -0.1",
     ),
     (
+        "membership inference without a holdout set",
+        set_key("evaluation.sets.facts.metrics", ["avg_loglik", "mia_min_k"]),
+        "evaluation.sets.facts.holdout: 'mia_min_k' scores the set's rows against rows never trained on; expected holdout: <an evaluation set of such rows>",
+    ),
+    (
+        "a holdout set that is not another evaluation set",
+        set_key("evaluation.sets.facts.holdout", "facts"),
+        "evaluation.sets.facts.holdout: 'facts' is not another evaluation set; expected one of evaluation.sets (none other defined)",
+    ),
+    (
+        "model utility of a metric the study does not compute",
+        set_key("evaluation.model_utility", ["facts/probability"]),
+        "evaluation.model_utility[0]: 'facts/probability' is not computed; expected '<set>/<metric>' of evaluation.sets",
+    ),
+    (
+        "model utility of a metric outside [0, 1]",
+        set_key("evaluation.model_utility", ["facts/avg_loglik"]),
+        "evaluation.model_utility[0]: 'avg_loglik' is not a number in [0, 1]",
+    ),
+    (
+        "privacy leakage of a metric that is not an attack",
+        set_key("analysis.privleak", "facts/avg_loglik"),
+        "analysis.privleak: 'avg_loglik' is not a membership-inference metric; expected one of mia_loss, mia_min_k, mia_zlib",
+    ),
+    (
+        "privacy leakage of a metric the study does not compute",
+        set_key("analysis.privleak", "facts/mia_loss"),
+        "analysis.privleak: 'facts/mia_loss' is not computed",
+    ),
+    (
+        "a truth ratio on rows without perturbed answers",
+        set_key(
+            "evaluation.sets.facts",
+            {"data": {"task": "inst", "split": "eval"}, "metrics": ["probability_w_options"]},
+        ),
+        "evaluation.sets.facts.data: 'probability_w_options' reads every row's perturbed answers; expected rows with a 'perturbed_answers' list (map a file's column with fields.perturbed_answers)",
+    ),
+    (
+        "a Min-K fraction above 1",
+        set_key("evaluation.sets.facts.min_k", 1.5),
+        "evaluation.sets.facts.min_k: expected a fraction in (0, 1], got 1.5",
+    ),
+    (
         "negative sampling temperature",
         set_key("evaluation.sets.facts.temperature", -1.0),
         "evaluation.sets.facts.temperature: expected a non-negative number",
