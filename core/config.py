@@ -33,7 +33,7 @@ LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
 # the engines share a node, NCCL between GPUs of a trial's own engines, else the object store.
 WeightTransport = Literal["auto", "shm", "object_store", "nccl"]
 # Where vLLM runs the model: in the rollout actor's own process (no engine-core and worker
-# processes to spawn and import vLLM again: about 24 s less per engine start on CPU), or in
+# processes to spawn, each importing vLLM again), or in
 # vLLM's separate processes (on a GPU its engine core schedules while the model runs, and
 # tensor parallelism and sleep mode live there); auto: in_actor on CPU, separate on CUDA.
 EngineProcess = Literal["auto", "in_actor", "separate"]
