@@ -541,21 +541,49 @@ class LearnerWorker:
         return self._no_grad_forwards(items, self._module(reference), read)
 
     @dispatch(SPLIT)
-    def answer_stats(self, items: list[dict]) -> list[AnswerStats]:
+    def grad_norms(self, items: list[dict]) -> list[float]:
+        """The L2 norm of the gradient of each item's mean answer NLL with respect to the model's
+        weights (`mia_gradnorm`; LoRA adapters aside, frozen weights included, so the value does
+        not depend on what the last stage trained): one forward and backward per item, on the
+        weights this rank holds (ZeRO 0-2; validation refuses ZeRO-3); weights, optimizer and
+        `requires_grad` are left as they were."""
+        module = self.policy
+        named = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
+        trained = [p.requires_grad for _, p in named]
+        params = [p.requires_grad_(True) for _, p in named]
+        module.eval()
+        norms = []
+        try:
+            for encoded in self._encode(items):
+                batch = self._batch([encoded])
+                logprobs = self._forward(module, batch)
+                nll = -logprobs.sum() / batch.mask.sum().clamp(min=1)
+                grads = torch.autograd.grad(nll, params)
+                norms.append(float(torch.sqrt(sum(g.double().square().sum() for g in grads))))
+        finally:
+            for p, flag in zip(params, trained):
+                p.requires_grad_(flag)
+        return norms
+
+    @dispatch(SPLIT)
+    def answer_stats(self, items: list[dict], standardized: bool = False) -> list[AnswerStats]:
         """Teacher-forced statistics of each `prompt`/`answer` item's answer tokens (EOS
         included, as trained): summed log-prob, length, argmax hits, extraction prefix k and
-        each token's log-prob."""
+        each token's log-prob; with `standardized`, each token's (log p - mu) / sigma too, mu
+        and sigma the mean and std of log p under p (Min-K%++), from the same head pass."""
 
         def read(module: Any, batch: TokenBatch) -> list[AnswerStats]:
-            logprobs, is_argmax = self._forward(module, batch, with_argmax=True)
-            out = []
-            for lps, hits in zip(
-                completion_values(logprobs.cpu(), batch),
-                completion_values(is_argmax.float().cpu(), batch),
-            ):
+            out = self._forward(module, batch, with_argmax=True, with_std=standardized)
+            columns = [out.logprobs, out.is_argmax.float()]
+            if standardized:  # mu = -entropy
+                columns.append((out.logprobs + out.entropy) / out.std.clamp(min=1e-12))
+            stats = []
+            for lps, hits, *z in zip(*(completion_values(c.cpu(), batch) for c in columns)):
                 misses = [i for i, hit in enumerate(hits) if not hit]
                 k = misses[-1] + 1 if misses else 0
-                out.append(AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k, tuple(lps)))
-            return out
+                stats.append(
+                    AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k, tuple(lps), tuple(*z))
+                )
+            return stats
 
         return self._no_grad_forwards(items, self._module(), read)

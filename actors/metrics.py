@@ -5,7 +5,7 @@ A metric reduces per-example statistics to one number. `needs="loglik"` metrics 
 teacher-forced answer statistics (`AnswerStats`); `needs="generation"` metrics read sampled
 completions, checked by the row's rule and for a refusal (`Sampled`). Membership-inference
 attacks (`mia_*`) score each example; the evaluation reports the ROC AUC of the set's scores
-against its holdout set's (`membership_auc`).
+against its holdout set's (`membership_auc`, core/membership.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
+from stageflow.core.membership import reference_score
 from stageflow.core.registry import METRICS
 
 
@@ -27,6 +28,7 @@ class AnswerStats:
     argmax_hits: int  # answer tokens whose teacher-forced argmax equals the label
     extraction_k: int  # shortest prefix length after which argmax reproduces the rest
     token_logprobs: tuple[float, ...] = ()  # each answer token's log-prob (EOS included)
+    token_zscores: tuple[float, ...] = ()  # each token's (log p - mu) / sigma (Min-K%++)
 
     @property
     def mean_logprob(self) -> float:
@@ -41,6 +43,8 @@ class ExampleStats:
     paraphrased: tuple[AnswerStats, ...] = ()
     perturbed: tuple[AnswerStats, ...] = ()
     text: str = ""  # the answer's text
+    grad_norm: float = float("nan")  # ||grad of the answer's mean NLL|| (mia_gradnorm only)
+    reference: float = float("nan")  # the answer's mean log-prob under the reference model
 
 
 def _mean(values: list[float]) -> float:
@@ -145,22 +149,27 @@ def mia_min_k(example: ExampleStats, k: float) -> float:
     return _mean(lowest[: max(1, math.floor(k * len(lowest)))])
 
 
-def membership_auc(members: list[float], holdout: list[float]) -> float:
-    """ROC AUC of the members' scores against the holdout's: the probability that a random
-    member scores above a random holdout row, ties counted half (Mann-Whitney U / n m)."""
-    if not members or not holdout:
-        return float("nan")
-    ranked = sorted([(v, 1) for v in members] + [(v, 0) for v in holdout])
-    u, i = 0.0, 0
-    while i < len(ranked):  # average ranks over ties
-        j = i
-        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
-            j += 1
-        rank = (i + j + 1) / 2  # 1-based mean rank of positions i..j-1
-        u += rank * sum(label for _, label in ranked[i:j])
-        i = j
-    n, m = len(members), len(holdout)
-    return (u - n * (n + 1) / 2) / (n * m)
+@METRICS.register("mia_min_k_pp", needs="loglik", membership=True, unit=True, standardized=True)
+def mia_min_k_pp(example: ExampleStats, k: float) -> float:
+    """Min-K%++ attack: the mean of the lowest fraction `k` of the answer's standardised token
+    log-probs (log p(y_t) - mu_t) / sigma_t, mu_t and sigma_t the mean and standard deviation of
+    log p over the vocabulary under p at that position."""
+    lowest = sorted(example.answer.token_zscores)
+    return _mean(lowest[: max(1, math.floor(k * len(lowest)))])
+
+
+@METRICS.register("mia_gradnorm", needs="loglik", membership=True, unit=True, grad_norm=True)
+def mia_gradnorm(example: ExampleStats, k: float) -> float:
+    """Gradient-norm attack: minus the L2 norm of the gradient of the answer's mean NLL with
+    respect to the trained parameters (rows trained on sit where the loss is flat)."""
+    return -example.grad_norm
+
+
+@METRICS.register("mia_reference", needs="loglik", membership=True, unit=True, reference=True)
+def mia_reference(example: ExampleStats, k: float) -> float:
+    """Reference attack: the answer's mean log-prob minus its mean log-prob under a reference
+    model (the base, or the oracle: the evaluation set's `reference`)."""
+    return reference_score(example.answer.mean_logprob, example.reference)
 
 
 @dataclass(frozen=True)

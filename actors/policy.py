@@ -18,8 +18,9 @@ from stageflow.kernels.vocab_stats import HeadStatistic, per_token_statistic
 
 
 class LogProbHead(torch.nn.Linear):
-    """The LM head; called with targets it returns per-token log-probs (fused kernel), and with
-    `with_argmax` also whether each target is the argmax (evaluation).
+    """The LM head; called with targets it returns per-token log-probs (fused kernel); with
+    `with_argmax` or `with_std` (evaluation) the `TokenLogProbs` with whether each target is the
+    argmax, and the entropy and std of log p under p (Min-K%++).
 
     Going through the head's own `__call__` keeps ZeRO-3's parameter gathering hooks in charge.
     """
@@ -28,7 +29,14 @@ class LogProbHead(torch.nn.Linear):
     softcap: float | None = None  # Gemma2's final-logit soft-capping (config)
 
     def forward(  # type: ignore[override]
-        self, hidden, targets=None, mask=None, temperature=1.0, with_argmax=False, statistic=None
+        self,
+        hidden,
+        targets=None,
+        mask=None,
+        temperature=1.0,
+        with_argmax=False,
+        statistic=None,
+        with_std=False,
     ):
         if targets is None:
             return super().forward(hidden)
@@ -47,9 +55,13 @@ class LogProbHead(torch.nn.Linear):
             temperature=temperature,
             softcap=self.softcap,
             with_argmax=with_argmax,
+            with_entropy=with_std,
+            with_std=with_std,
             impl=self.impl,
         )
-        return (out.logprobs.float(), out.is_argmax) if with_argmax else out.logprobs.float()
+        if with_argmax or with_std:
+            return out._replace(logprobs=out.logprobs.float())
+        return out.logprobs.float()
 
 
 class PolicyModule(torch.nn.Module):
@@ -77,10 +89,11 @@ class PolicyModule(torch.nn.Module):
         with_argmax=False,
         statistic: HeadStatistic | None = None,
         layer: int | None = None,
+        with_std: bool = False,
     ):
-        """Per-token log-probs [B, T-1]; with `with_argmax` also the argmax flags, with
-        `statistic` also its values (a pair); with `layer`, (that, the
-        decoder layer's output at the target positions [B, T-1, H])."""
+        """Per-token log-probs [B, T-1]; with `with_argmax` or `with_std` the `TokenLogProbs`
+        (argmax flags; entropy and std), with `statistic` also its values (a pair); with
+        `layer`, (that, the decoder layer's output at the target positions [B, T-1, H])."""
         with self.capture(layer) as states:
             out = self.lm.lm_head(
                 self.hidden_states(input_ids, attention_mask),
@@ -89,6 +102,7 @@ class PolicyModule(torch.nn.Module):
                 temperature,
                 with_argmax,
                 statistic,
+                with_std,
             )
         return out if layer is None else (out, states[0])
 

@@ -50,9 +50,14 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Prompt token ids as the learner and the rollout engines see them: the chat template's
-    rendering with the generation prompt, or the text with the tokenizer's special tokens."""
+    rendering with the generation prompt, or the text with the tokenizer's special tokens. A
+    text that gives no token (an empty prompt: a raw-text row, MUSE's verbatim sets) starts
+    with BOS, else EOS, so the answer's first token has a context to be scored in."""
     if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        bos = tokenizer.bos_token_id
+        start = bos if bos is not None else tokenizer.eos_token_id
+        return ids or ([start] if start is not None else [])
     return chat_ids(tokenizer, list(prompt), generation_prompt=True)
 
 

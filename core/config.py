@@ -38,9 +38,10 @@ WeightTransport = Literal["auto", "shm", "object_store", "nccl"]
 # tensor parallelism and sleep mode live there); auto: in_actor on CPU, separate on CUDA.
 EngineProcess = Literal["auto", "in_actor", "separate"]
 
-# what DataSpec.fields maps; the answer lists take a string or a list of strings
+# what DataSpec.fields maps; the answer lists take a string or a list of strings; `text`: a
+# raw-text row (MUSE's verbatim and privacy sets): an empty prompt, the text its answer
 ANSWER_LISTS = ("paraphrased_answers", "perturbed_answers")
-DATA_FIELDS = ("prompt", "answer", "messages", "target", *ANSWER_LISTS)
+DATA_FIELDS = ("prompt", "answer", "messages", "text", "target", *ANSWER_LISTS)
 Problems = Iterator[tuple[str, str]]  # (key relative to the spec, one-sentence problem)
 
 
@@ -247,10 +248,11 @@ class DataSpec(Spec):
         for name in self.fields:
             if name not in DATA_FIELDS:
                 yield f"fields.{name}", choice_problem("stageflow field", name, DATA_FIELDS)
-        if "messages" in self.fields and {"prompt", "answer"} & set(self.fields):
+        layouts = [k for k in ("messages", "text") if k in self.fields]
+        if len(layouts) > 1 or (layouts and {"prompt", "answer"} & set(self.fields)):
             yield (
                 "fields",
-                "expected either a 'messages' column or 'prompt' and 'answer' columns, not both",
+                "expected one of a 'messages' column, a 'text' column or 'prompt' and 'answer' columns",
             )
         if self.task is not None and self.fields:
             yield (
@@ -341,8 +343,10 @@ class OrderingSpec:
 class EvalSetSpec(Spec):
     """An evaluation set and the registered metrics computed on it. `holdout`: another
     evaluation set, of rows never trained on, that membership-inference metrics (`mia_*`)
-    score this set's rows against; `min_k`: the fraction of lowest token log-probs Min-K%
-    averages."""
+    score this set's rows against; `min_k`: the fraction of lowest token log-probs Min-K% and
+    Min-K%++ average; `reference`: the model `mia_reference` compares with, the study's base
+    model (logged at every evaluation) or the oracle (the trial's path without its forget
+    stage, scored in the analysis after unlearning)."""
 
     data: DataSpec = field(default_factory=DataSpec)
     metrics: list[str] = MISSING
@@ -352,6 +356,7 @@ class EvalSetSpec(Spec):
     temperature: float = 1.0
     holdout: Optional[str] = None
     min_k: float = 0.2
+    reference: Literal["base", "oracle"] = "base"
 
     def invariants(self) -> Problems:
         yield from positive("samples", self.samples)

@@ -5,7 +5,9 @@ A row is `prompt` and `answer` (strings), optionally `messages` (the chat turns 
 answer), `target` and the answer lists `paraphrased_answers` and `perturbed_answers` (TOFU's
 `paraphrased_answer` and `perturbed_answer` columns map there; a string is a list of one),
 plus the file's other JSON-serialisable columns (unmapped ones named like those, `task` or
-`check` are dropped) and `check` when the spec names a checker.
+`check` are dropped) and `check` when the spec names a checker. A raw-text row (a `text`
+column, mapped or found alone) has an empty prompt and its text as the answer: MUSE's verbatim
+and privacy sets, scored as a whole by the log-likelihood metrics and membership attacks.
 `DataSpec.fields` maps stageflow's names to the file's columns. A `messages` row's answer is
 its last (assistant) turn; its prompt is the earlier turns' contents joined by newlines.
 `shuffle` (a seed) and `limit` select the rows. Problems are `StudyError`s keyed relative to
@@ -192,12 +194,16 @@ def resolve_columns(path: Path, fields: dict[str, str], columns: list[str]) -> d
                 f"{path} has no column '{column}'; its columns are {', '.join(columns)}",
             )
     chosen = dict(fields)
-    chat = "messages" in fields or (
-        not {"prompt", "answer"} & set(fields)
-        and "messages" in columns
-        and not {"prompt", "answer"} <= set(columns)
-    )
-    wanted = ("messages",) if chat else ("prompt", "answer")
+
+    def alone(name: str) -> bool:  # mapped, or the file's column with no prompt and answer
+        return name in fields or (
+            not {"prompt", "answer", "messages", "text"} & set(fields)
+            and name in columns
+            and not {"prompt", "answer"} <= set(columns)
+        )
+
+    wanted = ("messages",) if alone("messages") else ("text",) if alone("text") else None
+    wanted = wanted or ("prompt", "answer")
     for name in (*wanted, "target", *ANSWER_LISTS):
         if name not in chosen and name in columns:
             chosen[name] = name
@@ -207,7 +213,8 @@ def resolve_columns(path: Path, fields: dict[str, str], columns: list[str]) -> d
             "",
             "file",
             f"{path} has no '{missing[0]}' column; expected 'prompt' and 'answer' columns or a "
-            f"'messages' column (map yours with fields), its columns are {', '.join(columns)}",
+            f"'messages' column, or a 'text' column (map yours with fields), its columns are "
+            f"{', '.join(columns)}",
         )
     return chosen
 
@@ -233,6 +240,13 @@ def normalise(path: Path, columns: dict[str, str], row: dict, number: int) -> di
         out["messages"] = prompt_turns
         out["prompt"] = "\n".join(t["content"] for t in prompt_turns)
         out["answer"] = turns[-1]["content"]
+    elif "text" in columns:
+        value = row[columns["text"]]
+        if not isinstance(value, str) or not value:
+            raise StudyError(
+                "", "file", f"{path}: row {number} of column '{columns['text']}': expected a text"
+            )
+        out["prompt"], out["answer"] = "", value
     else:
         for name in ("prompt", "answer"):
             value = row[columns[name]]

@@ -215,7 +215,10 @@ class Metric:
     `reads`: which of a row's answers a loglik metric scores (only those are computed).
     A `membership` metric is a membership-inference attack: `fn(example, k) -> score` per
     example (higher: more likely trained on), reported as the ROC AUC of the set's rows against
-    its `holdout` set's rows. `unit`: its values lie in [0, 1] (it may enter model utility)."""
+    its `holdout` set's rows. `unit`: its values lie in [0, 1] (it may enter model utility).
+    What a membership score reads beyond the log-probs is computed only when a metric asks:
+    `standardized` token log-probs (from the same head pass), the `grad_norm` of the answer's
+    loss (a backward per row, on the learner), the log-probs under a `reference` model."""
 
     name: str
     fn: Callable[..., float]
@@ -223,6 +226,9 @@ class Metric:
     reads: tuple[AnswerKind, ...] = ("answer",)
     membership: bool = False
     unit: bool = False
+    standardized: bool = False
+    grad_norm: bool = False
+    reference: bool = False
 
 
 @dataclass(frozen=True)

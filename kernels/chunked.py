@@ -3,7 +3,9 @@
 Forward: for each chunk of tokens, and each block of the vocabulary, compute the block's logits
 z = (h_c @ W_v.T + b_v) / T and fold them into an online log-sum-exp (running max m, sum
 s = sum exp(z - m) and, for the entropy, t = sum exp(z - m) * (z - m)); pick the target's logit.
-lse = m + log s, log-prob = z_y - lse, entropy = log s - t / s, is_argmax = z_y >= m (final m).
+lse = m + log s, log-prob = z_y - lse, entropy = log s - t / s, is_argmax = z_y >= m (final m);
+for the std of log p under p (evaluation, no gradient) also q = sum exp(z - m) (z - m)^2:
+var = q / s - (t / s)^2.
 With a soft cap c (Gemma2) each block's logits become c tanh(z / c) / T, and the backward scales
 the logit gradient by the cap's slope 1 - tanh^2 (the two shortcuts below are then not taken).
 Only lse (and the entropy) per token are saved. Backward recomputes each block's logits, turns
@@ -91,6 +93,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         softcap: float | None,
         with_entropy: bool,
         with_argmax: bool,
+        with_std: bool,
         token_chunk: int,
         vocab_block: int,
         precompute_dh: bool,
@@ -105,18 +108,20 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         selected = hidden.new_empty(n, dtype=cdtype)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdtype)
         is_argmax = hidden.new_empty(n if with_argmax else 0, dtype=torch.bool)
+        std = hidden.new_empty(n if with_std else 0, dtype=cdtype)
+        moments = with_entropy or with_std  # t (and q) accumulated
         slope_y = hidden.new_empty(n if softcap is not None else 0, dtype=cdtype)
         # E_p[W] per token (softmax-weighted mean of W's rows): then dh = g (W_y - E_p[W]) / T
         # needs no matmul in the backward (used when W is frozen and there is no entropy).
         mean_w = hidden.new_empty((n, hidden.shape[1]) if precompute_dh else (0,), dtype=cdtype)
         buf_size = min(token_chunk, n) * min(vocab_block, vocab)
         buf = hidden.new_empty(buf_size, dtype=cdtype)
-        buf_p = hidden.new_empty(buf_size if with_entropy else 0, dtype=cdtype)
+        buf_p = hidden.new_empty(buf_size if moments else 0, dtype=cdtype)
         for s in range(0, n, token_chunk):
             e = min(s + token_chunk, n)
             h_c = hidden_in[s:e]
             y_c = targets[s:e].unsqueeze(1)
-            m = run_sum = run_t = run_w = sel = None
+            m = run_sum = run_t = run_q = run_w = sel = None
             for v0 in range(0, vocab, vocab_block):
                 v1 = min(v0 + vocab_block, vocab)
                 b_v = None if bias_in is None else bias_in[v0:v1]
@@ -129,22 +134,28 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 m_blk = z.amax(1, keepdim=True)
                 m_new = m_blk if m is None else torch.maximum(m, m_blk)
                 z.sub_(m_new)  # z - m_new, in place
-                if with_entropy:
+                if moments:
                     p = buf_p[: z.numel()].view_as(z).copy_(z).exp_()  # exp(z - m_new)
                 else:
                     p = z.exp_()
                 blk_sum = p.sum(1, keepdim=True)
                 if precompute_dh:
                     blk_w = (p.to(weight.dtype) @ weight[v0:v1]).to(cdtype)
-                if with_entropy:
+                if moments:
                     blk_t = p.mul_(z).sum(1, keepdim=True)
+                if with_std:
+                    blk_q = p.mul_(z).sum(1, keepdim=True)
                 if m is None:
                     run_sum = blk_sum
-                    run_t = blk_t if with_entropy else None
+                    run_t = blk_t if moments else None
+                    run_q = blk_q if with_std else None
                     run_w = blk_w if precompute_dh else None
                 else:
                     scale = torch.exp(m - m_new)
-                    if with_entropy:
+                    if with_std:  # sum p (z - m_new)^2, with d = m_old - m_new
+                        d = m - m_new
+                        run_q = scale * (run_q + d * (2 * run_t + d * run_sum)) + blk_q
+                    if moments:
                         # sum p (z - m_new) = scale * (t_old + s_old (m_old - m_new)) + block term
                         run_t = scale * (run_t + run_sum * (m - m_new)) + blk_t
                     run_sum = run_sum * scale + blk_sum
@@ -157,6 +168,9 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 cap_slope(sel.squeeze(1), softcap, temperature, out=slope_y[s:e])
             if with_entropy:
                 entropy[s:e] = (run_sum.log() - run_t / run_sum).squeeze(1)
+            if with_std:
+                var = run_q / run_sum - (run_t / run_sum).square()
+                std[s:e] = var.clamp_(min=0).sqrt_().squeeze(1)
             if precompute_dh:
                 mean_w[s:e] = run_w / run_sum
             if with_argmax:  # the target's logit against the final max of the same logits
@@ -170,12 +184,13 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, mean_w, slope_y)
         ctx.temperature, ctx.softcap = temperature, softcap
         ctx.with_entropy = with_entropy
+        ctx.kept_centered = moments  # the kept block holds z - m, not exp(z - m)
         ctx.token_chunk = token_chunk
         ctx.vocab_block = vocab_block
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
-        ctx.mark_non_differentiable(is_argmax)
-        return logprobs, entropy, is_argmax
+        ctx.mark_non_differentiable(is_argmax, std)
+        return logprobs, entropy, is_argmax, std
 
     @staticmethod
     def backward(
@@ -183,6 +198,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         grad_logprobs: torch.Tensor | None,
         grad_entropy: torch.Tensor | None,
         grad_is_argmax: torch.Tensor | None,  # unused: is_argmax is non-differentiable
+        grad_std: torch.Tensor | None,  # unused: std is non-differentiable
     ):
         """Gradient of the logits: dz = g (onehot(y) - p) - g_ent p (log p + H), times 1/T.
 
@@ -204,7 +220,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         g_ent = grad_entropy.to(cdtype) * inv_t if use_ent else None
         if mean_w.numel() and not (use_ent or need_w or need_b):  # frozen W: no matmul left
             dh = (g.unsqueeze(1) * (weight[targets].to(cdtype) - mean_w)).to(hidden.dtype)
-            return (dh if need_h else None), *[None] * 11
+            return (dh if need_h else None), *[None] * 12
         hidden_in, bias_in = _prescaled(hidden, bias, temperature, softcap)
         acc_dtype = result_dtype(weight.dtype)
         dh = torch.empty_like(hidden) if need_h else None
@@ -236,7 +252,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 slope = None
                 if kept is not None and s == last_s and v0 == last_v0:  # kept: no recompute
                     mat = buf[: (e - s) * (v1 - v0)].view(e - s, v1 - v0)
-                    if ctx.with_entropy:
+                    if ctx.kept_centered:
                         mat.sub_(kept[1])  # z - m - log s = log p
                     else:
                         mat.mul_(torch.exp(-kept[1]))  # exp(z - m) / s = p
@@ -276,14 +292,14 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 db.index_add_(0, y_c, g_y.squeeze(1).to(db.dtype))
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, *[None] * 9
+        return dh, dw, db, *[None] * 10
 
 
 def chunked_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """Per-token log-probs (and entropy, argmax flag) of logits cap(h @ W.T + b) / T (cap: the
-    optional `softcap`), no N x V logits.
+    """Per-token log-probs (and entropy, argmax flag, std of log p) of logits cap(h @ W.T + b) / T
+    (cap: the optional `softcap`), no N x V logits.
 
     `chunk_size` tokens and `vocab_chunk_size` vocabulary rows per block (defaults:
     `default_chunk_sizes`). Gradients flow to hidden, weight and bias.
@@ -309,6 +325,7 @@ def chunked_token_logprobs(
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
         and not with_entropy
+        and not o.with_std
         and o.softcap is None
     )
     needs_grad = torch.is_grad_enabled() and any(
@@ -316,10 +333,13 @@ def chunked_token_logprobs(
     )
     keep_last = needs_grad and not precompute_dh and not torch.compiler.is_compiling()
     keep_last = keep_last and o.softcap is None  # the kept block has lost the cap's slope
-    logprobs, entropy, is_argmax = ChunkedTokenLogProbs.apply(
-        hidden, weight, bias, targets, temperature, o.softcap, with_entropy, with_argmax, token_chunk,
-        vocab_block, precompute_dh, keep_last,
+    logprobs, entropy, is_argmax, std = ChunkedTokenLogProbs.apply(
+        hidden, weight, bias, targets, temperature, o.softcap, with_entropy, with_argmax,
+        o.with_std, token_chunk, vocab_block, precompute_dh, keep_last,
     )  # fmt: skip
     return TokenLogProbs(
-        logprobs, entropy if with_entropy else None, is_argmax if with_argmax else None
+        logprobs,
+        entropy if with_entropy else None,
+        is_argmax if with_argmax else None,
+        std if o.with_std else None,
     )

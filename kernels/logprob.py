@@ -25,7 +25,8 @@ IMPLS = ("auto", "fused", "chunked", "triton", "naive", "reference")
 def resolve_impl(impl: str, device: torch.device, with_argmax: bool = False) -> str:
     """The concrete implementation ("chunked", "triton", "naive", "reference") for `impl`.
 
-    `with_argmax` never gets "triton": the is_argmax output exists only on the torch paths.
+    `with_argmax` (also said of `with_std`) never gets "triton": those outputs exist only on the
+    torch paths.
     """
     if impl not in IMPLS:
         raise ValueError(f"kernels impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -45,13 +46,14 @@ def fused_token_logprobs(
     """log softmax((h @ W.T + b) / T)[y] per token; the entropy and argmax flag when asked for.
 
     hidden [N, H], weight [V, H], bias [V] or None, targets [N] token ids. Returns
-    `TokenLogProbs(logprobs [N], entropy [N] or None, is_argmax [N] bool or None)`, fp32
+    `TokenLogProbs(logprobs [N], entropy [N], is_argmax [N] bool, std [N])`, each extra None
+    unless asked for, fp32
     (float64 for float64 inputs). The fused paths never hold the N x V logits; `chunk_size` is
     tokens per chunk. `impl` (default "auto") picks the implementation (`resolve_impl`);
-    `with_argmax` runs the chunked path where Triton would.
+    `with_argmax` and `with_std` run the chunked path where Triton would.
     """
     o = Options.of("fused_token_logprobs", {"impl": "auto", **options}, ("impl", "chunk_size"))
-    kind = resolve_impl(o.impl, hidden.device, o.with_argmax)
+    kind = resolve_impl(o.impl, hidden.device, o.with_argmax or o.with_std)
     if kind == "triton":  # never with with_argmax (resolve_impl)
         # lazy: imports Triton where it is installed
         from stageflow.kernels.triton_logprob import triton_token_logprobs

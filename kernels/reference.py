@@ -23,8 +23,8 @@ from stageflow.kernels.token_logprobs import (
 def naive_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, **options: Unpack[LogProbOptions]
 ) -> TokenLogProbs:
-    """log softmax(cap((h @ W.T + b)) / T)[target] per token (and entropy, argmax flag), on full
-    logits; cap(z) = c tanh(z / c) with `softcap` c, the identity without.
+    """log softmax(cap((h @ W.T + b)) / T)[target] per token (and entropy, argmax flag, std of
+    log p under p), on full logits; cap(z) = c tanh(z / c) with `softcap` c, the identity without.
 
     `compute_dtype` is the dtype of the logits and of the results (default: the input dtype,
     fp32 for half inputs); gradients flow back to the inputs in their own dtype.
@@ -43,13 +43,17 @@ def naive_token_logprobs(
     logp_all = torch.log_softmax(logits, dim=-1)
     index = targets.long().unsqueeze(-1)
     logprobs = logp_all.gather(-1, index).squeeze(-1)
-    entropy = is_argmax = None
+    entropy = is_argmax = std = None
     if o.with_entropy:
         entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if o.with_std:
+        p = logp_all.detach().exp()
+        mean = (p * logp_all.detach()).sum(-1, keepdim=True)
+        std = (p * (logp_all.detach() - mean).square()).sum(-1).sqrt()
     if o.with_argmax:  # target logit >= row max: ties count as argmax
         z = logits.detach()
         is_argmax = z.gather(-1, index).squeeze(-1) >= z.amax(-1)
-    return TokenLogProbs(logprobs, entropy, is_argmax)
+    return TokenLogProbs(logprobs, entropy, is_argmax, std)
 
 
 def reference_token_logprobs(

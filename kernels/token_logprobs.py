@@ -13,13 +13,13 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 
 Tensor = torch.Tensor
-HEAD = ("bias", "temperature", "softcap", "with_entropy", "with_argmax")
+HEAD = ("bias", "temperature", "softcap", "with_entropy", "with_argmax", "with_std")
 
 
 class LogProbOptions(TypedDict, total=False):
     """bias [V] or None; temperature T > 0 (logits / T); softcap c > 0 or None (logits become
-    c tanh(z / c) before the temperature: Gemma2's final-logit soft-capping); with_entropy, with_argmax: the extra
-    outputs; impl (entry points); chunk_size (tokens per chunk), vocab_chunk_size (chunked) or
+    c tanh(z / c) before the temperature: Gemma2's final-logit soft-capping); with_entropy,
+    with_argmax, with_std: the extra outputs (no gradient flows through the argmax and std); impl (entry points); chunk_size (tokens per chunk), vocab_chunk_size (chunked) or
     block_v (Triton): the tiles of the fused paths; compute_dtype (naive: logits dtype)."""
 
     bias: Tensor | None
@@ -27,6 +27,7 @@ class LogProbOptions(TypedDict, total=False):
     softcap: float | None
     with_entropy: bool
     with_argmax: bool
+    with_std: bool
     impl: str
     chunk_size: int | None
     vocab_chunk_size: int | None
@@ -43,6 +44,7 @@ class Options:
     softcap: float | None = None
     with_entropy: bool = False
     with_argmax: bool = False
+    with_std: bool = False
     impl: str = "fused"
     chunk_size: int | None = None
     vocab_chunk_size: int | None = None
@@ -68,12 +70,15 @@ class TokenLogProbs(NamedTuple):
     Log-probs and entropies are fp32 for fp32/bf16/fp16 inputs (float64 for float64 inputs):
     ratios and sums of log-probs in the losses need more than bf16's three digits. `is_argmax`
     (bool) is True where the target's logit is the row's maximum (ties count), for metrics such
-    as exact memorisation; it defaults to None so two-field constructions keep working.
+    as exact memorisation; `std` is the standard deviation of log p over the vocabulary under p
+    (Min-K%++ standardises a token's log-prob by it and by the mean, minus the entropy). Both
+    default to None so two-field constructions keep working.
     """
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
     is_argmax: torch.Tensor | None = None
+    std: torch.Tensor | None = None
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:

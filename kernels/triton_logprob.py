@@ -219,8 +219,8 @@ def triton_token_logprobs(
         raise RuntimeError("impl='triton' needs the triton package; use impl='chunked'.")
     if not hidden.is_cuda and not interpreting():
         raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU).")
-    if o.with_argmax:
-        raise ValueError("the Triton kernels have no is_argmax output; use impl='chunked'")
+    if o.with_argmax or o.with_std:
+        raise ValueError("the Triton kernels have no is_argmax or std output; use impl='chunked'")
     check_inputs(hidden, weight, targets, o)
     n, vocab = hidden.shape[0], weight.shape[0]
     token_chunk = o.chunk_size or max(16, DEFAULT_CHUNK_ELEMENTS // vocab)

@@ -139,6 +139,7 @@ class _Validator:
             for i, metric in enumerate(eval_set.metrics):
                 self.name_in(METRICS, metric, f"{key}.metrics[{i}]")
             self.check_holdout(key, name, eval_set)
+            self.check_attacks(key, eval_set)
             self.check_answers_read(key, eval_set)
         self.check_model_utility()
         self.check_analysis()
@@ -181,6 +182,24 @@ class _Validator:
                 f"{key}.holdout",
                 f"'{eval_set.holdout}' is not another evaluation set; expected one of {', '.join(others) or 'evaluation.sets (none other defined)'}",
             )
+
+    def check_attacks(self, key: str, eval_set: EvalSetSpec) -> None:
+        """GradNorm needs a rank's full weights; the oracle as a reference needs oracle trials."""
+        for i, metric in enumerate(eval_set.metrics):
+            if metric == "mia_gradnorm" and self.spec.learner.zero_stage == 3:
+                self.fail(
+                    f"{key}.metrics[{i}]",
+                    "mia_gradnorm takes per-row gradients of a rank's full weights; expected learner.zero_stage 0, 1 or 2, got 3",
+                )
+            if (
+                metric == "mia_reference"
+                and eval_set.reference == "oracle"
+                and not self.spec.oracle
+            ):
+                self.fail(
+                    f"{key}.reference",
+                    "the oracle as the reference model needs the study's oracle trials; expected oracle: true, or reference: base",
+                )
 
     def check_stage(self, key: str, stage: StageSpec) -> None:
         self.name_in(STAGE_KINDS, stage.kind, f"{key}.kind")
@@ -498,6 +517,11 @@ class _Validator:
                 self.fail(
                     "analysis.privleak",
                     "privacy leakage compares with the oracle; expected oracle: true",
+                )
+            elif metric == "mia_reference" and sets[set_name].reference == "oracle":
+                self.fail(
+                    "analysis.privleak",
+                    f"'{analysis.privleak}' against the oracle is itself a comparison with the oracle; expected another attack, or reference: base",
                 )
         if analysis.forget_quality is not None:
             chosen = sets.get(analysis.forget_quality)

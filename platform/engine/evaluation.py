@@ -8,10 +8,18 @@ compares). Generation metrics come from completions sampled by the trial's rollo
 with those weights, checked by the row's checker (`check_answer`: the data set's `check`, else
 the task's rule, else exact match). The result is
 {"metrics": {"<set>/<metric>": value}, "examples": {"<set>/truth_ratio": [per example]}}.
+
+Membership attacks score each row against the set's holdout rows. Min-K%++ reads standardised
+token log-probs from the same head pass (asked for only when a set needs them); GradNorm runs a
+backward per row on the learner (`grad_norms`); a Reference attack compares each row's mean
+log-prob with the reference model's, whose own evaluation holds those values
+(`<set>/mean_logprob`, `<set>/holdout_mean_logprob` are kept in "examples" for that), so it is
+computed where both evaluations are read (`reference_auc`), not here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,11 +29,11 @@ from stageflow.actors.metrics import (
     AnswerStats,
     ExampleStats,
     Sampled,
-    membership_auc,
     probability_mass,
     truth_ratios,
 )
 from stageflow.actors.rendering import row_prompt
+from stageflow.core.membership import membership_auc
 from stageflow.core.registry import METRICS
 from stageflow.core.tasks import check_answer
 from stageflow.core.tasks.refusal import is_refusal
@@ -54,6 +62,10 @@ class EvalJob:
     def membership(self) -> bool:
         """Whether a metric is a membership-inference attack (scored against `holdout`)."""
         return any(METRICS[m].membership for m in self.metrics)
+
+    def asks(self, flag: str) -> bool:
+        """Whether a metric of the set has `flag` set (`standardized`, `grad_norm`, `reference`)."""
+        return any(getattr(METRICS[m], flag) for m in self.metrics)
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -109,31 +121,41 @@ def example_stats(
 
 def evaluate(
     jobs: list[EvalJob],
-    answer_stats: Callable[[list[dict]], list[AnswerStats]],
+    answer_stats: Callable[[list[dict], bool], list[AnswerStats]],
     generate: Callable[..., dict[str, Any]],
+    grad_norms: Callable[[list[dict]], list[float]] | None = None,
 ) -> dict[str, dict]:
-    """Score every job. `answer_stats(items)`: teacher-forced statistics (the learner), one
-    call for every distinct item of every set; `generate(prompts, **sampling)`: sampled
-    completions (the rollout engines)."""
+    """Score every job. `answer_stats(items, standardized)`: teacher-forced statistics (the
+    learner), one call for every distinct item of every set, with standardised token log-probs
+    when a set's metric reads them; `generate(prompts, **sampling)`: sampled completions (the
+    rollout engines); `grad_norms(items)`: per-row gradient norms (the learner), called for the
+    rows of sets with `mia_gradnorm` only."""
     loglik = [job for job in jobs if job.needs("loglik") or job.truth_ratios]
     holdouts = [job for job in loglik if job.holdout and job.membership]
     per_job = [[i for row in job.rows for i in answer_items(row, job.answers)] for job in loglik]
     per_job += [
         [i for row in job.holdout for i in answer_items(row, ("answer",))] for job in holdouts
     ]
-    scored = distinct_stats([item for items in per_job for item in items], answer_stats)
+    standardized = any(job.asks("standardized") for job in loglik)
+    scored = distinct_stats(
+        [item for items in per_job for item in items],
+        lambda items: answer_stats(items, standardized),
+    )
     stats: dict[str, list[ExampleStats]] = {}
     held: dict[str, list[ExampleStats]] = {}
     for job, items in zip(loglik, per_job):
         stats[job.name] = example_stats(job.rows, scored(items), job.answers)
     for job, items in zip(holdouts, per_job[len(loglik) :]):
         held[job.name] = example_stats(job.holdout, scored(items), ("answer",))
+    with_norms(loglik, stats, held, grad_norms)
     metrics: dict[str, float] = {}
     examples: dict[str, list[float]] = {}
     for job in jobs:
         sampled = sampled_checks(job, generate) if job.needs("generation") else None
         for name in job.metrics:
             entry = METRICS[name]
+            if entry.reference:  # needs the reference's evaluation: `reference_auc`
+                continue
             if entry.membership:
                 members, holdout = stats[job.name], held.get(job.name, [])
                 value = membership_auc(
@@ -145,12 +167,38 @@ def evaluate(
             metrics[f"{job.name}/{name}"] = float(value)
         if job.name in stats and (ratios := truth_ratios(stats[job.name])):
             examples[f"{job.name}/truth_ratio"] = ratios
+        if job.asks("reference"):
+            for key, rows in (("mean_logprob", stats), ("holdout_mean_logprob", held)):
+                examples[f"{job.name}/{key}"] = [ex.answer.mean_logprob for ex in rows[job.name]]
     return {"metrics": metrics, "examples": examples}
 
 
+def with_norms(
+    jobs: list[EvalJob],
+    stats: dict[str, list[ExampleStats]],
+    held: dict[str, list[ExampleStats]],
+    grad_norms: Callable[[list[dict]], list[float]] | None,
+) -> None:
+    """Fill in `grad_norm` of the rows and holdout rows of the sets with `mia_gradnorm`, each
+    distinct answer's norm computed once."""
+    asked = [job for job in jobs if job.asks("grad_norm")]
+    if not asked:
+        return
+    if grad_norms is None:
+        raise RuntimeError("a set asks for mia_gradnorm but no grad_norms was given")
+    groups = [(stats, job.name, job.rows) for job in asked]
+    groups += [(held, job.name, job.holdout) for job in asked if job.name in held]
+    items = [[answer_items(row, ("answer",))[0] for row in rows] for _, _, rows in groups]
+    norms = distinct_stats([i for some in items for i in some], grad_norms)
+    for (where, name, _), some in zip(groups, items):
+        where[name] = [
+            dataclasses.replace(ex, grad_norm=norm) for ex, norm in zip(where[name], norms(some))
+        ]
+
+
 def distinct_stats(
-    items: list[dict], answer_stats: Callable[[list[dict]], list[AnswerStats]]
-) -> Callable[[list[dict]], list[AnswerStats]]:
+    items: list[dict], answer_stats: Callable[[list[dict]], list]
+) -> Callable[[list[dict]], list]:
     """Score each distinct item once (a row two sets share, a holdout row); returns the lookup
     from a list of items to their statistics."""
     first: dict[str, dict] = {}

@@ -22,6 +22,7 @@ from stageflow.actors.metrics import harmonic_mean
 from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial
 from stageflow.core.keys import digest
+from stageflow.core.membership import reference_auc
 from stageflow.core.prefix_cache import Claim, PrefixCache
 from stageflow.core.registry import STAGE_KINDS
 from stageflow.core.study_dir import StudyDir
@@ -206,11 +207,15 @@ class TrialRunner:
         def generate(prompts: list[str], **sampling: Any) -> dict:
             return self.workers.generate(prompts, weights, **sampling)
 
-        def answer_stats(items: list[dict]) -> list:
+        def answer_stats(items: list[dict], standardized: bool) -> list:
             with self.clock("eval_loglik"):
-                return learner.answer_stats(items)
+                return learner.answer_stats(items, standardized)
 
-        return split_by_set(evaluate(jobs, answer_stats, generate), names)
+        def grad_norms(items: list[dict]) -> list[float]:
+            with self.clock("eval_gradnorm"):
+                return learner.grad_norms(items)
+
+        return split_by_set(evaluate(jobs, answer_stats, generate, grad_norms), names)
 
     def evaluations(self, point: Point, evals: dict[str, str], seed: int) -> dict[str, float]:
         """The metrics of the sets `evals` names ({set: evaluation key}) on `point`: read from
@@ -231,10 +236,23 @@ class TrialRunner:
         metrics: dict[str, float] = {}
         for key in evals.values():
             metrics.update(self.cache.read_eval(key)["metrics"])
+        metrics.update(self.against_base(evals))
         utility = self.spec.evaluation.model_utility
         if utility and all(name in metrics for name in utility):
             metrics["model_utility"] = harmonic_mean([metrics[name] for name in utility])
         return metrics
+
+    def against_base(self, evals: dict[str, str]) -> dict[str, float]:
+        """`<set>/mia_reference` of the sets whose reference is the base model: this
+        evaluation's per-row log-probs against the base's own evaluation of the same rows."""
+        out = {}
+        for name, key in evals.items():
+            spec = self.spec.evaluation.sets[name]
+            if "mia_reference" in spec.metrics and spec.reference == "base":
+                ours = self.cache.read_eval(key)["examples"]
+                theirs = self.cache.read_eval(self.plan.base_evals[name])["examples"]
+                out[f"{name}/mia_reference"] = reference_auc(ours, theirs, name)
+        return out
 
     # ----- training ---------------------------------------------------------------------------
     def mass_probe(self, step: StageStep) -> list[dict] | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial, oracle_path
+from stageflow.core.membership import reference_auc
 from stageflow.core.registry import METRICS
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.ordering_test import OrderingTest, holm, ordering_test, verdict
@@ -84,11 +85,15 @@ class Analysis:
         self.oracles = {(t.path, t.seed, point_label(t.hparams)): r for t, r in records if t.oracle}
         self.outcomes = [self._score(t, r, m) for t, r in self.records for m in t.unlearning]
 
-    def _truth_ratios(self, entry: dict, eval_set: str) -> list[float]:
-        """The per-example truth ratios of `eval_set` at a history entry of a trial."""
-        key = entry.get("evals", {}).get(eval_set)
+    def _examples(self, entry: dict | None, eval_set: str) -> dict[str, list[float]]:
+        """The per-example values of `eval_set`'s evaluation at a history entry of a trial."""
+        key = (entry or {}).get("evals", {}).get(eval_set)
         found = self.cache.read_eval(key) if key else None
-        return (found or {}).get("examples", {}).get(f"{eval_set}/truth_ratio", [])
+        return (found or {}).get("examples", {})
+
+    def _truth_ratios(self, entry: dict | None, eval_set: str) -> list[float]:
+        """The per-example truth ratios of `eval_set` at a history entry of a trial."""
+        return self._examples(entry, eval_set).get(f"{eval_set}/truth_ratio", [])
 
     @cached_property
     def membership_metrics(self) -> list[str]:
@@ -119,9 +124,15 @@ class Analysis:
         for name in self.membership_metrics:  # each attack's AUC after unlearning
             if name in after:
                 out.scores[name] = after[name]
+        oracle = self.oracle_for(trial)
+        for name, s in self.spec.evaluation.sets.items():  # the oracle as the reference
+            if "mia_reference" in s.metrics and s.reference == "oracle" and oracle is not None:
+                ours = self._examples(_branch(record, method), name)
+                theirs = self._examples(oracle["history"][-1], name)
+                if ours and theirs:
+                    out.scores[f"{name}/mia_reference"] = reference_auc(ours, theirs, name)
         if a.probability_mass:
             out.scores.update(self._mass_moves(record, method))
-        oracle = self.oracle_for(trial)
         if oracle is not None:
             for metric in [a.forget_score, *a.utilities.values()]:
                 if metric:

@@ -256,14 +256,22 @@ def test_zero3_matches_zero2_for_sft_and_full_vocabulary_unlearning(
     for before, after in zip(states2, states2[1:]):  # each unlearning stage changed the weights
         assert any(not torch.equal(before[k], after[k]) for k in before)
     # Adam turns summation-order differences of near-zero gradients into steps of up to lr:
-    # after the unlearning stages the tolerance is 1% of one stage's update (lr 5e-3 x 2 steps)
+    # after the unlearning stages the tolerance is 1% of one stage's update (lr 5e-3 x 2 steps),
+    # except for a few elements (at most 0.1%: measured 1 of 4096 once) whose near-zero
+    # gradient changed sign, each still within the Adam steps taken since (lr per step)
     for i, (state3, state2) in enumerate(zip(states3, states2)):
         atol = 1e-5 if i == 0 else 1e-4
         assert set(state3) == set(state2) == set(base)
         for name in base:
             assert state3[name].shape == base[name].shape
             assert not torch.equal(state3[name], base[name]) or "norm" in name
-            torch.testing.assert_close(state3[name], state2[name], atol=atol, rtol=1e-3)
+            if i == 0:
+                torch.testing.assert_close(state3[name], state2[name], atol=atol, rtol=1e-3)
+                continue
+            gap = (state3[name] - state2[name]).abs()
+            off = gap > atol + 1e-3 * state2[name].abs()
+            assert off.float().mean() <= 1e-3, (name, int(off.sum()))
+            assert gap.max() <= i * 2 * 5e-3, (name, float(gap.max()))
     rmu_moved = {k for k in states2[2] if not torch.equal(states2[2][k], states2[3][k])}
     assert rmu_moved and all(k.startswith("model.layers.1.") for k in rmu_moved)
 
@@ -385,23 +393,69 @@ def test_stale_build_locks_are_released(tmp_path, monkeypatch):
 
 
 def test_membership_inference_tells_the_trained_rows_from_the_holdout(learner, actor_model_dir):
-    """The LOSS, ZLib and Min-K% attacks on the learner's statistics: after training on a
+    """The LOSS, ZLib, Min-K%, Min-K%++ and GradNorm attacks on the learner: after training on a
     facts forget split, its rows score above the holdout split's (other entities, never
     trained on) far more often than on the base model."""
     from stageflow.core.tasks import generate
     from stageflow.platform.engine.evaluation import EvalJob, evaluate
 
     splits = generate("facts", seed=0, size=20, params={"forget_fraction": 0.2})
-    attacks = ["mia_loss", "mia_zlib", "mia_min_k"]
+    attacks = ["mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_gradnorm"]
     job = EvalJob("forget", splits["forget"], attacks, holdout=splits["holdout"])
 
     def aucs() -> dict[str, float]:
-        return evaluate([job], learner.answer_stats, lambda *a, **k: {})["metrics"]
+        generate_nothing = lambda *a, **k: {}  # noqa: E731
+        out = evaluate([job], learner.answer_stats, generate_nothing, learner.grad_norms)
+        return out["metrics"]
 
     learner.load(actor_model_dir)
     before = aucs()
     learner.train_stage(stage(steps=16, lr=1e-2), splits["forget"], seed=0)
     after = aucs()
-    for attack in attacks:  # measured: LOSS 0.52 -> 0.96, ZLib 0.34 -> 0.84, Min-K% 0.51 -> 0.99
+    # measured: LOSS 0.52 -> 0.96, ZLib 0.34 -> 0.84, Min-K% 0.51 -> 0.99, Min-K%++ 0.48 ->
+    # 0.99; GradNorm, the weakest here, 0.36 -> 0.54
+    for attack in attacks:
         gained = after[f"forget/{attack}"] - before[f"forget/{attack}"]
-        assert after[f"forget/{attack}"] > 0.75 and gained > 0.2, (before, after)
+        if attack == "mia_gradnorm":
+            assert after[f"forget/{attack}"] > 0.5 and gained > 0.1, (before, after)
+        else:
+            assert after[f"forget/{attack}"] > 0.75 and gained > 0.2, (before, after)
+
+
+def test_standardized_logprobs_and_grad_norms_match_transformers(
+    learner, actor_model_dir, qa_rows, tmp_path
+):
+    """Min-K%++'s standardised token log-probs and GradNorm's gradient norms from the learner
+    (two ZeRO-2 ranks, fused head) against the saved model in transformers, full logits and
+    autograd over every weight in float64; the weights are left as they were."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stageflow.actors.batching import collate_rows
+
+    learner.load(actor_model_dir)
+    learner.train_stage(stage(steps=2), qa_rows)
+    items = [{"prompt": f"Q{i}: name? ", "answer": a} for i, a in enumerate(["stageflow ok", "x"])]
+    items.append({"prompt": "", "answer": "raw text, no prompt"})  # MUSE's raw-text rows
+    stats = learner.answer_stats(items, True)
+    norms = learner.grad_norms(items)
+    assert learner.answer_stats(items, True) == stats  # the gradients changed no weight
+    out = learner.save(tmp_path / "ckpt")
+    lm = AutoModelForCausalLM.from_pretrained(out).double()
+    batch = collate_rows(AutoTokenizer.from_pretrained(out), items, 64)
+    for i, item_stats in enumerate(stats):
+        keep = batch.mask[i].bool()
+        ids, attention = batch.input_ids[i : i + 1], batch.attention_mask[i : i + 1]
+        logp = torch.log_softmax(lm(input_ids=ids, attention_mask=attention).logits[0, :-1], -1)
+        p = logp.exp()
+        mu = (p * logp).sum(-1, keepdim=True)
+        sigma = (p * (logp - mu).square()).sum(-1).sqrt()
+        target = logp.gather(-1, batch.targets[i, :, None])[:, 0]
+        z = ((target - mu[:, 0]) / sigma)[keep]
+        assert len(item_stats.token_zscores) == int(keep.sum()) > 0
+        torch.testing.assert_close(
+            torch.tensor(item_stats.token_zscores).double(), z.detach(), atol=1e-4, rtol=1e-4
+        )
+        nll = -target[keep].mean()
+        grads = torch.autograd.grad(nll, list(lm.parameters()))
+        expected = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        assert norms[i] == pytest.approx(expected, rel=1e-4)

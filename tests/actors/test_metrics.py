@@ -15,9 +15,9 @@ from stageflow.actors.metrics import (
     ExampleStats,
     Sampled,
     harmonic_mean,
-    membership_auc,
     rouge_l_recall,
 )
+from stageflow.core.membership import membership_auc, reference_auc
 from stageflow.core.registry import METRICS, load_plugins
 from stageflow.platform.engine.evaluation import EvalJob, evaluate
 
@@ -70,6 +70,37 @@ def test_attack_scores_follow_their_formulas():
         for k in (0.1, 0.2, 0.5, 1.0):
             lowest = np.sort(lps)[: max(1, int(np.floor(k * len(lps))))]
             assert METRICS["mia_min_k"].fn(ex, k) == pytest.approx(lowest.mean())
+
+
+def test_min_k_pp_gradnorm_and_reference_scores():
+    """Min-K%++ averages the lowest standardised token log-probs (log p - mu) / sigma, mu and
+    sigma over the vocabulary under p, computed here from full random logits in float64."""
+    for n in RNG.integers(3, 12, 10):
+        logits = RNG.normal(0, 3, (int(n), 50))
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        target = RNG.integers(0, 50, int(n))
+        p = np.exp(logp)
+        mu = (p * logp).sum(1)
+        sigma = np.sqrt((p * (logp - mu[:, None]) ** 2).sum(1))
+        z = (logp[np.arange(int(n)), target] - mu) / sigma
+        lps = tuple(logp[np.arange(int(n)), target].tolist())
+        ex = ExampleStats(AnswerStats(sum(lps), len(lps), 0, 0, lps, tuple(z.tolist())))
+        for k in (0.2, 0.5, 1.0):
+            lowest = np.sort(z)[: max(1, int(np.floor(k * len(z))))]
+            assert METRICS["mia_min_k_pp"].fn(ex, k) == pytest.approx(lowest.mean())
+    ex = ExampleStats(answer([-1.0, -2.0]), grad_norm=3.5, reference=-2.5)
+    assert METRICS["mia_gradnorm"].fn(ex, 0.2) == -3.5
+    assert METRICS["mia_reference"].fn(ex, 0.2) == pytest.approx(-1.5 - (-2.5))
+
+
+def test_reference_auc_compares_two_evaluations_row_by_row():
+    ours = {"f/mean_logprob": RNG.normal(-1, 1, 20).tolist()}
+    ours["f/holdout_mean_logprob"] = RNG.normal(-2, 1, 15).tolist()
+    theirs = {k: RNG.normal(-2, 1, len(v)).tolist() for k, v in ours.items()}
+    diff = {k: np.subtract(ours[k], theirs[k]) for k in ours}
+    expected = pairwise_auc(diff["f/mean_logprob"], diff["f/holdout_mean_logprob"])
+    assert reference_auc(ours, theirs, "f") == pytest.approx(expected)
+    assert reference_auc(ours, ours, "f") == 0.5  # a model against itself: every score ties
 
 
 def test_probability_with_options_and_truth_ratio_aggregations():
@@ -138,7 +169,8 @@ def test_membership_is_scored_against_the_holdout_and_each_item_once():
     }
     seen: list[str] = []
 
-    def answer_stats(items):
+    def answer_stats(items, standardized):
+        assert not standardized  # no Min-K%++ asked for
         seen.extend(i["answer"] for i in items)
         return [answer([logprob[i["answer"]]] * 2) for i in items]
 
@@ -166,3 +198,37 @@ def test_privleak_is_the_relative_auc_gap_to_the_oracle():
     assert privleak(0.3, 0.5) == pytest.approx(40.0)  # unlearned past the oracle
     assert privleak(0.8, 0.6) == pytest.approx(((1 - 0.8) - (1 - 0.6)) / (1 - 0.6) * 100)
     assert math.isnan(privleak(0.7, 1.0))
+
+
+def test_gradnorm_zscores_and_reference_values_are_asked_for_only_where_needed():
+    members = [{"prompt": f"q{i}", "answer": f" a{i}"} for i in range(3)]
+    holdout = [{"prompt": f"h{i}", "answer": f" b{i}"} for i in range(2)]
+    other = [{"prompt": "x", "answer": " y"}]
+    norms: list[str] = []
+    flags: list[bool] = []
+
+    def answer_stats(items, standardized):
+        flags.append(standardized)
+        return [AnswerStats(-1.0, 1, 0, 0, (-1.0,), (0.5,) if standardized else ()) for _ in items]
+
+    def grad_norms(items):
+        norms.extend(i["answer"] for i in items)
+        return [0.1 if i["answer"].startswith(" a") else 2.0 for i in items]
+
+    jobs = [
+        EvalJob(
+            "forget",
+            members,
+            ["mia_gradnorm", "mia_min_k_pp", "mia_reference"],
+            holdout=holdout,
+        ),
+        EvalJob("other", other, ["avg_loglik"]),
+    ]
+    out = evaluate(jobs, answer_stats, lambda prompts, **sampling: {}, grad_norms)
+    assert flags == [True]  # one teacher-forced call, standardised for every item
+    assert sorted(norms) == sorted(r["answer"] for r in members + holdout)  # not "other"'s
+    assert out["metrics"]["forget/mia_gradnorm"] == 1.0  # members' gradients are smaller
+    assert out["metrics"]["forget/mia_min_k_pp"] == 0.5  # all tied
+    assert "forget/mia_reference" not in out["metrics"]  # needs the reference's evaluation
+    assert out["examples"]["forget/mean_logprob"] == [-1.0] * 3
+    assert out["examples"]["forget/holdout_mean_logprob"] == [-1.0] * 2

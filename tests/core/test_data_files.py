@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from datasets import Dataset, DatasetDict
 
-from stageflow.core.config import DataSpec
+from stageflow.core.config import DataSpec, StudyError
 from stageflow.core.data_files import materialize, materialize_file, quiet, spec_rows
 from stageflow.core.tasks import check_answer, read_jsonl
 from tests.platform.test_validate import set_key, validate, write_study
@@ -123,6 +123,20 @@ def test_tofu_and_muse_layouts_map_into_the_metrics_fields(tmp_path):
     verbmem.write_text(json.dumps({"prompt": "It was a dark", "gt": " and stormy night."}) + "\n")
     rows = spec_rows(DataSpec(file=str(verbmem), fields={"answer": "gt"}))
     assert rows == [{"prompt": "It was a dark", "answer": " and stormy night."}]
+    # MUSE's raw-text sets (forget, retain, holdout for privacy leakage): one `text` column
+    raw = tmp_path / "forget.json"
+    raw.write_text(json.dumps({"text": "It was a dark and stormy night."}) + "\n")
+    expected = [{"prompt": "", "answer": "It was a dark and stormy night."}]
+    assert spec_rows(DataSpec(file=str(raw))) == expected
+    mapped = tmp_path / "news.jsonl"
+    mapped.write_text(json.dumps({"body": "It was a dark and stormy night.", "id": 3}) + "\n")
+    assert spec_rows(DataSpec(file=str(mapped), fields={"text": "body"})) == [
+        {**expected[0], "id": 3}
+    ]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(StudyError, match="row 1 of column 'text': expected a text"):
+        spec_rows(DataSpec(file=str(empty)))
 
 
 def test_shuffle_and_limit_are_deterministic(parquet, tmp_path):
@@ -277,7 +291,7 @@ BAD = [
         "unknown stageflow field",
         lambda f: {"file": str(f.parquet), "fields": {"question": "question"}},
         "data.fields.question: unknown stageflow field 'question'; "
-        "expected one of prompt, answer, messages, target",
+        "expected one of prompt, answer, messages, text, target",
     ),
     (
         "fields on a task",

@@ -42,7 +42,7 @@ def test_evaluate_scores_each_set_from_its_own_items():
     ]
     seen: list[str] = []
 
-    def answer_stats(items):
+    def answer_stats(items, standardized=False):
         seen.extend(i["answer"] for i in items)
         return [stats(-2.0 if i["answer"] == "a" else -4.0) for i in items]
 
@@ -66,7 +66,7 @@ def test_only_the_answers_the_metrics_read_are_scored():
     }
     seen: list[list[str]] = []
 
-    def answer_stats(items):
+    def answer_stats(items, standardized=False):
         seen.append([i["answer"] for i in items])
         return [stats(-2.0) for _ in items]
 

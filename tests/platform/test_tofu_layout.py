@@ -26,9 +26,22 @@ def qa(author: int, question: int, perturbed: bool) -> dict:
     return row
 
 
+def fact(topic: int) -> dict:
+    """A real-authors / world-facts row: a question, its answer and wrong options."""
+    return {
+        "question": f"Which river runs through city {topic}?",
+        "answer": f"River {topic}",
+        "perturbed_answer": [f"River {topic + j}" for j in range(1, 4)],
+    }
+
+
 def write_tofu(folder: Path) -> Path:
-    """TOFU's five files at toy size: 6 retain authors, 2 forget, 2 holdout, 2 questions each."""
+    """TOFU's files at toy size: 6 retain authors, 2 forget, 2 holdout, 2 questions each;
+    3 real-authors and 3 world-facts questions."""
     folder.mkdir(parents=True, exist_ok=True)
+    for name, topics in (("real_authors", range(3)), ("world_facts", range(10, 13))):
+        rows = [fact(t) for t in topics]
+        (folder / f"{name}_perturbed.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     subsets = {
         "retain90": (range(6), False),
         "forget10": (range(6, 8), False),
@@ -65,15 +78,22 @@ def test_the_tofu_study_runs_the_unlearning_evaluation(tmp_path, ray_cluster):
         "unlearning=[ga,npo]",
         *[f"stages.{s}.epochs=2" for s in ("retain", "forget", "ga", "npo")],
         *[f"stages.{s}.lr=1.0e-3" for s in ("retain", "forget", "ga", "npo")],
-        *[f"evaluation.sets.{s}.max_new_tokens=8" for s in ("forget", "retain")],
+        *[
+            f"evaluation.sets.{s}.max_new_tokens=8"
+            for s in ("forget", "retain", "real_authors", "world_facts")
+        ],
     ]
     assert main(["run", str(STUDY), *reduced]) == 0
     records = [json.loads(p.read_text()) for p in (storage / "trials").glob("*.json")]
     assert len(records) == 3  # two orderings and the oracle (the retain authors alone)
     for record in records:
         metrics = record["metrics"]
-        assert all(0 <= metrics[f"forget/{m}"] <= 1 for m in ("mia_loss", "mia_zlib", "mia_min_k"))
+        attacks = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_pp", "mia_gradnorm")
+        assert all(0 <= metrics[f"forget/{m}"] <= 1 for m in (*attacks, "mia_reference"))
         assert 0 <= metrics["model_utility"] <= 1
+        assert 0 <= metrics["world_facts/probability_w_options"] <= 1
+        base = record["history"][0]["metrics"]
+        assert base["forget/mia_reference"] == 0.5  # the base against itself: every score ties
     report = (storage / "report" / "report.md").read_text()
     section = report.split("## Unlearning evaluation")[1].split("\n## ")[0]
     header = r"\| ordering +\| method +\| forget_quality +\| privleak +\| model_utility +\|"

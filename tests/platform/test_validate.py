@@ -411,7 +411,7 @@ CASES = [
     (
         "privacy leakage of a metric that is not an attack",
         set_key("analysis.privleak", "facts/avg_loglik"),
-        "analysis.privleak: 'avg_loglik' is not a membership-inference metric; expected one of mia_loss, mia_min_k, mia_zlib",
+        "analysis.privleak: 'avg_loglik' is not a membership-inference metric; expected one of mia_gradnorm, mia_loss, mia_min_k, mia_min_k_pp, mia_reference, mia_zlib",
     ),
     (
         "privacy leakage of a metric the study does not compute",
@@ -425,6 +425,37 @@ CASES = [
             {"data": {"task": "inst", "split": "eval"}, "metrics": ["probability_w_options"]},
         ),
         "evaluation.sets.facts.data: 'probability_w_options' reads every row's perturbed answers; expected rows with a 'perturbed_answers' list (map a file's column with fields.perturbed_answers)",
+    ),
+    (
+        "GradNorm under ZeRO-3",
+        lambda s: (
+            set_key("evaluation.sets.facts.metrics", ["mia_gradnorm"])(s),
+            set_key("evaluation.sets.facts.holdout", "held")(s),
+            set_key(
+                "evaluation.sets.held",
+                {"data": {"task": "facts", "split": "holdout"}, "metrics": ["avg_loglik"]},
+            )(s),
+            set_key("learner.zero_stage", 3)(s),
+        ),
+        "evaluation.sets.facts.metrics[0]: mia_gradnorm takes per-row gradients of a rank's full weights; expected learner.zero_stage 0, 1 or 2, got 3",
+    ),
+    (
+        "the oracle as the reference model without oracle trials",
+        lambda s: (
+            set_key("evaluation.sets.facts.metrics", ["mia_reference"])(s),
+            set_key("evaluation.sets.facts.holdout", "held")(s),
+            set_key("evaluation.sets.facts.reference", "oracle")(s),
+            set_key(
+                "evaluation.sets.held",
+                {"data": {"task": "facts", "split": "holdout"}, "metrics": ["avg_loglik"]},
+            )(s),
+        ),
+        "evaluation.sets.facts.reference: the oracle as the reference model needs the study's oracle trials; expected oracle: true, or reference: base",
+    ),
+    (
+        "an unknown reference model",
+        set_key("evaluation.sets.facts.reference", "teacher"),
+        "evaluation.sets.facts.reference: unknown value 'teacher'; expected one of base, oracle",
     ),
     (
         "a Min-K fraction above 1",
