@@ -2,11 +2,13 @@
 
 The rank trains a stage's objective over its share of each batch (`train_stage`, or `step` from
 the RL loop), computes per-token log-probs and teacher-forced answer statistics for evaluation
-with the same tokenisation and fused kernels (`logprobs`, `answer_stats`), gathers the full
-weights on rank 0 (ZeRO-3 included) for checkpoints and weight sync, and starts over from a
-checkpoint (`load`). Optimizer and LR schedule are re-created at every stage unless
-`reset_optimizer_per_stage` is false. `LearnerGroup` (actors/learner.py) drives the ranks.
-The module is one actor class whose methods share the DeepSpeed engine's state, hence its size.
+with the same tokenisation and fused kernels (`logprobs`, `answer_stats`, `grad_norms`: the
+scoring half, actors/learner_scoring.py), gathers the full weights on rank 0 (ZeRO-3 included)
+for checkpoints and weight sync, and starts over from a checkpoint (`load`). Optimizer and LR
+schedule are re-created at every stage unless `reset_optimizer_per_stage` is false; a stage's
+weight mask (actors/masks.py) is scored before its first step. `LearnerGroup`
+(actors/learner.py) drives the ranks. One actor class whose methods share the DeepSpeed
+engine's state, hence the module's size.
 """
 
 from __future__ import annotations
@@ -25,14 +27,11 @@ import torch
 from stageflow.actors import lora
 from stageflow.actors.batch_plan import batch_indices, lr_multiplier, stage_steps
 from stageflow.actors.batching import (
-    TokenBatch,
-    collate,
-    completion_values,
     place_completion_values,
 )
 from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
-from stageflow.actors.dispatch import ALL, RANK0, REF0, SPLIT, SPLIT_RANK0, dispatch
-from stageflow.actors.metrics import AnswerStats
+from stageflow.actors.dispatch import ALL, RANK0, REF0, SPLIT_RANK0, dispatch
+from stageflow.actors.learner_scoring import LearnerScoring
 from stageflow.actors.objective_inputs import (
     head_statistic,
     mean_over_ranks,
@@ -41,7 +40,7 @@ from stageflow.actors.objective_inputs import (
 )
 from stageflow.actors.objectives import LossInputs
 from stageflow.actors.policy import PolicyModule
-from stageflow.actors.rendering import Completion, encode_item
+from stageflow.actors.rendering import Completion
 from stageflow.actors.weight_sync import write_shared_weights
 from stageflow.core.alternatives import chosen_rows
 from stageflow.core.config import LearnerSpec, StageSpec
@@ -58,10 +57,8 @@ from stageflow.kernels.peak_memory import PeakMemory
 
 # lazy: DeepSpeed, transformers and safetensors load when a learner rank starts
 
-FORWARD_MICRO_BATCH = 32  # sequences per no-grad forward (log-probs, evaluation)
 
-
-class LearnerWorker:
+class LearnerWorker(LearnerScoring):
     """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen pi_ref when needed."""
 
     def __init__(self, model_dir: str, spec: LearnerSpec, device: str = "cpu", seed: int = 0):
@@ -286,22 +283,6 @@ class LearnerWorker:
         }
         return {"objective": name, **params}
 
-    def _encode(self, items: list[Any], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
-        return [encode_item(self.tokenizer, it, max_len) for it in items]
-
-    def _batch(self, encoded: list[tuple[list[int], int]]) -> TokenBatch:
-        if not encoded:  # a rank with no rows still runs one forward (ZeRO-3 collectives); weight 0
-            encoded = [([self.tokenizer.bos_token_id or 0, self.tokenizer.eos_token_id or 0], 1)]
-        return collate([e[0] for e in encoded], [e[1] for e in encoded], self.pad_id)
-
-    def _forward(self, module: Any, batch: TokenBatch, **kwargs: Any) -> Any:
-        return module(
-            batch.input_ids.to(self.device),
-            batch.attention_mask.to(self.device),
-            batch.mask.to(self.device),
-            **kwargs,
-        )
-
     def _update(
         self,
         encoded: list,
@@ -436,33 +417,31 @@ class LearnerWorker:
         )
         metrics = []
         start = self._probe(probe) if probe else None
-        for step, idx in enumerate(plan):
-            mine = idx[self.rank :: self.world]
-            retain = (
-                [retain_enc[i] for i in retain_plan[step][self.rank :: self.world]]
-                if use_retain
-                else []
-            )
-            chosen = None if chosen_enc is None else [chosen_enc[i] for i in mine]
-            metrics.append(
-                self._update([encoded[i] for i in mine], retain, len(mine), len(idx), {}, chosen)
-            )
-            if probe:
-                metrics[-1]["probe"] = self._probe(probe)
+        mask = self._weight_mask(stage, encoded, retain_rows) if stage.mask else None
+        try:
+            for step, idx in enumerate(plan):
+                mine = idx[self.rank :: self.world]
+                retain = (
+                    [retain_enc[i] for i in retain_plan[step][self.rank :: self.world]]
+                    if use_retain
+                    else []
+                )
+                chosen = None if chosen_enc is None else [chosen_enc[i] for i in mine]
+                metrics.append(
+                    self._update(
+                        [encoded[i] for i in mine], retain, len(mine), len(idx), {}, chosen
+                    )
+                )
+                if probe:
+                    metrics[-1]["probe"] = self._probe(probe)
+        finally:
+            if mask is not None:
+                mask.remove()
         if start is not None:
             metrics[0]["probe_start"] = start
+        if mask is not None:
+            metrics[0]["mask/fraction"] = mask.fraction
         return metrics
-
-    def _probe(self, items: list[dict]) -> list[float]:
-        """Summed log-probs of every item's answer, each rank scoring its share (every rank
-        gets the whole list)."""
-        mine = [s.logprob for s in self.answer_stats(items[self.rank :: self.world])]
-        shares: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(shares, mine)
-        out = [0.0] * len(items)
-        for rank, share in enumerate(shares):
-            out[rank :: self.world] = share
-        return out
 
     @dispatch(SPLIT_RANK0)
     def step(self, samples: list[Completion], global_count: int) -> dict[str, float]:
@@ -492,98 +471,3 @@ class LearnerWorker:
             extra["advantages"] = torch.zeros(1)
         extra = {k: v.to(self.device) for k, v in extra.items()}
         return self._update(encoded, [], len(samples), global_count, extra)
-
-    # ----- no-grad forwards: log-probs and evaluation statistics -------------------------------
-    def _no_grad_forwards(self, items: list[dict], module: Any, read: Any) -> list:
-        """`read(module, batch)` over micro-batches of `items`: one result per item, in order.
-
-        Under ZeRO-3 every rank runs as many forwards as the busiest one (gathers are collective).
-        """
-        encoded = self._encode(items)
-        chunks = [
-            encoded[i : i + FORWARD_MICRO_BATCH]
-            for i in range(0, len(encoded), FORWARD_MICRO_BATCH)
-        ]
-        n_calls = len(chunks)
-        if self.zero3 and self.engine is not None:
-            count = torch.tensor([n_calls])
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-            n_calls = int(count)
-        out: list = []
-        module.eval()
-        with torch.no_grad():
-            for i in range(n_calls):
-                chunk = chunks[i] if i < len(chunks) else []
-                out += read(module, self._batch(chunk))[: len(chunk)]
-        return out
-
-    def _module(self, reference: bool = False) -> Any:
-        if reference:
-            if self.ref is None:
-                raise RuntimeError("no pi_ref: the stage's objective does not need one")
-            return self.ref
-        return self.engine if self.engine is not None else self.policy
-
-    @dispatch(SPLIT)
-    def logprobs(
-        self,
-        items: list[dict] | list[Completion],
-        temperature: float = 1.0,
-        reference: bool = False,
-    ) -> list[list[float]]:
-        """Per-token log-probs of each item's answer (a `prompt`/`answer` row) or completion (a
-        `Completion`); under pi_ref (taken by `begin_stage`) when `reference`."""
-
-        def read(module: Any, batch: TokenBatch) -> list[list[float]]:
-            values = self._forward(module, batch, temperature=temperature)
-            return completion_values(values.cpu(), batch)
-
-        return self._no_grad_forwards(items, self._module(reference), read)
-
-    @dispatch(SPLIT)
-    def grad_norms(self, items: list[dict]) -> list[float]:
-        """The L2 norm of the gradient of each item's mean answer NLL with respect to the model's
-        weights (`mia_gradnorm`; LoRA adapters aside, frozen weights included, so the value does
-        not depend on what the last stage trained): one forward and backward per item, on the
-        weights this rank holds (ZeRO 0-2; validation refuses ZeRO-3); weights, optimizer and
-        `requires_grad` are left as they were."""
-        module = self.policy
-        named = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
-        trained = [p.requires_grad for _, p in named]
-        params = [p.requires_grad_(True) for _, p in named]
-        module.eval()
-        norms = []
-        try:
-            for encoded in self._encode(items):
-                batch = self._batch([encoded])
-                logprobs = self._forward(module, batch)
-                nll = -logprobs.sum() / batch.mask.sum().clamp(min=1)
-                grads = torch.autograd.grad(nll, params)
-                norms.append(float(torch.sqrt(sum(g.double().square().sum() for g in grads))))
-        finally:
-            for p, flag in zip(params, trained):
-                p.requires_grad_(flag)
-        return norms
-
-    @dispatch(SPLIT)
-    def answer_stats(self, items: list[dict], standardized: bool = False) -> list[AnswerStats]:
-        """Teacher-forced statistics of each `prompt`/`answer` item's answer tokens (EOS
-        included, as trained): summed log-prob, length, argmax hits, extraction prefix k and
-        each token's log-prob; with `standardized`, each token's (log p - mu) / sigma too, mu
-        and sigma the mean and std of log p under p (Min-K%++), from the same head pass."""
-
-        def read(module: Any, batch: TokenBatch) -> list[AnswerStats]:
-            out = self._forward(module, batch, with_argmax=True, with_std=standardized)
-            columns = [out.logprobs, out.is_argmax.float()]
-            if standardized:  # mu = -entropy
-                columns.append((out.logprobs + out.entropy) / out.std.clamp(min=1e-12))
-            stats = []
-            for lps, hits, *z in zip(*(completion_values(c.cpu(), batch) for c in columns)):
-                misses = [i for i, hit in enumerate(hits) if not hit]
-                k = misses[-1] + 1 if misses else 0
-                stats.append(
-                    AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k, tuple(lps), tuple(*z))
-                )
-            return stats
-
-        return self._no_grad_forwards(items, self._module(), read)

@@ -269,6 +269,22 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
+class MaskSpec(Spec):
+    """Which weights an unlearning stage may change (actors/masks.py): the top `fraction` of
+    them by SalUn's saliency |grad L_f| or WAGLE's attribution |(theta - grad L_r / mu) *
+    grad L_f|, scored once at the stage's start; the others stay bit-identical."""
+
+    kind: Literal["saliency", "attribution"] = MISSING
+    fraction: float = 0.5
+    mu: float = 1.0
+
+    def invariants(self) -> Problems:
+        if isinstance(self.fraction, (int, float)) and not 0 < self.fraction <= 1:
+            yield "fraction", f"expected a fraction in (0, 1], got {self.fraction}"
+        yield from positive("mu", self.mu)
+
+
+@dataclass(frozen=True)
 class StageSpec(Spec):
     """One stage of a path. `objective` defaults per kind (sft → sft, grpo → grpo)."""
 
@@ -290,6 +306,7 @@ class StageSpec(Spec):
     rewards: list[RewardSpec] = field(default_factory=list)
     retain: Optional[DataSpec] = None
     sets: list[str] = field(default_factory=list)
+    mask: Optional[MaskSpec] = None
 
     def problems(self) -> Problems:
         if self.kind == "eval":  # trains nothing: only which sets it evaluates matters

@@ -242,6 +242,8 @@ class _Validator:
                 f"{stage.batch_size} rows cannot be split over learner.ranks={ranks}; expected at least {ranks}",
             )
         self.check_rl(key, stage, objective, entry)
+        if stage.mask is not None:
+            self.check_mask(key, stage, entry)
         self.check_data(f"{key}.data", stage.data)
         if entry.alternative is not None:  # reads the rows check_data has just checked
             self.check_alternative(key, stage, objective, entry)
@@ -249,6 +251,29 @@ class _Validator:
             self.check_data(f"{key}.retain", stage.retain)
         for sub_key, problem in stage.problems():
             self.fail(f"{key}.{sub_key}", problem)
+
+    def check_mask(self, key: str, stage: StageSpec, entry: Objective) -> None:
+        """A weight mask: on a supervised unlearn stage, with what keeps the rest unchanged."""
+        if stage.kind != "unlearn" or entry.rl_loop:
+            self.fail(
+                f"{key}.mask",
+                f"a weight mask selects what a supervised unlearn stage changes; this is a {stage.kind} stage{' trained by RL' if entry.rl_loop else ''}",
+            )
+        elif stage.mask.kind == "attribution" and stage.retain is None:
+            self.fail(
+                f"{key}.retain",
+                "an attribution mask scores the weights with the retain rows' gradient too; expected a retain data set",
+            )
+        elif stage.weight_decay:
+            self.fail(
+                f"{key}.weight_decay",
+                f"weight decay would move the weights outside the mask; expected 0 with a mask, got {stage.weight_decay}",
+            )
+        elif self.spec.learner.zero_stage == 3:
+            self.fail(
+                f"{key}.mask",
+                "a mask is scored on a rank's full weights; expected learner.zero_stage 0, 1 or 2, got 3",
+            )
 
     def check_alternative(
         self, key: str, stage: StageSpec, objective: str, entry: Objective

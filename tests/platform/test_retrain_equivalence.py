@@ -132,7 +132,7 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
 METHODS_STUDY = STUDY.with_name("unlearning_methods.yaml")
 METHODS = (
     "ga", "graddiff", "npo", "simnpo", "wga", "satimp", "ceu", "undial", "dpo", "idkdpo", "pdu",
-    "rmu",
+    "rmu", "salun", "wagle",
 )  # fmt: skip
 
 
@@ -159,7 +159,7 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
         *[f"stages.{m}.data.size=16" for m in METHODS],
         *[
             f"stages.{m}.retain.size=16"
-            for m in ("graddiff", "wga", "satimp", "dpo", "idkdpo", "pdu", "rmu")
+            for m in ("graddiff", "wga", "satimp", "dpo", "idkdpo", "pdu", "rmu", "wagle")
         ],
     ]
     assert main(["run", str(METHODS_STUDY), f"storage_dir={storage}", *reduced]) == 0

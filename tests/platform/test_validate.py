@@ -458,6 +458,58 @@ CASES = [
         "evaluation.sets.facts.reference: unknown value 'teacher'; expected one of base, oracle",
     ),
     (
+        "a weight mask on an sft stage",
+        set_key("stages.inst.mask", {"kind": "saliency", "fraction": 0.1}),
+        "stages.inst.mask: a weight mask selects what a supervised unlearn stage changes; this is a sft stage",
+    ),
+    (
+        "an unknown mask kind",
+        set_key("stages.inst.mask", {"kind": "random"}),
+        "stages.inst.mask.kind: unknown value 'random'; expected one of saliency, attribution",
+    ),
+    (
+        "a mask fraction above 1",
+        lambda s: (
+            set_key(
+                "stages.ga",
+                {
+                    "kind": "unlearn",
+                    "objective": "ga",
+                    "data": {"task": "facts", "split": "forget"},
+                    "mask": {"kind": "saliency", "fraction": 2},
+                },
+            )(s),
+        ),
+        "stages.ga.mask.fraction: expected a fraction in (0, 1], got 2",
+    ),
+    (
+        "an attribution mask without retain data",
+        set_key(
+            "stages.ga",
+            {
+                "kind": "unlearn",
+                "objective": "ga",
+                "data": {"task": "facts", "split": "forget"},
+                "mask": {"kind": "attribution"},
+            },
+        ),
+        "stages.ga.retain: an attribution mask scores the weights with the retain rows' gradient too; expected a retain data set",
+    ),
+    (
+        "a mask with weight decay",
+        set_key(
+            "stages.ga",
+            {
+                "kind": "unlearn",
+                "objective": "ga",
+                "data": {"task": "facts", "split": "forget"},
+                "weight_decay": 0.01,
+                "mask": {"kind": "saliency"},
+            },
+        ),
+        "stages.ga.weight_decay: weight decay would move the weights outside the mask; expected 0 with a mask, got 0.01",
+    ),
+    (
         "a Min-K fraction above 1",
         set_key("evaluation.sets.facts.min_k", 1.5),
         "evaluation.sets.facts.min_k: expected a fraction in (0, 1], got 1.5",

@@ -1,0 +1,178 @@
+"""What a learner rank computes besides its training steps, on the weights it holds: the
+tokenised batches both share (`_encode`, `_batch`, `_forward`), per-token log-probs and
+evaluation statistics in no-grad forwards (`logprobs`, `answer_stats`), per-row gradient norms
+(`grad_norms`, GradNorm's attack), the probe of the probability mass, and the gradients that
+score a stage's weight mask. `LearnerWorker` (actors/learner_worker.py) inherits it; the methods
+read the rank's state (`policy`, `engine`, `ref`, `tokenizer`, `rank`, `world`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stageflow.actors.batching import TokenBatch, collate, completion_values
+from stageflow.actors.dispatch import SPLIT, dispatch
+from stageflow.actors.masks import GradientMask, top_fraction, weight_scores
+from stageflow.actors.metrics import AnswerStats
+from stageflow.actors.rendering import Completion, encode_item
+from stageflow.core.config import StageSpec
+
+FORWARD_MICRO_BATCH = 32  # sequences per no-grad forward (log-probs, evaluation)
+
+
+class LearnerScoring:
+    """A learner rank's forwards that score rather than train (see the module docstring)."""
+
+    def _encode(self, items: list[Any], max_len: int = 1 << 30) -> list[tuple[list[int], int]]:
+        return [encode_item(self.tokenizer, it, max_len) for it in items]
+
+    def _batch(self, encoded: list[tuple[list[int], int]]) -> TokenBatch:
+        if not encoded:  # a rank with no rows still runs one forward (ZeRO-3 collectives); weight 0
+            encoded = [([self.tokenizer.bos_token_id or 0, self.tokenizer.eos_token_id or 0], 1)]
+        return collate([e[0] for e in encoded], [e[1] for e in encoded], self.pad_id)
+
+    def _forward(self, module: Any, batch: TokenBatch, **kwargs: Any) -> Any:
+        return module(
+            batch.input_ids.to(self.device),
+            batch.attention_mask.to(self.device),
+            batch.mask.to(self.device),
+            **kwargs,
+        )
+
+    def _weight_mask(
+        self, stage: StageSpec, encoded: list, retain_rows: list[dict] | None
+    ) -> GradientMask:
+        """The stage's weight mask (actors/masks.py), scored on the forget rows (and as many
+        retain rows for `attribution`) before its first step, the same on every rank."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_forget = self._loss_grads(encoded, params)
+        grad_retain = None
+        if stage.mask.kind == "attribution":
+            retain = self._encode((retain_rows or [])[: len(encoded)], stage.max_len)
+            grad_retain = self._loss_grads(retain, params)
+        scores = weight_scores(stage.mask, params, grad_forget, grad_retain)
+        return GradientMask.attach(params, top_fraction(scores, stage.mask.fraction))
+
+    def _loss_grads(self, encoded: list, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The gradient of the rows' token-mean NLL (over all rows and ranks) with respect to
+        `params`: each rank its share, in micro-batches, then summed over ranks."""
+        total = [torch.zeros_like(p) for p in params]
+        tokens = max(1, sum(len(ids) - prompt for ids, prompt in encoded))
+        mine = encoded[self.rank :: self.world]
+        self.policy.eval()
+        for at in range(0, len(mine), FORWARD_MICRO_BATCH):
+            batch = self._batch(mine[at : at + FORWARD_MICRO_BATCH])
+            nll = -self._forward(self.policy, batch).sum() / tokens
+            for acc, grad in zip(total, torch.autograd.grad(nll, params)):
+                acc += grad
+        for acc in total:
+            torch.distributed.all_reduce(acc)
+        return total
+
+    def _probe(self, items: list[dict]) -> list[float]:
+        """Summed log-probs of every item's answer, each rank scoring its share (every rank
+        gets the whole list)."""
+        mine = [s.logprob for s in self.answer_stats(items[self.rank :: self.world])]
+        shares: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(shares, mine)
+        out = [0.0] * len(items)
+        for rank, share in enumerate(shares):
+            out[rank :: self.world] = share
+        return out
+
+    # ----- no-grad forwards: log-probs and evaluation statistics -------------------------------
+    def _no_grad_forwards(self, items: list[dict], module: Any, read: Any) -> list:
+        """`read(module, batch)` over micro-batches of `items`: one result per item, in order.
+
+        Under ZeRO-3 every rank runs as many forwards as the busiest one (gathers are collective).
+        """
+        encoded = self._encode(items)
+        chunks = [
+            encoded[i : i + FORWARD_MICRO_BATCH]
+            for i in range(0, len(encoded), FORWARD_MICRO_BATCH)
+        ]
+        n_calls = len(chunks)
+        if self.zero3 and self.engine is not None:
+            count = torch.tensor([n_calls])
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            n_calls = int(count)
+        out: list = []
+        module.eval()
+        with torch.no_grad():
+            for i in range(n_calls):
+                chunk = chunks[i] if i < len(chunks) else []
+                out += read(module, self._batch(chunk))[: len(chunk)]
+        return out
+
+    def _module(self, reference: bool = False) -> Any:
+        if reference:
+            if self.ref is None:
+                raise RuntimeError("no pi_ref: the stage's objective does not need one")
+            return self.ref
+        return self.engine if self.engine is not None else self.policy
+
+    @dispatch(SPLIT)
+    def logprobs(
+        self,
+        items: list[dict] | list[Completion],
+        temperature: float = 1.0,
+        reference: bool = False,
+    ) -> list[list[float]]:
+        """Per-token log-probs of each item's answer (a `prompt`/`answer` row) or completion (a
+        `Completion`); under pi_ref (taken by `begin_stage`) when `reference`."""
+
+        def read(module: Any, batch: TokenBatch) -> list[list[float]]:
+            values = self._forward(module, batch, temperature=temperature)
+            return completion_values(values.cpu(), batch)
+
+        return self._no_grad_forwards(items, self._module(reference), read)
+
+    @dispatch(SPLIT)
+    def grad_norms(self, items: list[dict]) -> list[float]:
+        """The L2 norm of the gradient of each item's mean answer NLL with respect to the model's
+        weights (`mia_gradnorm`; LoRA adapters aside, frozen weights included, so the value does
+        not depend on what the last stage trained): one forward and backward per item, on the
+        weights this rank holds (ZeRO 0-2; validation refuses ZeRO-3); weights, optimizer and
+        `requires_grad` are left as they were."""
+        module = self.policy
+        named = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
+        trained = [p.requires_grad for _, p in named]
+        params = [p.requires_grad_(True) for _, p in named]
+        module.eval()
+        norms = []
+        try:
+            for encoded in self._encode(items):
+                batch = self._batch([encoded])
+                logprobs = self._forward(module, batch)
+                nll = -logprobs.sum() / batch.mask.sum().clamp(min=1)
+                grads = torch.autograd.grad(nll, params)
+                norms.append(float(torch.sqrt(sum(g.double().square().sum() for g in grads))))
+        finally:
+            for p, flag in zip(params, trained):
+                p.requires_grad_(flag)
+        return norms
+
+    @dispatch(SPLIT)
+    def answer_stats(self, items: list[dict], standardized: bool = False) -> list[AnswerStats]:
+        """Teacher-forced statistics of each `prompt`/`answer` item's answer tokens (EOS
+        included, as trained): summed log-prob, length, argmax hits, extraction prefix k and
+        each token's log-prob; with `standardized`, each token's (log p - mu) / sigma too, mu
+        and sigma the mean and std of log p under p (Min-K%++), from the same head pass."""
+
+        def read(module: Any, batch: TokenBatch) -> list[AnswerStats]:
+            out = self._forward(module, batch, with_argmax=True, with_std=standardized)
+            columns = [out.logprobs, out.is_argmax.float()]
+            if standardized:  # mu = -entropy
+                columns.append((out.logprobs + out.entropy) / out.std.clamp(min=1e-12))
+            stats = []
+            for lps, hits, *z in zip(*(completion_values(c.cpu(), batch) for c in columns)):
+                misses = [i for i, hit in enumerate(hits) if not hit]
+                k = misses[-1] + 1 if misses else 0
+                stats.append(
+                    AnswerStats(float(sum(lps)), len(lps), int(sum(hits)), k, tuple(lps), tuple(*z))
+                )
+            return stats
+
+        return self._no_grad_forwards(items, self._module(), read)
