@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -397,6 +398,9 @@ class LearnerWorker(LearnerScoring):
             raise RuntimeError("train_stage got no rows")
         if stage.batch_size < self.world:
             raise RuntimeError(f"batch_size {stage.batch_size} < learner.ranks {self.world}")
+        isolated = self._isolate(stage, rows)
+        if isolated is not None:
+            rows = [rows[i] for i in isolated["rows"]]
         steps = stage_steps(stage.steps, stage.epochs, stage.batch_size, len(rows))
         self.begin_stage(stage, steps)
         entry, params = self._stage["entry"], self._stage["params"]
@@ -441,7 +445,27 @@ class LearnerWorker(LearnerScoring):
             metrics[0]["probe_start"] = start
         if mask is not None:
             metrics[0]["mask/fraction"] = mask.fraction
+        if isolated is not None:  # the caller keeps the selection beside the stage's metrics
+            metrics[0]["isolated"] = isolated
         return metrics
+
+    def _isolate(self, stage: StageSpec, rows: list[dict]) -> dict[str, list] | None:
+        """ABL's isolation pass, for an objective that declares one: the indices of the
+        lowest-loss fraction of `rows` (mean NLL per answer token under the current weights,
+        ties by index) and their losses; None otherwise."""
+        entry = OBJECTIVES[objective_of(stage)]
+        if entry.isolate is None:
+            return None
+        fraction = float(entry.resolve(dict(stage.params))[entry.isolate])
+        shares: list[Any] = [None] * self.world
+        mine = [-s.mean_logprob for s in self.answer_stats(rows[self.rank :: self.world])]
+        torch.distributed.all_gather_object(shares, mine)
+        losses = [0.0] * len(rows)
+        for rank, share in enumerate(shares):
+            losses[rank :: self.world] = share
+        n = max(1, math.ceil(fraction * len(rows)))
+        chosen = sorted(range(len(rows)), key=lambda i: (losses[i], i))[:n]
+        return {"rows": chosen, "losses": [losses[i] for i in chosen]}
 
     @dispatch(SPLIT_RANK0)
     def step(self, samples: list[Completion], global_count: int) -> dict[str, float]:

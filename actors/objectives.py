@@ -87,6 +87,14 @@ def ga(x: LossInputs) -> torch.Tensor:
     return losses.ga_loss(x.logprobs, x.mask)
 
 
+@OBJECTIVES.register("abl", kinds=("unlearn",), extra_params={"isolate": 0.1}, isolate="isolate")
+def abl(x: LossInputs) -> torch.Tensor:
+    """Isolate then ascend (Anti-Backdoor Learning): gradient ascent on the `isolate` fraction of
+    the stage's rows with the lowest loss under the model at the stage's start (the suspected
+    poisoned rows, learnt fastest), selected by the learner before the first step."""
+    return losses.ga_loss(x.logprobs, x.mask)
+
+
 @OBJECTIVES.register("graddiff", kinds=("unlearn",), retain_weight="alpha")
 def graddiff(x: LossInputs, gamma: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
     """GradDiff: gamma * (-NLL_f) + alpha * NLL_r."""

@@ -74,7 +74,9 @@ class Objective:
     None: not given), each forget answer being the rejected one (DPO, IdkDPO);
     `layer_states(Params)`: the `LayerStates` of a representation objective (RMU);
     `needs_retain`: a retain set always; `stateful`: a dict kept across the stage's steps is
-    `LossInputs.state` (its numbers are logged per step as `state/<name>`; PDU's dual variable).
+    `LossInputs.state` (its numbers are logged per step as `state/<name>`; PDU's dual variable);
+    `isolate`: the parameter giving the fraction of the stage's rows, lowest loss under the
+    model at the stage's start, that the stage trains on alone (ABL's isolation pass).
     """
 
     name: str
@@ -93,6 +95,7 @@ class Objective:
     layer_states: Callable[[Any], LayerStates] | None = None
     needs_retain: bool = False  # a retain set whatever the parameters (a constraint on it)
     stateful: bool = False  # keeps state across a stage's steps (LossInputs.state)
+    isolate: str | None = None  # its fraction parameter: train on the lowest-loss rows alone
 
     @property
     def params(self) -> dict[str, Any]:

@@ -244,6 +244,13 @@ class _Validator:
         self.check_rl(key, stage, objective, entry)
         if stage.mask is not None:
             self.check_mask(key, stage, entry)
+        if entry.isolate is not None:
+            fraction = {**entry.params, **stage.params}.get(entry.isolate)
+            if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                self.fail(
+                    f"{key}.params.{entry.isolate}",
+                    f"the share of the stage's rows to isolate; expected a fraction in (0, 1], got {fraction}",
+                )
         self.check_data(f"{key}.data", stage.data)
         if entry.alternative is not None:  # reads the rows check_data has just checked
             self.check_alternative(key, stage, objective, entry)

@@ -12,6 +12,7 @@ committed. Where the trial's time went is logged as `time/<phase>_s`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +298,7 @@ class TrialRunner:
         started = now_ms()  # the training itself, for the stage's window in time
         steps = loop(self, step, rows, retain)
         ended = now_ms()
+        isolated = steps[0].pop("isolated", None) if steps else None
         for phase, seconds in step_time_split(steps).items():
             self.clock.add(f"in_{phase}", seconds)  # parts of train / rl_stage, not added twice
         self.workers.holds(key)
@@ -311,6 +313,10 @@ class TrialRunner:
             "train_start_ms": started,
             "train_end_ms": ended,
         }
+        if isolated is not None:  # ABL: which rows the stage ascended on, and their losses
+            isolated["prompts"] = [rows[i]["prompt"] for i in isolated["rows"]]
+            meta["isolated"] = isolated
+            self.track(Tracker.log_text, run_id, json.dumps(isolated, indent=1), "isolated.json")
         if any("reward_mean" in s for s in steps):
             meta["rl_summary"] = rl_summary(steps, stage_reward_range(stage))
         # evaluated on the weights the learner holds, before the checkpoint is committed

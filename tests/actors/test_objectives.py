@@ -28,6 +28,7 @@ def test_registry_metadata():
     expected = {
         "sft": (("sft",), {}, False),
         "ga": (("unlearn",), {}, False),
+        "abl": (("unlearn",), {"isolate": 0.1}, False),
         "graddiff": (("unlearn",), {"gamma": 1.0, "alpha": 1.0}, False),
         "npo": (("unlearn",), {"beta": 0.1, "alpha": 0.0}, True),
         "simnpo": (("unlearn",), {"beta": 4.5, "delta": 0.0, "alpha": 0.0}, False),
@@ -72,6 +73,8 @@ def test_formulas_match_docs_formulas_md():
     ref_seq = (x.ref_logprobs * x.mask).sum(-1)
     torch.testing.assert_close(OBJECTIVES["sft"].fn(x), nll_tok)
     torch.testing.assert_close(OBJECTIVES["ga"].fn(x), -nll_tok)
+    torch.testing.assert_close(OBJECTIVES["abl"].fn(x), -nll_tok)  # on the isolated rows
+    assert OBJECTIVES["abl"].isolate == "isolate"
     torch.testing.assert_close(
         OBJECTIVES["graddiff"].fn(x, gamma=0.5, alpha=2.0), 0.5 * -nll_tok + 2.0 * retain_nll
     )

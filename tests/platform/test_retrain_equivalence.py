@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
 METHODS_STUDY = STUDY.with_name("unlearning_methods.yaml")
 METHODS = (
     "ga", "graddiff", "npo", "simnpo", "wga", "satimp", "ceu", "undial", "dpo", "idkdpo", "pdu",
-    "rmu", "salun", "wagle",
+    "rmu", "salun", "wagle", "abl",
 )  # fmt: skip
 
 
@@ -171,3 +172,7 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
         assert row, method
         scores[method] = float(row.group(1))
     assert scores["ga"] > 0 and scores["npo"] > 0, scores
+    metas = [json.loads(m.read_text()) for m in (storage / "prefixes").glob("*/meta.json")]
+    [abl] = [m for m in metas if m["stage"] == "abl"]  # one path, one seed: one ABL branch
+    isolated = abl["isolated"]  # the rows ABL ascended on, with their losses and prompts
+    assert len(isolated["rows"]) == len(isolated["losses"]) == len(isolated["prompts"]) == 8

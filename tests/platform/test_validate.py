@@ -510,6 +510,19 @@ CASES = [
         "stages.ga.weight_decay: weight decay would move the weights outside the mask; expected 0 with a mask, got 0.01",
     ),
     (
+        "an isolated share above 1",
+        set_key(
+            "stages.abl",
+            {
+                "kind": "unlearn",
+                "objective": "abl",
+                "data": {"task": "facts"},
+                "params": {"isolate": 1.5},
+            },
+        ),
+        "stages.abl.params.isolate: the share of the stage's rows to isolate; expected a fraction in (0, 1], got 1.5",
+    ),
+    (
         "a Min-K fraction above 1",
         set_key("evaluation.sets.facts.min_k", 1.5),
         "evaluation.sets.facts.min_k: expected a fraction in (0, 1], got 1.5",
