@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stageflow.core.alternatives import IDK
+from stageflow.core.alternatives import GENERATED, IDK
 from stageflow.core.lazy import lazy_module
 from stageflow.core.registry import OBJECTIVES, LayerStates, VocabStat
 
@@ -205,6 +205,22 @@ def idkdpo(
     x: LossInputs, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0
 ) -> torch.Tensor:
     """IdkDPO: DPO with an "I don't know" answer chosen for every forget prompt."""
+    return with_retain(gamma * preference(x, beta), x, alpha)
+
+
+@OBJECTIVES.register(
+    "altpo",
+    kinds=("unlearn",),
+    extra_params={"samples": 4, "max_new_tokens": 32},
+    needs_ref=True,
+    retain_weight="alpha",
+    positive=("beta",),
+    alternative=lambda p: GENERATED,
+)
+def altpo(x: LossInputs, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """AltPO: DPO with the chosen answer of each forget prompt sampled from the model itself at
+    the stage's start (the rollout engines, on the stage's starting weights), the forget answer
+    rejected."""
     return with_retain(gamma * preference(x, beta), x, alpha)
 
 

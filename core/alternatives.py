@@ -1,6 +1,8 @@
-"""Preferred answers for preference-based unlearning (DPO, IdkDPO): each forget row's answer is
-the rejected one, and its chosen answer comes from the built-in "I don't know" set (`idk`) or
-from a column of the stage's data (a string, or a list of strings of which one is drawn)."""
+"""Preferred answers for preference-based unlearning (DPO, IdkDPO, AltPO): each forget row's
+answer is the rejected one, and its chosen answer comes from the built-in "I don't know" set
+(`idk`), from a column of the stage's data (a string, or a list of strings of which one is
+drawn), or is `generated`: sampled from the model at the stage's start by the rollout engines,
+which the trial writes into each row's `generated` column (AltPO)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import random
 from collections.abc import Sequence
 
 IDK = "idk"
+GENERATED = "generated"  # the source, and the column the trial fills with sampled answers
 IDK_ANSWERS = (
     "I don't know.",
     "I'm not sure.",
@@ -37,7 +40,7 @@ def _choices(row: dict, source: str) -> Sequence[str]:
 
 def alternative_problem(rows: Sequence[dict], source: str) -> str | None:
     """Why `source` cannot give every row a preferred answer, or None."""
-    if source == IDK:
+    if source in (IDK, GENERATED):
         return None
     for number, row in enumerate(rows, start=1):
         value = row.get(source)

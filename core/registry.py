@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from stageflow.core.alternatives import GENERATED
 from stageflow.core.config import RLLoopParams, positive, typed_value
 
 Range = tuple[float, float]
@@ -381,6 +382,15 @@ def objective_of(stage: Any) -> str | None:
         return stage.objective
     kind = STAGE_KINDS[stage.kind] if stage.kind in STAGE_KINDS else None
     return kind.default_objective if kind else None
+
+
+def samples_alternatives(stage: Any) -> bool:
+    """Whether the stage's preference objective samples its chosen answers from the model
+    (AltPO: the rollout engines draw them at the stage's start)."""
+    name = objective_of(stage)
+    if name not in OBJECTIVES or OBJECTIVES[name].alternative is None:
+        return False
+    return OBJECTIVES[name].alternatives(dict(stage.params)) == GENERATED
 
 
 def runs_rl_loop(stage: Any) -> bool:

@@ -28,7 +28,7 @@ from stageflow.actors.rendering import (
     row_prompt,
 )
 from stageflow.actors.rewards import check_rewards
-from stageflow.core.alternatives import IDK, alternative_problem
+from stageflow.core.alternatives import GENERATED, IDK, alternative_problem
 from stageflow.core.config import (
     DataSpec,
     EvalSetSpec,
@@ -63,6 +63,7 @@ from stageflow.core.registry import (
     load_plugins,
     objective_of,
     runs_rl_loop,
+    samples_alternatives,
 )
 from stageflow.core.serving import serving_problem
 from stageflow.core.study_dir import StudyDir
@@ -295,6 +296,14 @@ class _Validator:
         problem = alternative_problem(self.rows(f"{key}.data", stage.data), source)
         if problem:
             self.fail(f"{key}.params.alternative", problem)
+        if source == GENERATED:  # sampled by the engines: how many, how long
+            params = {**entry.params, **stage.params}
+            for name in ("samples", "max_new_tokens"):
+                if not isinstance(params[name], int) or params[name] < 1:
+                    self.fail(
+                        f"{key}.params.{name}",
+                        f"expected a positive whole number, got {params[name]!r}",
+                    )
 
     def check_layers(self, key: str, states: LayerStates) -> None:
         """A representation objective's layers exist in the study's model."""
@@ -613,6 +622,9 @@ class _Validator:
                 loop = OBJECTIVES[objective_of(stage)].loop_params(dict(stage.params))
                 data = [stage.data] + ([stage.retain] if stage.retain else [])
                 needs.append((f"stage '{name}'", data, loop.max_new_tokens, None))
+            elif stage.kind != "eval" and samples_alternatives(stage):
+                tokens = {**OBJECTIVES[objective_of(stage)].params, **stage.params}
+                needs.append((f"stage '{name}'", [stage.data], tokens["max_new_tokens"], None))
         if not needs:
             return
         tokenizer, limit = self.tokenizer(), self.spec.rollout.max_model_len

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from stageflow.actors.rendering import row_prompt
+from stageflow.core.alternatives import GENERATED
 from stageflow.core.prefix_cache import Claim, PrefixCache
-from stageflow.core.registry import STAGE_KINDS, StageKind, runs_rl_loop
+from stageflow.core.registry import (
+    OBJECTIVES,
+    STAGE_KINDS,
+    StageKind,
+    objective_of,
+    runs_rl_loop,
+    samples_alternatives,
+)
 from stageflow.platform.engine.evaluation import mass_per_step, probe_items
 from stageflow.platform.engine.trial_plan import PlannedStep
 
@@ -91,15 +100,47 @@ class TrainStage(StageKind):
 def supervised_loop(
     trial: TrialRun, step: StageStep, rows: list[dict], retain: Any
 ) -> list[dict[str, float]]:
-    """The stage's objective over batches of its rows, on the learner."""
+    """The stage's objective over batches of its rows, on the learner (AltPO's preferred
+    answers sampled first, from the stage's starting weights)."""
     probe = trial.mass_probe(step)
+    sampled = None
+    if samples_alternatives(step.stage):
+        with trial.clock("alternatives"):
+            rows, sampled = sampled_alternatives(trial, step, rows)
     with trial.workers.training(), trial.clock("train"):
         steps = trial.workers.learner.train_stage(
             step.stage, rows, retain, seed=step.seed, probe=probe_items(probe) if probe else None
         )
     if probe:
         mass_per_step(probe, steps)
+    if sampled is not None and steps:
+        steps[0]["alternatives/like_answer"] = sampled
     return steps
+
+
+def sampled_alternatives(
+    trial: TrialRun, step: StageStep, rows: list[dict]
+) -> tuple[list[dict], float]:
+    """Each row with a `generated` answer sampled from the stage's starting weights by the
+    trial's engines: the first of `samples` completions (temperature 1, `max_new_tokens`) that
+    is not empty and differs from the row's answer, else the first; and the share of rows
+    where none differed."""
+    params = OBJECTIVES[objective_of(step.stage)].resolve(dict(step.stage.params))
+    weights = trial.workers.weights(step.parent.key, step.parent.model_dir)
+    out = trial.workers.generate(
+        [row_prompt(row) for row in rows],
+        weights,
+        n=int(params["samples"]),
+        temperature=1.0,
+        max_tokens=int(params["max_new_tokens"]),
+        seed=step.seed,
+    )
+    chosen, same = [], 0
+    for row, texts in zip(rows, out["texts"]):
+        other = [t for t in texts if t.strip() and t.strip() != row["answer"].strip()]
+        same += not other
+        chosen.append({**row, GENERATED: (other or texts)[0]})
+    return chosen, same / max(1, len(rows))
 
 
 def rl_loop(

@@ -29,7 +29,11 @@ from stageflow.core.keys import (
     stage_seed,
 )
 from stageflow.core.models import has_chat_template
-from stageflow.core.registry import METRICS, OBJECTIVES, objective_of, runs_rl_loop
+from stageflow.core.registry import (
+    METRICS,
+    runs_rl_loop,
+    samples_alternatives,
+)
 from stageflow.core.tasks import read_jsonl
 
 RowSource = Callable[[DataSpec], list[dict]]  # a data spec's rows as the data set holds them
@@ -172,7 +176,7 @@ class Planner:
             "retain": self.digest_of(stage.retain),
             "probe": probe,
         }
-        samples = OBJECTIVES[objective_of(stage)].rl_loop
+        samples = runs_rl_loop(stage) or samples_alternatives(stage)
         key = stage_key(parent, seed, stage, spec, data, samples)
         eval_seed = stage_seed(trial.seed, [*names, "eval"])
         evals = self.evals(spec, key, eval_seed, sets)
@@ -224,8 +228,10 @@ def fingerprints(
 
 
 def needs_rollout(spec: StudySpec) -> bool:
-    """Whether any evaluation samples completions or any stage runs the RL loop."""
+    """Whether any evaluation samples completions, or any stage runs the RL loop or samples
+    its preferred answers (AltPO)."""
     generation = any(
         METRICS[m].needs == "generation" for s in spec.evaluation.sets.values() for m in s.metrics
     )
-    return generation or any(runs_rl_loop(s) for s in spec.stages.values() if s.kind != "eval")
+    stages = [s for s in spec.stages.values() if s.kind != "eval"]
+    return generation or any(runs_rl_loop(s) or samples_alternatives(s) for s in stages)

@@ -42,6 +42,11 @@ def test_registry_metadata():
             True,
         ),
         "idkdpo": (("unlearn",), {"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, True),
+        "altpo": (
+            ("unlearn",),
+            {"beta": 0.1, "gamma": 1.0, "alpha": 1.0, "samples": 4, "max_new_tokens": 32},
+            True,
+        ),
         "pdu": (
             ("unlearn",),
             {"eps": None, "dual_step": 1.0, "alpha": 1.0, "gamma": 1.0},
@@ -123,11 +128,13 @@ def test_full_vocabulary_objectives_declare_their_target():
 
 
 def test_preference_objectives_prefer_the_alternative_to_the_forget_answer():
-    """DPO and IdkDPO: gamma * the DPO loss with the stage's answers rejected and the chosen
-    ones preferred, + alpha * NLL_r; `alternatives` says where the chosen answers come from."""
+    """DPO, IdkDPO and AltPO: gamma * the DPO loss with the stage's answers rejected and the
+    chosen ones preferred, + alpha * NLL_r; `alternatives` says where the chosen answers come
+    from (AltPO: sampled from the model)."""
     from stageflow.kernels.losses import dpo_loss
 
     assert OBJECTIVES["idkdpo"].alternatives({}) == "idk"
+    assert OBJECTIVES["altpo"].alternatives({"samples": 2}) == "generated"
     assert OBJECTIVES["dpo"].alternatives({"alternative": "perturbed_answers"}) == (
         "perturbed_answers"
     )
@@ -139,7 +146,7 @@ def test_preference_objectives_prefer_the_alternative_to_the_forget_answer():
     pref = dpo_loss(
         other.logprobs, other.ref_logprobs, other.mask, x.logprobs, x.ref_logprobs, x.mask, 0.3
     )
-    for name in ("dpo", "idkdpo"):
+    for name in ("dpo", "idkdpo", "altpo"):
         got = OBJECTIVES[name].fn(x, beta=0.3, gamma=2.0, alpha=0.5)
         torch.testing.assert_close(got, 2.0 * pref + 0.5 * retain_nll)
     with pytest.raises(ValueError, match="chosen answers"):

@@ -132,8 +132,8 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
 
 METHODS_STUDY = STUDY.with_name("unlearning_methods.yaml")
 METHODS = (
-    "ga", "graddiff", "npo", "simnpo", "wga", "satimp", "ceu", "undial", "dpo", "idkdpo", "pdu",
-    "rmu", "salun", "wagle", "abl",
+    "ga", "graddiff", "npo", "simnpo", "wga", "satimp", "ceu", "undial", "dpo", "idkdpo",
+    "altpo", "pdu", "rmu", "salun", "wagle", "abl",
 )  # fmt: skip
 
 
@@ -160,7 +160,7 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
         *[f"stages.{m}.data.size=16" for m in METHODS],
         *[
             f"stages.{m}.retain.size=16"
-            for m in ("graddiff", "wga", "satimp", "dpo", "idkdpo", "pdu", "rmu", "wagle")
+            for m in ("graddiff", "wga", "satimp", "dpo", "idkdpo", "altpo", "pdu", "rmu", "wagle")
         ],
     ]
     assert main(["run", str(METHODS_STUDY), f"storage_dir={storage}", *reduced]) == 0
@@ -176,3 +176,5 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
     [abl] = [m for m in metas if m["stage"] == "abl"]  # one path, one seed: one ABL branch
     isolated = abl["isolated"]  # the rows ABL ascended on, with their losses and prompts
     assert len(isolated["rows"]) == len(isolated["losses"]) == len(isolated["prompts"]) == 8
+    [altpo] = [m for m in metas if m["stage"] == "altpo"]  # its answers sampled first
+    assert 0 <= altpo["step_metrics"][0]["alternatives/like_answer"] < 1
