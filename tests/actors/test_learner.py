@@ -85,17 +85,18 @@ def test_unlearning_lowers_the_forget_likelihood(learner, actor_model_dir, qa_ro
     assert after < before, (before, after)
 
 
-@pytest.mark.parametrize("objective", ["idkdpo", "dpo"])
+@pytest.mark.parametrize("objective", ["idkdpo", "dpo", "altpo"])
 def test_preference_unlearning_prefers_the_alternative(
     learner, actor_model_dir, qa_rows, objective
 ):
-    """IdkDPO (an "I don't know" answer chosen) and DPO (a column's answer chosen) from the taught
-    model: the first step's loss is (2/beta) log 2 (pi_theta = pi_ref), the forget answers'
-    log-likelihood falls and the chosen answers' gains on it (DPO moves the margin: both may fall)."""
+    """IdkDPO (an "I don't know" answer chosen), DPO (a column's answer chosen) and AltPO (the
+    `generated` answer the trial samples, given here) from the taught model: the first step's
+    loss is (2/beta) log 2 (pi_theta = pi_ref), the forget answers' log-likelihood falls and the
+    chosen answers' gains on it (DPO moves the margin: both may fall)."""
     from stageflow.core.alternatives import chosen_rows
 
-    rows = [{**row, "better": "no comment"} for row in qa_rows]
-    source = "idk" if objective == "idkdpo" else "better"
+    rows = [{**row, "better": "no comment", "generated": "stage flow"} for row in qa_rows]
+    source = {"idkdpo": "idk", "dpo": "better", "altpo": "generated"}[objective]
     chosen = chosen_rows(rows[:4], source, seed=0)
     learner.load(actor_model_dir)
     learner.train_stage(SFT, qa_rows, seed=0)

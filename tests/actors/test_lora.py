@@ -88,15 +88,23 @@ def test_a_lora_stage_trains_the_adapter_alone(lora_learner, actor_model_dir, qa
 
 @pytest.mark.parametrize(
     "objective, params",
-    [("ceu", {}), ("undial", {}), ("rmu", {"layer": 1, "trainable_layers": [1], "alpha": 0.0})],
+    [
+        ("ceu", {}),
+        ("undial", {}),
+        ("rmu", {"layer": 1, "trainable_layers": [1], "alpha": 0.0}),
+        ("abl", {"isolate": 0.5}),
+        ("altpo", {"alpha": 0.0}),
+    ],
 )
 def test_unlearning_objectives_train_the_adapter_under_lora(
     lora_learner, actor_model_dir, qa_rows, objective, params
 ):
-    """CE-U, UNDIAL and RMU under LoRA: the frozen head's weight gets no gradient (the kernel
-    skips dW), the base weights stay bit-identical, the forget answers' likelihood falls (RMU:
-    its distance to the steering target); RMU trains the adapters of its layers only."""
+    """CE-U, UNDIAL, RMU, ABL and AltPO (its sampled answers given as the trial gives them)
+    under LoRA: the frozen head's weight gets no gradient (the kernel skips dW), the base
+    weights stay bit-identical, the forget answers' likelihood falls (RMU: its distance to the
+    steering target); RMU trains the adapters of its layers only."""
     base = load_file(actor_model_dir / "model.safetensors")
+    qa_rows = [{**row, "generated": "stage flow"} for row in qa_rows]
     lora_learner.load(actor_model_dir)
     before = sum(sum(lp) for lp in lora_learner.logprobs(qa_rows[:4]))
     spec = dataclasses.replace(SFT, kind="unlearn", objective=objective, steps=3, params=params)
