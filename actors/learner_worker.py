@@ -292,6 +292,7 @@ class LearnerWorker(LearnerScoring):
         global_n: int,
         extra: dict,
         chosen: list | None = None,
+        gap_to: torch.Tensor | None = None,
     ) -> dict:
         """One optimizer step on this rank's share: one forward over the forget rows, their
         chosen answers (preference objectives) and the retain rows; loss; step."""
@@ -352,10 +353,12 @@ class LearnerWorker(LearnerScoring):
         self.engine.step()
         peak_mib = peak.stop()
         elapsed = time.perf_counter() - start
-        gap = torch.zeros(2)  # sum and count of |log pi_theta - log pi_old| over answer tokens
-        if inputs.old_logprobs is not None and local_n:
+        # sum and count of |log pi_theta - log pi_old| over answer tokens (or, on policy, minus
+        # the engine's log-probs of the same weights: `gap_to`)
+        gap, gap_to = torch.zeros(2), inputs.old_logprobs if gap_to is None else gap_to
+        if gap_to is not None and local_n:
             weights = inputs.mask.float()
-            diff = (inputs.logprobs.detach() - inputs.old_logprobs).abs().float()
+            diff = (inputs.logprobs.detach() - gap_to).abs().float()
             gap = torch.stack([(diff * weights).sum(), weights.sum()]).cpu()
         totals = torch.tensor(
             [
@@ -369,7 +372,7 @@ class LearnerWorker(LearnerScoring):
         self._stage["step"] += 1
         gap_mean = float(totals[2] / totals[3].clamp(min=1))
         return {
-            **({"old_logprob_gap": gap_mean} if inputs.old_logprobs is not None else {}),
+            **({"old_logprob_gap": gap_mean} if gap_to is not None else {}),
             "loss": float(totals[0]),
             "lr": float(lr),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -476,6 +479,7 @@ class LearnerWorker(LearnerScoring):
         encoded = self._encode(samples)
         batch = self._batch(encoded)
         extra: dict[str, torch.Tensor] = {}
+        gap_to: torch.Tensor | None = None
         if samples:
             if samples[0].token_advantages is not None:
                 extra["advantages"] = place_completion_values(
@@ -491,7 +495,10 @@ class LearnerWorker(LearnerScoring):
                 extra["ref_logprobs"] = place_completion_values(
                     [s.ref_logprobs for s in samples], batch
                 )
+            if samples[0].sampled_logprobs is not None:
+                gap_to = place_completion_values([s.sampled_logprobs for s in samples], batch)
         else:
             extra["advantages"] = torch.zeros(1)
         extra = {k: v.to(self.device) for k, v in extra.items()}
-        return self._update(encoded, [], len(samples), global_count, extra)
+        gap_to = None if gap_to is None else gap_to.to(self.device)
+        return self._update(encoded, [], len(samples), global_count, extra, gap_to=gap_to)

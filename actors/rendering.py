@@ -94,6 +94,7 @@ class Completion:
     token_advantages: list[float] | None = None
     old_logprobs: list[float] | None = None
     ref_logprobs: list[float] | None = None
+    sampled_logprobs: list[float] | None = None  # the engine's, for the learner-engine gap only
 
 
 def encode_item(

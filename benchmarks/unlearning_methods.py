@@ -11,7 +11,11 @@ One learner rank (DeepSpeed ZeRO-0, fp32, AdamW, fused kernels; a Ray actor with
 for every registered supervised unlearning objective with its default parameters, one `unlearn`
 stage of `--warmup` + `--steps` steps from the same base model, with `--batch` forget rows and
 `--batch` retain rows of `--seq` tokens (the retain rows enter the step only where the
-objective's retain weight is non-zero, as in a study). The methods run interleaved: each of
+objective's retain weight is non-zero, as in a study). AltPO's chosen answers, which a study
+samples with the rollout engines before the stage, are given (a `generated` column), and ABL's
+isolation pass, which runs once before the stage, is outside the timed steps; its steps then
+train on its isolated share of the rows (`isolate: 1` here, so a step sees as many rows as
+GA's). The methods run interleaved: each of
 `--reps` repetitions runs all of them in a new random order. Per method and repetition: the
 median step time over the timed steps (forward, backward, optimizer step: `step_time_s`) divided
 by the tokens the step processed (forget, chosen and retain rows counted), and its ratio to GA's
@@ -33,8 +37,9 @@ SIZES = {
     "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
 }
 # methods that must run a second model or a second pass (pi_ref, a teacher): goal 2.5x, else 1.5x
-SECOND_PASS = {"npo", "undial", "dpo", "idkdpo", "rmu", "uld"}
-PARAMS = {"dpo": {"alternative": "idk"}}  # what a method cannot run without
+SECOND_PASS = {"npo", "undial", "dpo", "idkdpo", "altpo", "rmu", "uld"}
+# what a method cannot run without; ABL's steps on every row (the same batch as GA's)
+PARAMS = {"dpo": {"alternative": "idk"}, "abl": {"isolate": 1.0}}
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,10 +55,10 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 def rows(n: int, seq: int, tag: str) -> list[dict]:
     rng = random.Random(tag)
     letters = "abcdefghijklmnopqrstuvwxyz "
-    return [
-        {"prompt": f"{tag}: ", "answer": "".join(rng.choice(letters) for _ in range(seq - 5))}
-        for _ in range(n)
-    ]
+    def text() -> str:
+        return "".join(rng.choice(letters) for _ in range(seq - 5))
+
+    return [{"prompt": f"{tag}: ", "answer": text(), "generated": text()} for _ in range(n)]
 
 
 def methods() -> list[str]:
@@ -143,7 +148,7 @@ def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
 def intro(meta: dict) -> str:
     return (
         f"Forget batch {meta['batch']} x {meta['seq']} tokens (and as many retain rows where the "
-        f"objective weights them, chosen answers for DPO and IdkDPO: `idk`), fp32, AdamW, one learner rank (1 CPU); each method's median "
+        f"objective weights them, chosen answers for DPO and IdkDPO: `idk`, for AltPO: given; ABL on all rows), fp32, AdamW, one learner rank (1 CPU); each method's median "
         f"step time over {meta['steps']} steps after {meta['warmup']} warm-up steps, per token "
         f"processed; {meta['reps']} repetitions with the methods interleaved in a new random "
         f"order each time; ratio to GA in the same repetition: median [min, max]. Goal: 1.5x "

@@ -263,8 +263,10 @@ class GRPOLoop:
     def learn(self, rollout: Rollout) -> dict[str, float]:
         """Advantages, pi_old / pi_ref log-probs, `updates_per_batch` optimizer steps; metrics.
 
-        pi_old: the learner's log-probs when it holds the sampling version (synchronous), else
-        the engine's behaviour log-probs, so the clipped ratio stays correct off-policy.
+        pi_old: the engine's behaviour log-probs when the samples may be stale (k >= 1), so the
+        clipped ratio stays correct off-policy; synchronous with one update per batch, pi_old
+        is pi_theta itself (the ratio is 1 by construction: the loss takes the step's own
+        log-probs, detached, and no forward is spent on them); else the learner's log-probs.
         """
         staleness = [self.version - s.version for s in rollout.samples]
         if max(staleness) > self.max_staleness:  # asserted: never train on older samples
@@ -278,11 +280,19 @@ class GRPOLoop:
         items = [Completion(s.prompt_token_ids, s.completion_token_ids) for s in samples]
         behaviour = self.max_staleness > 0
         learn_start = time.perf_counter()  # the learner's share of the step from here
-        old = [s.sampled_logprobs for s in samples] if behaviour else self.learner.logprobs(items)
-        ref = self.learner.logprobs(items, reference=True) if self.use_ref else None
         coef = self.loop.entropy_coef
+        sampled = [s.sampled_logprobs for s in samples]  # pi_old's, where T = 1
+        tempered = self.sampling["temperature"] != 1.0
+        on_policy = not (behaviour or self.updates > 1 or coef or tempered)
+        if behaviour:
+            old = sampled
+        else:
+            old = None if on_policy else self.learner.logprobs(items)
+        estimate = sampled if old is None else old  # pi_old's log-probs: entropy and KL
+        ref = self.learner.logprobs(items, reference=True) if self.use_ref else None
         for i, item in enumerate(items):
-            item.old_logprobs = old[i]
+            item.old_logprobs = None if old is None else old[i]
+            item.sampled_logprobs = sampled[i] if on_policy else None
             item.ref_logprobs = ref[i] if ref is not None else None
             if coef:  # entropy bonus as a per-token advantage term: coef * (-log pi_old(y_t))
                 item.token_advantages = [advantages[i] - coef * lp for lp in old[i]]
@@ -305,7 +315,7 @@ class GRPOLoop:
             "reward_std": _std(rewards),
             "flat_group_frac": _mean([float(max(g) == min(g)) for g in groups]),
             **{f"reward/{k}": _mean([t[k] for t in terms]) for k in terms[0]},
-            "entropy": _mean([-lp for o in old for lp in o]),
+            "entropy": _mean([-lp for o in estimate for lp in o]),
             "clip_frac": _mean(clipped) if clipped else 0.0,
             "completion_len": n_tokens / len(samples),
             "loss": _mean([u["loss"] for u in updates]),
@@ -319,10 +329,10 @@ class GRPOLoop:
             "staleness_max": float(max(staleness)),
         }
         if ref is not None:
-            result["kl"] = _mean([k3(a, b) for o, r in zip(old, ref) for a, b in zip(o, r)])
-        if behaviour:  # the learner's weights before this update vs the behaviour policy
+            result["kl"] = _mean([k3(a, b) for o, r in zip(estimate, ref) for a, b in zip(o, r)])
+        if behaviour or on_policy:  # the learner's weights before this update vs the engine's
             result["logprob_gap"] = updates[0].get("old_logprob_gap", float("nan"))
-        elif self.sampling["temperature"] == 1.0:  # rollout vs learner log-probs, same weights
+        elif old is not None and not tempered:  # rollout vs learner log-probs, same weights
             gaps = [abs(a - b) for s, o in zip(samples, old) for a, b in zip(s.sampled_logprobs, o)]
             result["logprob_gap"] = _mean(gaps)
         return result
