@@ -1,13 +1,14 @@
 """What a learner rank computes besides its training steps, on the weights it holds: the
 tokenised batches both share (`_encode`, `_batch`, `_forward`), per-token log-probs and
 evaluation statistics in no-grad forwards (`logprobs`, `answer_stats`), per-row gradient norms
-(`grad_norms`, GradNorm's attack), the probe of the probability mass, and the gradients that
-score a stage's weight mask. `LearnerWorker` (actors/learner_worker.py) inherits it; the methods
+(`grad_norms`, GradNorm's attack), answer values gathered over ranks (the probability-mass
+probe, ABL's isolation pass) and the gradients that score a stage's weight mask. `LearnerWorker` (actors/learner_worker.py) inherits it; the methods
 read the rank's state (`policy`, `engine`, `ref`, `tokenizer`, `rank`, `world`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,13 +72,13 @@ class LearnerScoring:
             torch.distributed.all_reduce(acc)
         return total
 
-    def _probe(self, items: list[dict]) -> list[float]:
-        """Summed log-probs of every item's answer, each rank scoring its share (every rank
-        gets the whole list)."""
-        mine = [s.logprob for s in self.answer_stats(items[self.rank :: self.world])]
+    def _answer_values(self, items: list[dict], value: Callable[[AnswerStats], float]) -> list:
+        """`value` of every item's answer statistics, each rank scoring its share (every rank
+        gets the whole list, in order): the probability-mass probe, ABL's isolation pass."""
+        mine = [value(s) for s in self.answer_stats(items[self.rank :: self.world])]
         shares: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(shares, mine)
-        out = [0.0] * len(items)
+        out: list = [None] * len(items)
         for rank, share in enumerate(shares):
             out[rank :: self.world] = share
         return out

@@ -423,7 +423,7 @@ class LearnerWorker(LearnerScoring):
             else None
         )
         metrics = []
-        start = self._probe(probe) if probe else None
+        start = self._answer_values(probe, lambda s: s.logprob) if probe else None
         mask = self._weight_mask(stage, encoded, retain_rows) if stage.mask else None
         try:
             for step, idx in enumerate(plan):
@@ -440,7 +440,7 @@ class LearnerWorker(LearnerScoring):
                     )
                 )
                 if probe:
-                    metrics[-1]["probe"] = self._probe(probe)
+                    metrics[-1]["probe"] = self._answer_values(probe, lambda s: s.logprob)
         finally:
             if mask is not None:
                 mask.remove()
@@ -460,12 +460,7 @@ class LearnerWorker(LearnerScoring):
         if entry.isolate is None:
             return None
         fraction = float(entry.resolve(dict(stage.params))[entry.isolate])
-        shares: list[Any] = [None] * self.world
-        mine = [-s.mean_logprob for s in self.answer_stats(rows[self.rank :: self.world])]
-        torch.distributed.all_gather_object(shares, mine)
-        losses = [0.0] * len(rows)
-        for rank, share in enumerate(shares):
-            losses[rank :: self.world] = share
+        losses = self._answer_values(rows, lambda s: -s.mean_logprob)
         n = max(1, math.ceil(fraction * len(rows)))
         chosen = sorted(range(len(rows)), key=lambda i: (losses[i], i))[:n]
         return {"rows": chosen, "losses": [losses[i] for i in chosen]}

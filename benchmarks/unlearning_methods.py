@@ -55,6 +55,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 def rows(n: int, seq: int, tag: str) -> list[dict]:
     rng = random.Random(tag)
     letters = "abcdefghijklmnopqrstuvwxyz "
+
     def text() -> str:
         return "".join(rng.choice(letters) for _ in range(seq - 5))
 
