@@ -236,30 +236,48 @@ def test_zero3_matches_zero2_for_sft_and_full_vocabulary_unlearning(
         stage(kind="unlearn", objective=name, steps=2, params=params)
         for name, params in (("ceu", {}), ("undial", {}), ("rmu", rmu))
     ]
+    # ABL (its isolation pass a gather over ranks; all rows kept, as near-equal losses would
+    # order differently under the two layouts) and AltPO (its sampled answers given), each
+    # from the SFT state: compared like the first unlearning stage
+    branches = [
+        stage(kind="unlearn", objective=name, steps=2, params=params)
+        for name, params in (("abl", {"isolate": 1.0}), ("altpo", {}))
+    ]
+    qa_rows = [{**row, "generated": "stage flow"} for row in qa_rows]
     retain = [{"prompt": "R: ", "answer": "keep me"}] * 4
+
+    def run(group) -> tuple[list, list]:
+        group.load(actor_model_dir)
+        group.train_stage(stage(steps=3), qa_rows, seed=0)
+        chain = [group.state_dict()]
+        for spec in unlearn:
+            group.train_stage(spec, qa_rows, retain, seed=0)
+            chain.append(group.state_dict())
+        ends = []
+        for spec in branches:
+            group.load(actor_model_dir)
+            group.train_stage(stage(steps=3), qa_rows, seed=0)
+            group.train_stage(spec, qa_rows, retain, seed=0)
+            ends.append(group.state_dict())
+        return chain, ends
+
     zero3 = LearnerGroup(actor_model_dir, LearnerSpec(ranks=2, zero_stage=3), CPU)
     try:
         zero3.train_stage(stage(steps=1), qa_rows, seed=1)  # partitions the weights
-        zero3.load(actor_model_dir)
-        zero3.train_stage(stage(steps=3), qa_rows, seed=0)
-        states3 = [zero3.state_dict()]
-        for spec in unlearn:
-            zero3.train_stage(spec, qa_rows, retain, seed=0)
-            states3.append(zero3.state_dict())
+        states3, ends3 = run(zero3)
     finally:
         zero3.shutdown()
-    learner.load(actor_model_dir)
-    learner.train_stage(stage(steps=3), qa_rows, seed=0)
-    states2 = [learner.state_dict()]
-    for spec in unlearn:
-        learner.train_stage(spec, qa_rows, retain, seed=0)
-        states2.append(learner.state_dict())
-    for before, after in zip(states2, states2[1:]):  # each unlearning stage changed the weights
+    states2, ends2 = run(learner)
+    starts = states2[:-1] + [states2[0]] * len(ends2)  # each unlearning stage moved the weights
+    states3 += ends3
+    states2 += ends2
+    for before, after in zip(starts, states2[1:]):
         assert any(not torch.equal(before[k], after[k]) for k in before)
     # Adam turns summation-order differences of near-zero gradients into steps of up to lr:
     # after the unlearning stages the tolerance is 1% of one stage's update (lr 5e-3 x 2 steps),
     # except for a few elements (at most 2%: measured 1 and 23 of 4096 of k_proj in two runs)
     # whose near-zero gradient changed sign, each within the Adam steps taken since (lr each)
+    stages_since = [0, 1, 2, 3, 1, 1]  # unlearning stages behind each state
     for i, (state3, state2) in enumerate(zip(states3, states2)):
         atol = 1e-5 if i == 0 else 1e-4
         assert set(state3) == set(state2) == set(base)
@@ -272,7 +290,7 @@ def test_zero3_matches_zero2_for_sft_and_full_vocabulary_unlearning(
             gap = (state3[name] - state2[name]).abs()
             off = gap > atol + 1e-3 * state2[name].abs()
             assert off.float().mean() <= 0.02, (name, int(off.sum()))
-            assert gap.max() <= i * 2 * 5e-3, (name, float(gap.max()))
+            assert gap.max() <= stages_since[i] * 2 * 5e-3, (name, float(gap.max()))
     rmu_moved = {k for k in states2[2] if not torch.equal(states2[2][k], states2[3][k])}
     assert rmu_moved and all(k.startswith("model.layers.1.") for k in rmu_moved)
 
