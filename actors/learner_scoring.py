@@ -2,8 +2,9 @@
 tokenised batches both share (`_encode`, `_batch`, `_forward`), per-token log-probs and
 evaluation statistics in no-grad forwards (`logprobs`, `answer_stats`), per-row gradient norms
 (`grad_norms`, GradNorm's attack), answer values gathered over ranks (the probability-mass
-probe, ABL's isolation pass) and the gradients that score a stage's weight mask. `LearnerWorker` (actors/learner_worker.py) inherits it; the methods
-read the rank's state (`policy`, `engine`, `ref`, `tokenizer`, `rank`, `world`).
+probe, ABL's isolation pass) and the gradients that score a stage's weight mask.
+`LearnerWorker` (actors/learner_worker.py) inherits it; the methods read the rank's state
+(`policy`, `engine`, `ref`, `tokenizer`, `rank`, `world`).
 """
 
 from __future__ import annotations

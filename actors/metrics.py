@@ -161,7 +161,7 @@ def mia_min_k_pp(example: ExampleStats, k: float) -> float:
 @METRICS.register("mia_gradnorm", needs="loglik", membership=True, unit=True, grad_norm=True)
 def mia_gradnorm(example: ExampleStats, k: float) -> float:
     """Gradient-norm attack: minus the L2 norm of the gradient of the answer's mean NLL with
-    respect to the trained parameters (rows trained on sit where the loss is flat)."""
+    respect to the model's weights (rows trained on sit where the loss is flat)."""
     return -example.grad_norm
 
 

@@ -39,10 +39,7 @@ import time
 
 import results_io
 
-SIZES = {
-    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
-    "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
-}
+SIZES = results_io.MODEL_SIZES
 TEACHER_FORCED = [
     "avg_loglik", "probability", "truth_ratio", "truth_ratio_true_better",
     "truth_ratio_false_better", "probability_w_options", "exact_memorization",

@@ -24,10 +24,7 @@ from pathlib import Path
 
 import results_io
 
-SIZES = {
-    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
-    "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
-}
+SIZES = results_io.MODEL_SIZES
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -88,6 +88,13 @@ def memcpy_bandwidth(nbytes: int = 256 << 20, reps: int = 20) -> float:
     return nbytes / min(times)
 
 
+# the locally built models the benchmarks measure (TinyModelSpec fields)
+MODEL_SIZES = {
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
+    "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
+}
+
+
 def tiny_models(sizes: dict[str, dict[str, int]]) -> Iterator[tuple[str, Path]]:
     """(name, model folder) of each of `sizes` ({name: TinyModelSpec fields}), built one at a
     time in a temporary folder that is removed once the loop over them ends."""

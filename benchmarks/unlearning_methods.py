@@ -32,10 +32,7 @@ import statistics
 
 import results_io
 
-SIZES = {
-    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
-    "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
-}
+SIZES = results_io.MODEL_SIZES
 # methods that must run a second model or a second pass (pi_ref, a teacher): goal 2.5x, else 1.5x
 SECOND_PASS = {"npo", "undial", "dpo", "idkdpo", "altpo", "rmu", "uld"}
 # what a method cannot run without; ABL's steps on every row (the same batch as GA's)

@@ -32,8 +32,7 @@ from pathlib import Path
 import results_io
 
 SIZES = {
-    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384),
-    "25M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408),
+    **results_io.MODEL_SIZES,
     "100M": dict(hidden_size=1024, num_layers=8, num_heads=16, intermediate_size=2816),
 }
 PARTS = ("gather_write_s", "transfer_reload_s", "engine_read_s", "engine_reload_s", "total_s")

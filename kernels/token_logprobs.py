@@ -19,7 +19,8 @@ HEAD = ("bias", "temperature", "softcap", "with_entropy", "with_argmax", "with_s
 class LogProbOptions(TypedDict, total=False):
     """bias [V] or None; temperature T > 0 (logits / T); softcap c > 0 or None (logits become
     c tanh(z / c) before the temperature: Gemma2's final-logit soft-capping); with_entropy,
-    with_argmax, with_std: the extra outputs (no gradient flows through the argmax and std); impl (entry points); chunk_size (tokens per chunk), vocab_chunk_size (chunked) or
+    with_argmax, with_std: the extra outputs (no gradient flows through the argmax and std);
+    impl (entry points); chunk_size (tokens per chunk), vocab_chunk_size (chunked) or
     block_v (Triton): the tiles of the fused paths; compute_dtype (naive: logits dtype)."""
 
     bias: Tensor | None

@@ -187,13 +187,15 @@ class _Validator:
     def check_attacks(self, key: str, eval_set: EvalSetSpec) -> None:
         """GradNorm needs a rank's full weights; the oracle as a reference needs oracle trials."""
         for i, metric in enumerate(eval_set.metrics):
-            if metric == "mia_gradnorm" and self.spec.learner.zero_stage == 3:
+            entry = METRICS[metric] if metric in METRICS else None
+            if entry and entry.grad_norm and self.spec.learner.zero_stage == 3:
                 self.fail(
                     f"{key}.metrics[{i}]",
-                    "mia_gradnorm takes per-row gradients of a rank's full weights; expected learner.zero_stage 0, 1 or 2, got 3",
+                    f"{metric} takes per-row gradients of a rank's full weights; expected learner.zero_stage 0, 1 or 2, got 3",
                 )
             if (
-                metric == "mia_reference"
+                entry
+                and entry.reference
                 and eval_set.reference == "oracle"
                 and not self.spec.oracle
             ):

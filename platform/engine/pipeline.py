@@ -234,25 +234,26 @@ class TrialRunner:
                         self.cache.write_eval(key, results[name])
                 finally:
                     self.cache.release(claim)
+        results = {name: self.cache.read_eval(key) for name, key in evals.items()}
         metrics: dict[str, float] = {}
-        for key in evals.values():
-            metrics.update(self.cache.read_eval(key)["metrics"])
-        metrics.update(self.against_base(evals))
+        for result in results.values():
+            metrics.update(result["metrics"])
+        metrics.update(self.against_base(results))
         utility = self.spec.evaluation.model_utility
         if utility and all(name in metrics for name in utility):
             metrics["model_utility"] = harmonic_mean([metrics[name] for name in utility])
         return metrics
 
-    def against_base(self, evals: dict[str, str]) -> dict[str, float]:
-        """`<set>/mia_reference` of the sets whose reference is the base model: this
-        evaluation's per-row log-probs against the base's own evaluation of the same rows."""
+    def against_base(self, results: dict[str, dict]) -> dict[str, float]:
+        """`<set>/mia_reference` of the sets whose reference is the base model: these
+        evaluation `results`' per-row log-probs against the base's own evaluation of the same
+        rows."""
         out = {}
-        for name, key in evals.items():
+        for name, result in results.items():
             spec = self.spec.evaluation.sets[name]
             if "mia_reference" in spec.metrics and spec.reference == "base":
-                ours = self.cache.read_eval(key)["examples"]
                 theirs = self.cache.read_eval(self.plan.base_evals[name])["examples"]
-                out[f"{name}/mia_reference"] = reference_auc(ours, theirs, name)
+                out[f"{name}/mia_reference"] = reference_auc(result["examples"], theirs, name)
         return out
 
     # ----- training ---------------------------------------------------------------------------

@@ -105,8 +105,7 @@ def supervised_loop(
     probe = trial.mass_probe(step)
     sampled = None
     if samples_alternatives(step.stage):
-        with trial.clock("alternatives"):
-            rows, sampled = sampled_alternatives(trial, step, rows)
+        rows, sampled = sampled_alternatives(trial, step, rows)
     with trial.workers.training(), trial.clock("train"):
         steps = trial.workers.learner.train_stage(
             step.stage, rows, retain, seed=step.seed, probe=probe_items(probe) if probe else None
@@ -126,15 +125,17 @@ def sampled_alternatives(
     is not empty and differs from the row's answer, else the first; and the share of rows
     where none differed."""
     params = OBJECTIVES[objective_of(step.stage)].resolve(dict(step.stage.params))
-    weights = trial.workers.weights(step.parent.key, step.parent.model_dir)
-    out = trial.workers.generate(
-        [row_prompt(row) for row in rows],
-        weights,
-        n=int(params["samples"]),
-        temperature=1.0,
-        max_tokens=int(params["max_new_tokens"]),
-        seed=step.seed,
-    )
+    weights = trial.workers.weights(step.parent.key, step.parent.model_dir)  # own clocks
+    rollout = trial.workers.rollout  # started here (its own clock) when the trial's own
+    with trial.clock("alternatives"):
+        out = rollout.generate(
+            [row_prompt(row) for row in rows],
+            weights,
+            n=int(params["samples"]),
+            temperature=1.0,
+            max_tokens=int(params["max_new_tokens"]),
+            seed=step.seed,
+        )
     chosen, same = [], 0
     for row, texts in zip(rows, out["texts"]):
         other = [t for t in texts if t.strip() and t.strip() != row["answer"].strip()]
