@@ -346,14 +346,36 @@ class SampleSpec:
 
 
 @dataclass(frozen=True)
+class SearchSpec:
+    """An adaptive search over the orderings of `stages` for the one that maximises or
+    minimises `score` (an analysis score, e.g. forget_score, or a metric '<set>/<metric>' at
+    the path's end; of the unlearning branch `branch`, default the study's first), spending
+    at most `budget` stage trainings (cached or not; core/ordering_search.py). `method`:
+    bayes (expected improvement per training under a model of the orderings) or random (the
+    baseline: orderings drawn uniformly)."""
+
+    stages: list[str] = MISSING
+    score: str = MISSING
+    goal: str = "max"
+    budget: int = MISSING
+    method: str = "bayes"
+    branch: Optional[str] = None
+    seed: int = 0
+
+
+SEARCH_METHODS = ("bayes", "random")
+
+
+@dataclass(frozen=True)
 class OrderingSpec:
     """Exactly one of: all permutations of a list, one insertion sweep, explicit paths 'a>b>c',
-    a uniform sample of the permutations."""
+    a uniform sample of the permutations, a search over them."""
 
     permutations: Optional[list[str]] = None
     insert: Optional[InsertSpec] = None
     explicit: Optional[list[str]] = None
     sample: Optional[SampleSpec] = None
+    search: Optional[SearchSpec] = None
 
 
 @dataclass(frozen=True)

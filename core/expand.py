@@ -84,8 +84,11 @@ def parse_path(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(PATH_SEPARATOR))
 
 
-def ordering_paths(orderings: OrderingSpec) -> list[tuple[str, ...]]:
-    """The stage paths an ordering spec describes, in a stable order."""
+def ordering_paths(
+    orderings: OrderingSpec, searched: list[tuple[str, ...]] | None = None
+) -> list[tuple[str, ...]]:
+    """The stage paths an ordering spec describes, in a stable order; for a search, the paths
+    it has asked for so far (`searched`, from its log in the study directory)."""
     if orderings.permutations is not None:
         return list(itertools.permutations(orderings.permutations))
     if orderings.insert is not None:
@@ -96,6 +99,8 @@ def ordering_paths(orderings: OrderingSpec) -> list[tuple[str, ...]]:
         ]
     if orderings.sample is not None:
         return sampled_orderings(orderings.sample)
+    if orderings.search is not None:
+        return list(searched or [])
     return [parse_path(text) for text in orderings.explicit or []]
 
 
@@ -198,10 +203,12 @@ def trial_count(spec: StudySpec) -> int:
     return count + len(oracles) * points * len(spec.seeds)
 
 
-def expand(spec: StudySpec) -> list[Trial]:
-    """All trials: ordering paths × grid points × seeds, plus one oracle per distinct oracle path."""
+def expand(spec: StudySpec, searched: list[tuple[str, ...]] | None = None) -> list[Trial]:
+    """All trials: ordering paths × grid points × seeds, plus one oracle per distinct oracle
+    path. A search's trials are those of the paths it has asked for (`searched`:
+    StudyDir.searched_paths())."""
     trials: dict[str, Trial] = {}
-    for path in ordering_paths(spec.orderings):
+    for path in ordering_paths(spec.orderings, searched):
         for point in grid_points(spec.grid):
             for seed in spec.seeds:
                 trial = Trial(

@@ -63,6 +63,12 @@ class StudyDir:
     timing = property(lambda self: self.root / "timing.json")  # the driver's time breakdown
     provenance = property(lambda self: self.root / "provenance.json")  # versions, CPU, commit
     driver_lock = property(lambda self: self.root / "driver.lock")  # locked while a driver runs
+    search_log = property(lambda self: self.root / "search.json")  # an ordering search's state
+
+    def searched_paths(self) -> list[tuple[str, ...]]:
+        """The paths an ordering search has asked for, in order ([] before it starts)."""
+        state = read_json(self.search_log)
+        return [tuple(p) for p in state["asked"]] if state else []
 
     @property
     def tracking_uri(self) -> str:

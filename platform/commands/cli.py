@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -168,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_and_validate(args.study, args.overrides)
+    search = spec.orderings.search
+    if search is not None:
+        total = math.factorial(len(search.stages))
+        print(
+            f"{args.study}: valid — a {search.method} search for the {search.goal} of {search.score} over {total} orderings, at most {search.budget} stage trainings"
+        )
+        return 0
     orderings = len(set(ordering_paths(spec.orderings)))
     print(f"{args.study}: valid — {orderings} orderings, {trial_count(spec)} trials")
     return 0
@@ -214,17 +222,19 @@ def run_and_summarise(spec, source: str, resume: bool, verbose: bool = False) ->
     )
 
     study, trials = StudyDir.of(spec), expand(spec)
+    search = spec.orderings.search is not None  # its trials are known when it ends
     finished = []
     if any(study.trial_record(t.trial_id).is_file() for t in trials):
         planned = spec if os.environ.get("RAY_ADDRESS") else embedded_spec(spec)
         finished = study.records(trials, fingerprints(planned, study, trials))
-    if len(finished) == len(trials):  # nothing left: start nothing
+    if len(finished) == len(trials) and not search:  # nothing left: start nothing
         print(f"all {len(trials)} trials of {spec.name} are finished; nothing to run")
         results = [(trial, record["metrics"]) for trial, record in finished]
     else:
         if not verbose:
             quiet()
         results = run_study(spec, source, resume=resume, verbose=verbose)
+        trials = [t for t, _ in results] if search else trials
     print("\n" + trials_table(results) + "\n")
     report = study.report / "report.md"
     if spec.unlearning and report.is_file():
@@ -272,7 +282,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     spec, _ = load_study_dir(args.study_dir, check=False)
-    study, trials = StudyDir.of(spec), expand(spec)
+    study = StudyDir.of(spec)
+    trials = expand(spec, study.searched_paths())
     table = trials_table(read_results(study, trials, None))  # what was run, with what it was
     print(table)
     stale = study.stale_records(trials, fingerprints(spec, study, trials, write=False))

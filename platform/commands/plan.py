@@ -34,6 +34,11 @@ def size_lines(spec: StudySpec, work: Work) -> list[str]:
         f"{size_text(len(work.trainings) * one)}; `prune --keep final` keeps "
         f"{len(work.kept)} ({size_text(len(work.kept) * one)})",
     ]
+    if spec.orderings.search is not None:
+        lines.append(
+            f"a search          these are orderings drawn at random until its budget of "
+            f"{spec.orderings.search.budget} stage trainings is spent: the most it trains"
+        )
     if spec.storage.max_gb is not None:
         lines.append(
             f"storage.max_gb    {spec.storage.max_gb:g}: intermediate checkpoints are removed "

@@ -26,7 +26,7 @@ class StudyStatus:
 
 def study_status(spec: StudySpec) -> StudyStatus:
     study = StudyDir.of(spec)
-    cache, trials = study.cache(), expand(spec)
+    cache, trials = study.cache(), expand(spec, study.searched_paths())
     base = base_model_dir(spec, study)
     if not base.is_dir():  # nothing ran yet (the tiny model is built by the first run)
         rows = [[t.trial_id, t.display, t.seed, "pending"] for t in trials]

@@ -30,16 +30,18 @@ from stageflow.actors.rendering import (
 from stageflow.actors.rewards import check_rewards
 from stageflow.core.alternatives import GENERATED, IDK, alternative_problem
 from stageflow.core.config import (
+    SEARCH_METHODS,
     DataSpec,
     EvalSetSpec,
     RLLoopParams,
     SampleSpec,
+    SearchSpec,
     StageSpec,
     StudyError,
     StudySpec,
 )
 from stageflow.core.data_files import is_plain, spec_rows
-from stageflow.core.expand import parse_path
+from stageflow.core.expand import grid_points, oracle_path, parse_path
 from stageflow.core.footprint import checkpoint_bytes, size_text
 from stageflow.core.model_checks import load_tokenizer, model_dir_problem
 from stageflow.core.models import (
@@ -49,6 +51,7 @@ from stageflow.core.models import (
     logit_transform,
     read_config,
 )
+from stageflow.core.ordering_search import path_nodes
 from stageflow.core.registry import (
     CHECKS,
     METRICS,
@@ -70,6 +73,7 @@ from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
 from stageflow.core.tasks import check_jsonl, generate
 from stageflow.platform.engine.trial_plan import needs_rollout
+from stageflow.platform.results.analysis import search_scores
 
 # lazy: transformers only to read a user model's tokenizer
 
@@ -415,12 +419,12 @@ class _Validator:
 
     def check_orderings(self) -> None:
         o = self.spec.orderings
-        kinds = ("permutations", "insert", "explicit", "sample")
+        kinds = ("permutations", "insert", "explicit", "sample", "search")
         given = [n for n in kinds if getattr(o, n) is not None]
         if len(given) != 1:
             self.fail(
                 "orderings",
-                f"expected exactly one of permutations, insert, explicit or sample, got {', '.join(given) or 'none'}",
+                f"expected exactly one of permutations, insert, explicit, sample or search, got {', '.join(given) or 'none'}",
             )
         if o.permutations is not None:
             for i, name in enumerate(o.permutations):
@@ -447,22 +451,63 @@ class _Validator:
             self.fail("orderings.explicit", "expected at least one path like 'a>b>c'")
         if o.sample is not None:
             self.check_sample(o.sample)
+        if o.search is not None:
+            self.check_search(o.search)
 
-    def check_sample(self, sample: SampleSpec) -> None:
-        for i, name in enumerate(sample.stages):
-            self.known_stage(f"orderings.sample.stages[{i}]", name)
-        if len(set(sample.stages)) != len(sample.stages) or len(sample.stages) < 3:
+    def check_reordered(self, key: str, stages: list[str]) -> None:
+        """The stages a sample or search reorders: known, distinct, at least three."""
+        for i, name in enumerate(stages):
+            self.known_stage(f"{key}[{i}]", name)
+        if len(set(stages)) != len(stages) or len(stages) < 3:
             self.fail(
-                "orderings.sample.stages",
+                key,
                 "expected at least 3 distinct stage names (fewer have at most 2 orderings: "
                 "use permutations)",
             )
+
+    def check_sample(self, sample: SampleSpec) -> None:
+        self.check_reordered("orderings.sample.stages", sample.stages)
         total = math.factorial(len(sample.stages))
         if not 2 <= sample.n <= total:
             self.fail(
                 "orderings.sample.n",
                 f"expected 2 to {total} orderings (the {len(sample.stages)} stages have {total}), "
                 f"got {sample.n}",
+            )
+
+    def check_search(self, search: SearchSpec) -> None:
+        key = "orderings.search"
+        self.check_reordered(f"{key}.stages", search.stages)
+        for name, value, allowed in (
+            ("goal", search.goal, ("max", "min")),
+            ("method", search.method, SEARCH_METHODS),
+        ):
+            if value not in allowed:
+                self.fail(f"{key}.{name}", f"expected one of {', '.join(allowed)}, got '{value}'")
+        if search.branch is not None and search.branch not in self.spec.unlearning:
+            self.fail(
+                f"{key}.branch",
+                f"'{search.branch}' is not an unlearning branch of the study; expected one of {', '.join(self.spec.unlearning) or 'unlearning (none declared)'}",
+            )
+        scores = search_scores(self.spec)
+        if search.score not in scores:
+            self.fail(
+                f"{key}.score",
+                f"'{search.score}' is not a score of this study; expected one of {', '.join(scores)}",
+            )
+        runs = len(self.spec.seeds) * len(grid_points(self.spec.grid))
+        oracle = oracle_path(self.spec, tuple(search.stages)) if self.spec.oracle else None
+        evals = frozenset(n for n in search.stages if self.spec.stages[n].kind == "eval")
+        one = len(path_nodes(tuple(search.stages), len(self.spec.unlearning), oracle, evals)) * runs
+        if search.budget < one:
+            self.fail(
+                f"{key}.budget",
+                f"{search.budget} stage trainings cannot run one full path, which takes {one} (its {len(search.stages)} stages, {len(self.spec.unlearning)} unlearning branches{' and oracle' if oracle else ''}, x {runs} seeds and grid points); expected at least {one}",
+            )
+        if self.spec.storage.max_gb is not None:
+            self.fail(
+                "storage.max_gb",
+                "the storage cap keeps what the study's trials still need, which a search does not know before it runs; expected no cap with orderings.search",
             )
 
     def check_grid(self) -> None:

@@ -29,14 +29,18 @@ def clock(seconds: float) -> str:
 class ProgressPrinter(Callback):
     """Prints one line per finished stage and per finished trial, with an ETA."""
 
-    def __init__(self, trials: list[Trial]):
-        self.total, self.finished, self.start = len(trials), 0, time.time()
+    def __init__(self, trials: list[Trial], search: bool = False):
+        """`search`: the trials are a search's, not known before it ends (no total, no ETA)."""
+        self.total = None if search else len(trials)
+        self.finished, self.start = 0, time.time()
         self.units = {t.trial_id: len(t.path) + len(t.unlearning) for t in trials}
         self.done: dict[str, int] = {}
 
     def _prefix(self, trial) -> str:
         t = Trial.from_dict(trial.config["trial"])
         elapsed = time.time() - self.start
+        if self.total is None:
+            return f"[{clock(elapsed):>6} {self.finished} trials] {t.display} seed={t.seed}"
         done, total = sum(self.done.values()), sum(self.units.values())
         eta = f"eta {clock(elapsed / done * (total - done))}" if done else "eta ?"
         return f"[{clock(elapsed):>6} {self.finished}/{self.total} trials, {eta}] {t.display} seed={t.seed}"

@@ -21,6 +21,7 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray import tune
 from ray.tune import Callback
+from ray.tune.search import ConcurrencyLimiter
 
 from stageflow.actors.dispatch import call_actor
 from stageflow.actors.group import START_TIMEOUT_S, Placement
@@ -37,6 +38,12 @@ from stageflow.core.study_file import spec_to_dict, spec_to_yaml
 from stageflow.platform.engine.pipeline import TrialContext, run_trial
 from stageflow.platform.engine.progress import ProgressPrinter
 from stageflow.platform.engine.provenance import provenance
+from stageflow.platform.engine.search import (
+    OrderingSearcher,
+    PrefixStopper,
+    SearchState,
+    log_prefixes,
+)
 from stageflow.platform.engine.storage_cap import StorageCap
 from stageflow.platform.engine.tracking import NAMESPACE, TRACKER_NAME, Tracker, start_tracker
 from stageflow.platform.engine.trial_plan import needs_rollout, study_identity, study_planner
@@ -322,7 +329,7 @@ def run_study(
 ) -> list[tuple[Trial, dict[str, float]]]:
     """Run (or resume) every trial of a validated study; returns (trial, final metrics) pairs."""
 
-    trials = expand(spec)
+    trials = expand(spec, StudyDir.of(spec).searched_paths())  # a search: those asked so far
     clock = Stopwatch()  # where the driver's time goes: study/timing.json, the study run
     with clock("ray_start"):
         embedded = init_ray(spec, verbose)
@@ -382,7 +389,8 @@ def run_study(
             **actors.names,
             "study_run_id": study_run,
         }
-        callbacks: list[Callback] = [ProgressPrinter(trials), EnginesStarted(actors, study_run)]
+        progress = ProgressPrinter(trials, search=spec.orderings.search is not None)
+        callbacks: list[Callback] = [progress, EnginesStarted(actors, study_run)]
         if spec.storage.max_gb is not None:
             callbacks.append(StorageCap(study, plans, spec.storage.max_gb * 1e9))
         return fit_and_report(spec, trials, shared, concurrent, resume, actors, callbacks, clock)
@@ -410,15 +418,29 @@ def fit_and_report(
     study, study_run = StudyDir(Path(shared["storage"])), shared["study_run_id"]
     resources = tune.PlacementGroupFactory(trial_bundles(spec))
     fn = tune.with_resources(tune.with_parameters(trainable, shared=shared), resources)
+    search = None
+    if spec.orderings.search is not None:
+        planner = study_planner(
+            spec, study, Path(shared["base_model"]), identity=shared["identity"]
+        )
+        search = SearchState(spec, study, lambda t: planner.plan(t).fingerprint, actors.tracker)
     run_config = tune.RunConfig(
         name=study.tune.name,
         storage_path=str(study.root),
         failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
         callbacks=callbacks,
+        stop=PrefixStopper(search) if search else None,
         verbose=0,
     )
     stale = study.stale_records(trials, shared["current"])
-    if resume and not stale and tune.Tuner.can_restore(str(study.tune)):
+    if search is not None:  # a new experiment whose searcher goes on from search.json
+        limited = ConcurrencyLimiter(OrderingSearcher(search), max_concurrent=concurrent)
+        tuner = tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(search_alg=limited, num_samples=-1, reuse_actors=True),
+            run_config=run_config,
+        )
+    elif resume and not stale and tune.Tuner.can_restore(str(study.tune)):
         tuner = tune.Tuner.restore(
             str(study.tune), trainable=fn, resume_errored=True, restart_errored=False
         )
@@ -433,8 +455,25 @@ def fit_and_report(
     with clock("tune"):
         tuner.fit()
     actors.tag_engines(study_run)  # where no trial's step saw them up (a restored experiment)
+    current = shared["current"]
+    if search is not None:  # the trials the search ran, without the paths it stopped
+        searched = expand(spec, study.searched_paths())
+        trials = [t for t in searched if t.path not in search.pruned]
+        planner = study_planner(
+            spec, study, Path(shared["base_model"]), identity=shared["identity"]
+        )
+        current = {t.trial_id: planner.plan(t).fingerprint for t in trials}
     with clock("report"):
-        return log_results(spec, trials, study, study_run, actors.tracker, clock, shared["current"])
+        if search is not None:
+            log_prefixes(study, study.records(trials, current), actors.tracker, study_run)
+            call_actor(
+                actors.tracker,
+                Tracker.log_text,
+                study_run,
+                study.search_log.read_text(),
+                "search/search.json",
+            )
+        return log_results(spec, trials, study, study_run, actors.tracker, clock, current)
 
 
 def log_results(

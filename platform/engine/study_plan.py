@@ -36,6 +36,7 @@ from stageflow.core.registry import METRICS, OBJECTIVES, objective_of
 from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
 from stageflow.platform.engine.runner import check_fits_cluster, embedded_cpus, run_study
+from stageflow.platform.engine.search import budget_paths
 from stageflow.platform.engine.storage_cap import kept_keys
 from stageflow.platform.engine.trial_plan import (
     PlannedStep,
@@ -90,7 +91,7 @@ def stand_in_planner(spec: StudySpec) -> Planner:
 def planned_work(spec: StudySpec) -> Work:
     """The work of a study that may not have run (keys made with a stand-in identity)."""
     planner = stand_in_planner(spec)
-    trials = expand(spec)
+    trials = expand(spec, budget_paths(spec) if spec.orderings.search else None)
     plans = [planner.plan(trial) for trial in trials]
     trainings, steps, signatures, evaluations, runs = {}, {}, {}, {}, 0
     for plan in plans:
@@ -192,7 +193,11 @@ def measured_costs(root: Path, source: str | None = None) -> UnitCosts | None:
     if "time/tune_s" not in timing or not study.spec_file.is_file():
         return None
     spec = load_study(study.spec_file)
-    found = [(t, r) for t, r in study.records(expand(spec), None) if "timing" in r]
+    found = [
+        (t, r)
+        for t, r in study.records(expand(spec, study.searched_paths()), None)
+        if "timing" in r
+    ]
     if not found:
         return None
     records = [r for _, r in found]

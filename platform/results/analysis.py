@@ -279,6 +279,12 @@ class Analysis:
             rows.append((metric, "path end", estimate(self.path_values(metric), total)))
         return rows
 
+    def ordering_values(self, score: str, branch: str) -> dict[str, list[float]]:
+        """{ordering: [value per seed and grid point]} of `score`: an analysis score of the
+        unlearning branch `branch` when it is one, else a metric at the path's end."""
+        found = self.by_ordering(score).get(branch)
+        return dict(found) if found else dict(self.path_values(score))
+
     def value_table(self, score: str) -> str:
         data = self.by_ordering(score)
         rows = []
@@ -331,3 +337,19 @@ class Analysis:
 def _branch(record: dict, method: str) -> dict | None:
     """The history entry of a trial's unlearning branch `method`."""
     return next((h for h in record["history"] if h.get("branch") and h["stage"] == method), None)
+
+
+def search_scores(spec: StudySpec) -> list[str]:
+    """The scores an ordering search may use: the analysis scores of an unlearning branch
+    (with an oracle, the gaps to it) and every metric '<set>/<metric>' at the path's end."""
+    a, sets = spec.analysis, spec.evaluation.sets
+    names: list[str] = []
+    if spec.unlearning:
+        names += a.declared_scores
+        if a.probability_mass:
+            names += [f"mass:{k}" for k in ("answer", "paraphrases", "alternatives")]
+        if spec.oracle:
+            names += [f"gap:{m}" for m in [a.forget_score, *a.utilities.values()] if m]
+    names += [f"{name}/{m}" for name, s in sets.items() for m in s.metrics]
+    names += ["model_utility"] if spec.evaluation.model_utility else []
+    return list(dict.fromkeys(names))

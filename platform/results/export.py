@@ -31,7 +31,7 @@ def tidy_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     spec = load_study(study.spec_file)
     cache = study.cache()
     rows = []
-    for trial, record in study.records(expand(spec), None):
+    for trial, record in study.records(expand(spec, study.searched_paths()), None):
         for entry in record["history"]:
             meta = cache.meta(entry["key"]) if cache.is_done(entry["key"]) else None
             common = {

@@ -123,7 +123,7 @@ def pilot_effects(run_dir: str | Path) -> tuple[str, str, list[PilotEffect]]:
     """(primary score, declared test, the effect per method) of a finished pilot study."""
     study = StudyDir.existing(run_dir, "--pilot")
     spec = load_study(study.spec_file)
-    analysis = Analysis(spec, study, study.records(expand(spec), None))
+    analysis = Analysis(spec, study, study.records(expand(spec, study.searched_paths()), None))
     score = spec.analysis.primary_score
     if score is None or score not in analysis.score_names:
         raise StudyError(

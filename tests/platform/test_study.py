@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -168,6 +170,22 @@ def run_cli(*args: str, env=None, **kwargs) -> subprocess.Popen:
         start_new_session=True,
         **kwargs,
     )
+
+
+def kill_after_records(process: subprocess.Popen, storage: Path, count: int) -> None:
+    """SIGKILL a study's driver (and its process group) once `count` trials have finished."""
+    deadline = time.time() + 600
+    while (
+        len(list((storage / "trials").glob("*.json"))) < count
+        and time.time() < deadline
+        and process.poll() is None
+    ):
+        time.sleep(0.2)
+    assert process.poll() is None, (
+        f"the study ended before it could be killed: {process.stdout.read()}"
+    )
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def test_resume_unknown_dir(tmp_path, capsys):

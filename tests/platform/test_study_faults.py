@@ -19,7 +19,13 @@ import yaml
 from stageflow.core.prefix_cache import PrefixCache
 from stageflow.platform.commands.cli import main
 from stageflow.platform.engine.tracking import free_port
-from tests.platform.test_study import ONE_STEP, run_cli, runs_by_kind, short_study
+from tests.platform.test_study import (
+    ONE_STEP,
+    kill_after_records,
+    run_cli,
+    runs_by_kind,
+    short_study,
+)
 
 
 @pytest.mark.slow
@@ -44,18 +50,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, ray_cluster):
 
     killed = run_cli("run", str(study("killed")))
     storage = tmp_path / "killed"
-    deadline = time.time() + 600
-    while (
-        len(list((storage / "trials").glob("*.json"))) < 2
-        and time.time() < deadline
-        and killed.poll() is None
-    ):
-        time.sleep(0.5)
-    assert killed.poll() is None, (
-        f"the study ended before it could be killed: {killed.stdout.read()}"
-    )
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_after_records(killed, storage, 2)
     finished = {p.parent.name: p.read_text() for p in (storage / "prefixes").glob("*/meta.json")}
     finished_trials = {p.name for p in (storage / "trials").glob("*.json")}
     assert 2 <= len(finished_trials) < 4

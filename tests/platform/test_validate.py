@@ -154,7 +154,7 @@ CASES = [
     (
         "two ordering forms",
         set_key("orderings.explicit", ["inst>facts"]),
-        "orderings: expected exactly one of permutations, insert, explicit or sample",
+        "orderings: expected exactly one of permutations, insert, explicit, sample or search",
     ),
     (
         "insertion position out of range",
@@ -180,6 +180,57 @@ CASES = [
         "sample of an unknown stage",
         set_key("orderings", {"sample": {"stages": ["inst", "facts", "chek"], "n": 2}}),
         "orderings.sample.stages[2]: unknown stage 'chek'; did you mean 'check'?",
+    ),
+    (
+        "search over two stages",
+        set_key(
+            "orderings",
+            {"search": {"stages": ["inst", "facts"], "score": "facts/avg_loglik", "budget": 9}},
+        ),
+        "orderings.search.stages: expected at least 3 distinct stage names",
+    ),
+    (
+        "search budget below one full path",
+        set_key(
+            "orderings",
+            {
+                "search": {
+                    "stages": ["inst", "facts", "check"],
+                    "score": "facts/avg_loglik",
+                    "budget": 1,
+                }
+            },
+        ),
+        "orderings.search.budget: 1 stage trainings cannot run one full path, which takes 2 (its 3 stages",
+    ),
+    (
+        "search for a score the study does not define",
+        set_key(
+            "orderings",
+            {
+                "search": {
+                    "stages": ["inst", "facts", "check"],
+                    "score": "forget_score",
+                    "budget": 9,
+                }
+            },
+        ),
+        "orderings.search.score: 'forget_score' is not a score of this study; expected one of facts/avg_loglik",
+    ),
+    (
+        "search with an unknown goal",
+        set_key(
+            "orderings",
+            {
+                "search": {
+                    "stages": ["inst", "facts", "check"],
+                    "score": "facts/avg_loglik",
+                    "budget": 9,
+                    "goal": "best",
+                }
+            },
+        ),
+        "orderings.search.goal: expected one of max, min, got 'best'",
     ),
     (
         "unlearning names a non-unlearn stage",
