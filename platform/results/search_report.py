@@ -130,7 +130,7 @@ def _tree(fig, out: SearchOutcome) -> None:
     roots = [x for node, x in position.items() if len(node) == 1]
     for node in [n for n in position if len(n) == 1]:
         ax.plot([sum(roots) / len(roots), position[node]], [0, -1], color="grey", linewidth=0.6)
-        ax.annotate(node[0], (position[node], -1), fontsize=7, ha="center", va="bottom")
+        ax.annotate(node[0], (position[node], -1), fontsize=7, ha="left", va="bottom", rotation=35)
     values = [out.mean(o) for o in leaves]
     depth = len(out.search.stages)
     dots = ax.scatter(range(len(leaves)), [-depth] * len(leaves), c=values, cmap="viridis", s=30)
