@@ -3,7 +3,7 @@
 Command (repo root, the venv active):
 
     python benchmarks/ordering_search.py             # about 25 min on 2 CPU cores
-    python benchmarks/ordering_search.py --seeds 3   # fewer search seeds
+    python benchmarks/ordering_search.py --quick     # 2 search seeds (about 8 min)
 
 Steps, in one process and one embedded Ray:
 1. the ground truth: studies/ordering_search.yaml (5 stages, every one of the 120 orderings,
@@ -170,7 +170,10 @@ def progress_figure(curves: dict, budget: int, exhaustive: int, path: Path) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10, help="search seeds per goal and method")
+    parser.add_argument("--quick", action="store_true", help="2 search seeds")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds = 2
     from stageflow.core.ordering_search import exhaustive_trainings, rank_of
     from stageflow.core.prefix_cache import PrefixCache
     from stageflow.platform.engine.runner import init_ray
