@@ -20,8 +20,9 @@ from typing import Any
 from stageflow.actors.group import ModelGroup, check_fits
 from stageflow.actors.learner_worker import LearnerWorker
 from stageflow.actors.rendering import Completion
-from stageflow.core.config import LearnerSpec, StudyError
+from stageflow.core.config import LearnerSpec, StageSpec, StudyError
 from stageflow.core.models import check_model_dir
+from stageflow.core.registry import stage_objective
 
 
 def check_learner(model_dir: str | Path, spec: LearnerSpec, cpus_per_actor: float) -> None:
@@ -52,6 +53,17 @@ class LearnerGroup(ModelGroup):
 
     def check(self, model_dir: str | Path, cpus: float) -> None:
         check_learner(model_dir, self.spec, cpus)
+
+    def train_stage(self, stage: StageSpec, *args: Any, **kwargs: Any) -> list[dict[str, float]]:
+        """`LearnerWorker.train_stage` (rows, retain_rows, seed, probe as there), the stage's
+        objective typed here, on the caller's side, once."""
+        objective = stage_objective(stage)
+        return self.group.run(LearnerWorker.train_stage, stage, objective, *args, **kwargs)
+
+    def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
+        """`LearnerWorker.begin_stage` (the RL hook), the stage's objective typed here."""
+        objective = stage_objective(stage)
+        return self.group.run(LearnerWorker.begin_stage, stage, objective, total_steps)
 
     def step(self, samples: list[Completion]) -> dict[str, float]:
         """One RL optimizer step over `samples`, split across ranks; rank 0's metrics."""

@@ -50,9 +50,9 @@ from stageflow.core.models import attention_implementation
 from stageflow.core.registry import (
     OBJECTIVES,
     LayerStates,
+    ObjectiveParams,
     VocabStat,
     load_plugins,
-    objective_of,
 )
 from stageflow.kernels.peak_memory import PeakMemory
 
@@ -225,16 +225,15 @@ class LearnerWorker(LearnerScoring):
         return module
 
     @dispatch(RANK0)
-    def begin_stage(self, stage: StageSpec, total_steps: int) -> dict[str, Any]:
+    def begin_stage(
+        self, stage: StageSpec, objective: ObjectiveParams, total_steps: int
+    ) -> dict[str, Any]:
         """New optimizer (if `reset_optimizer_per_stage`), new LR schedule, pi_ref when needed;
-        under `learner.lora` a new adapter over the merged weights (actors/lora.py)."""
+        under `learner.lora` a new adapter over the merged weights (actors/lora.py).
+        `objective`: the stage's objective with its parameters, typed by the caller."""
         import deepspeed
 
-        name = objective_of(stage)
-        if name is None:
-            raise ValueError(f"a {stage.kind} stage needs an objective")
-        entry = OBJECTIVES[name]
-        params = entry.resolve(dict(stage.params))
+        entry, params = OBJECTIVES[objective.objective], objective
 
         def multiplier(step: int) -> float:
             return lr_multiplier(step, total_steps, stage.schedule, stage.warmup_steps)
@@ -267,7 +266,7 @@ class LearnerWorker(LearnerScoring):
             self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
             self.engine._config.gradient_clipping = float(stage.grad_clip or 0.0)
         self.ref = self._snapshot() if entry.needs_reference(params) else None
-        loss = dataclasses.asdict(entry.loss_params(params))  # the loss's own, typed
+        loss = dataclasses.asdict(params.loss)  # the loss's keyword arguments
         statistic = entry.statistic(params)
         self._stage = {
             "entry": entry,
@@ -282,7 +281,7 @@ class LearnerWorker(LearnerScoring):
             "state": {} if entry.stateful else None,
             "step": 0,
         }
-        return {"objective": name, **params}
+        return {"objective": objective.objective, **params.flat()}
 
     def _update(
         self,
@@ -386,12 +385,14 @@ class LearnerWorker(LearnerScoring):
     def train_stage(
         self,
         stage: StageSpec,
+        objective: ObjectiveParams,
         rows: list[dict],
         retain_rows: list[dict] | None = None,
         seed: int = 0,
         probe: list[dict] | None = None,
     ) -> list[dict[str, float]]:
-        """Run the stage's objective over `rows` (steps or epochs); per-step metrics, in order.
+        """Run the stage's `objective` (typed by the caller) over `rows` (steps or epochs);
+        per-step metrics, in order.
 
         `probe`: answer items whose summed log-probs are read before the first step
         (`probe_start` in step 0's metrics) and after every step (`probe`), lists the caller
@@ -401,11 +402,11 @@ class LearnerWorker(LearnerScoring):
             raise RuntimeError("train_stage got no rows")
         if stage.batch_size < self.world:
             raise RuntimeError(f"batch_size {stage.batch_size} < learner.ranks {self.world}")
-        isolated = self._isolate(stage, rows)
+        isolated = self._isolate(objective, rows)
         if isolated is not None:
             rows = [rows[i] for i in isolated["rows"]]
         steps = stage_steps(stage.steps, stage.epochs, stage.batch_size, len(rows))
-        self.begin_stage(stage, steps)
+        self.begin_stage(stage, objective, steps)
         entry, params = self._stage["entry"], self._stage["params"]
         use_retain = entry.uses_retain(params)
         if use_retain and not retain_rows:
@@ -452,14 +453,13 @@ class LearnerWorker(LearnerScoring):
             metrics[0]["isolated"] = isolated
         return metrics
 
-    def _isolate(self, stage: StageSpec, rows: list[dict]) -> dict[str, list] | None:
+    def _isolate(self, objective: ObjectiveParams, rows: list[dict]) -> dict[str, list] | None:
         """ABL's isolation pass, for an objective that declares one: the indices of the
         lowest-loss fraction of `rows` (mean NLL per answer token under the current weights,
         ties by index) and their losses; None otherwise."""
-        entry = OBJECTIVES[objective_of(stage)]
-        if entry.isolate is None:
+        fraction = OBJECTIVES[objective.objective].isolated_share(objective)
+        if fraction is None:
             return None
-        fraction = float(entry.resolve(dict(stage.params))[entry.isolate])
         losses = self._answer_values(rows, lambda s: -s.mean_logprob)
         n = max(1, math.ceil(fraction * len(rows)))
         chosen = sorted(range(len(rows)), key=lambda i: (losses[i], i))[:n]

@@ -347,7 +347,7 @@ register_rl_unlearning(
     beta=0.04,
     params={"forget_terms": None},
     default_rewards=lambda p: [
-        {"name": "no_forbidden_terms", "weight": 1.0, "params": {"terms": p["forget_terms"]}}
+        {"name": "no_forbidden_terms", "weight": 1.0, "params": {"terms": p.extra.forget_terms}}
     ],
 )
 register_rl_unlearning(
@@ -358,6 +358,10 @@ register_rl_unlearning(
     params={"answer_weight": 0.5},
     retain_prompts=True,
     default_rewards=lambda p: [
-        {"name": "refusal_boundary", "weight": 1.0, "params": {"answer_weight": p["answer_weight"]}}
+        {
+            "name": "refusal_boundary",
+            "weight": 1.0,
+            "params": {"answer_weight": p.extra.answer_weight},
+        }
     ],
 )

@@ -11,7 +11,6 @@ R = sum_i weight_i * r_i over its list (`StageReward`); see docs/formulas.md#rl-
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, is_dataclass
@@ -220,18 +219,33 @@ def refusal_boundary(x: Sample, answer_weight: float = 0.5) -> float:
 
 
 # ----- gated rewards (G-RA) ---------------------------------------------------------------------
-def gated_levels(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """The priority-ranked levels [{name, weight, params, gate}] of a gated reward's params.
+@dataclass(frozen=True)
+class GatedLevel:
+    """One priority level of a gated reward: its reward, and the value it must reach for the
+    levels after it to count (`gate`; None: it always passes)."""
+
+    reward: RewardSpec
+    gate: float | None = None
+
+
+def gated_levels(params: dict[str, Any]) -> list[GatedLevel]:
+    """The priority-ranked levels of a gated reward's params (as written, or as `prepare` made
+    them).
 
     The G-RA form {outcome, steps, threshold} is the levels [outcome (gate = threshold),
     step_1, ..., step_n] (steps have no gate of their own).
     """
     if params.get("levels"):
-        return [{"gate": None, **dict(level)} for level in params["levels"]]
+        return [
+            level
+            if isinstance(level, GatedLevel)
+            else GatedLevel(level_spec(level), level.get("gate"))
+            for level in params["levels"]
+        ]
     if not params.get("outcome"):
         return []
-    return [{**dict(params["outcome"]), "gate": params["threshold"]}] + [
-        {**dict(step), "gate": None} for step in params.get("steps") or []
+    return [GatedLevel(reward_spec(params["outcome"]), params["threshold"])] + [
+        GatedLevel(reward_spec(step)) for step in params.get("steps") or []
     ]
 
 
@@ -245,16 +259,13 @@ def level_spec(level: Any, typed: bool = True) -> Any:
 def _gated_range(params: dict[str, Any]) -> Range:
     low = high = 0.0
     for i, level in enumerate(gated_levels(params)):
-        a, b = weighted_range([level_spec(level)])
+        a, b = weighted_range([level.reward])
         low, high = low + (a if i == 0 else min(0.0, a)), high + (b if i == 0 else max(0.0, b))
     return low, high
 
 
 def _gated_prepare(params: dict[str, Any], rows: Sequence[dict]) -> dict[str, Any]:
-    levels = []
-    for level in gated_levels(params):
-        spec = prepare(level_spec(level), rows)
-        levels.append({**dataclasses.asdict(spec), "gate": level.get("gate")})
+    levels = [GatedLevel(prepare(lv.reward, rows), lv.gate) for lv in gated_levels(params)]
     return {"outcome": None, "steps": [], "threshold": params["threshold"], "levels": levels}
 
 
@@ -280,15 +291,15 @@ def _gated_problem(params: dict[str, Any]) -> tuple[str, str] | None:
         if problem:
             return f"{key}.{problem[0]}" if problem[0] else key, problem[1]
     for i, level in enumerate(gated_levels(params)):
-        gate = level.get("gate")
+        gate, name = level.gate, level.reward.name
         if gate is None:
             continue
-        low, high = reward_range(level["name"], level.get("params"))
+        low, high = reward_range(name, level.reward.params)
         if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not low <= gate <= high:
             grra = not params.get("levels")
             return ("threshold" if grra else f"levels[{i}].gate"), (
                 f"gate threshold {gate} is outside the range [{low:g}, {high:g}] of the gated "
-                f"{'outcome reward' if grra else 'reward'} '{level['name']}'; "
+                f"{'outcome reward' if grra else 'reward'} '{name}'; "
                 f"expected a value in [{low:g}, {high:g}]"
             )
     return None
@@ -316,14 +327,14 @@ def gated(
     params = {"outcome": outcome, "steps": steps, "threshold": threshold, "levels": levels}
     total, open_, parts = 0.0, True, {}
     chosen = gated_levels(params)
-    names = [level["name"] for level in chosen]
+    names = [level.reward.name for level in chosen]
     for i, level in enumerate(chosen):
-        value = score(level_spec(level), x)
-        parts[level["name"] if names.count(level["name"]) == 1 else f"{level['name']}{i}"] = value
+        name = level.reward.name
+        value = score(level.reward, x)
+        parts[name if names.count(name) == 1 else f"{name}{i}"] = value
         if open_:
-            total += float(level.get("weight", 1.0)) * value
-        gate = level.get("gate")
-        open_ = open_ and (gate is None or value >= gate)
+            total += level.reward.weight * value
+        open_ = open_ and (level.gate is None or value >= level.gate)
     return Scored(total, parts)
 
 

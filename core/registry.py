@@ -62,13 +62,14 @@ class LayerStates:
 class Objective:
     """A training objective: `fn(LossInputs, **params) -> loss`.
 
-    Its parameters: the loss's, from `fn`'s signature (typed: `loss_params` builds the frozen
-    dataclass `Params` from a stage's `params`), plus `extra_params` (used by neither the loss
-    nor the loop: its default rewards'), plus the RL loop's (`RLLoopParams`) when `rl_loop`
-    (trained by platform/engine/rl.py on sampled completions). `kinds`: stage kinds that
+    Its parameters: the loss's, from `fn`'s signature (the frozen dataclass `Params`), plus
+    `extra_params` (used by neither the loss nor the loop: its default rewards', a pass
+    before the stage; the frozen dataclass `Extra`), plus the RL loop's (`RLLoopParams`) when
+    `rl_loop` (trained by platform/engine/rl.py on sampled completions); `typed(params)`
+    builds all three from a stage's `params` (`ObjectiveParams`). `kinds`: stage kinds that
     accept it; `needs_ref`: pi_ref log-probs are required; `retain_weight`: the parameter
     weighting the retain-set NLL; `retain_prompts`: the RL loop also samples the stage's
-    retain prompts; `default_rewards(params)`: rewards used when a stage lists none;
+    retain prompts; `default_rewards(ObjectiveParams)`: rewards used when a stage lists none;
     `nonnegative`, `positive`: loss parameters checked >= 0, > 0; `vocab_stat(Params)`: the
     `VocabStat` of an objective on the full-vocabulary logits (CE-U, UNDIAL, PDU); `alternative(Params)`: where a
     preference objective's chosen answers come from (core/alternatives.py: `idk` or a column;
@@ -88,7 +89,7 @@ class Objective:
     retain_weight: str | None = None
     rl_loop: bool = False
     retain_prompts: bool = False
-    default_rewards: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+    default_rewards: Callable[[ObjectiveParams], list[dict[str, Any]]] | None = None
     nonnegative: tuple[str, ...] = ()  # loss parameters that must be >= 0
     positive: tuple[str, ...] = ()  # loss parameters that must be > 0
     vocab_stat: Callable[[Any], VocabStat] | None = None
@@ -106,23 +107,30 @@ class Objective:
     @functools.cached_property
     def Params(self) -> type:  # noqa: N802 - a class
         """The frozen dataclass of the loss's parameters (`fn`'s signature after its input)."""
-        fields = [(k, Any, field(default=v)) for k, v in keyword_defaults(self.fn).items()]
-        return dataclasses.make_dataclass(f"{self.name}_params", fields, frozen=True)
+        return _frozen(f"{self.name}_params", keyword_defaults(self.fn))
 
-    def loss_params(self, params: dict[str, Any] | None = None) -> Any:
-        """The loss's parameters among a stage's `params`, typed (`Params`); ValueError names
-        the first bad one."""
-        values = {}
-        for name, default in keyword_defaults(self.fn).items():
-            value, problem = typed_value(name, (params or {}).get(name, default), default)
-            if problem:
-                raise ValueError(name, problem)
-            values[name] = value
-        return self.Params(**values)
+    @functools.cached_property
+    def Extra(self) -> type:  # noqa: N802 - a class
+        """The frozen dataclass of its other parameters (`extra_params`)."""
+        return _frozen(f"{self.name}_extra", self.extra_params)
 
-    def loop_params(self, params: dict[str, Any] | None = None) -> RLLoopParams:
-        """The RL loop's parameters among a stage's `params` (an objective it trains)."""
-        return RLLoopParams.of(dict(params or {}))
+    def typed(self, params: dict[str, Any] | None = None) -> ObjectiveParams:
+        """A stage's `params` resolved and typed: unknown names and badly typed values raise
+        ValueError(name, problem)."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise ValueError(
+                unknown[0],
+                f"objective '{self.name}' has no parameter {', '.join(unknown)}; "
+                f"it takes {', '.join(self.params) or 'none'}",
+            )
+        return ObjectiveParams(
+            self.name,
+            self.Params(**_typed_values(keyword_defaults(self.fn), params)),
+            self.Extra(**_typed_values(self.extra_params, params)),
+            RLLoopParams.of(params) if self.rl_loop else None,
+        )
 
     def problems(self, params: dict[str, Any]) -> Iterator[tuple[str, str]]:
         """(param, problem) for a parameter the objective does not take or a badly typed one."""
@@ -137,56 +145,89 @@ class Objective:
             yield unknown[0], f"unknown parameter; {expected}"
             return
         try:
-            typed = self.loss_params(params)
+            typed = self.typed(params)
         except ValueError as err:
             yield err.args[0], err.args[1]
             return
         for name in self.nonnegative:
-            yield from positive(name, getattr(typed, name), allow_zero=True)
+            yield from positive(name, getattr(typed.loss, name), allow_zero=True)
         for name in self.positive:
-            yield from positive(name, getattr(typed, name))
-        if self.rl_loop:
-            yield from self.loop_params(params).problems()
+            yield from positive(name, getattr(typed.loss, name))
+        if typed.loop is not None:
+            yield from typed.loop.problems()
 
-    def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The parameters: defaults updated by `overrides` (unknown names raise ValueError)."""
-        unknown = set(overrides or {}) - set(self.params)
-        if unknown:
-            raise ValueError(
-                f"objective '{self.name}' has no parameter {', '.join(sorted(unknown))}; "
-                f"it takes {', '.join(self.params) or 'none'}"
-            )
-        return {**self.params, **(overrides or {})}
-
-    def needs_reference(self, params: dict[str, Any]) -> bool:
+    def needs_reference(self, p: ObjectiveParams) -> bool:
         """Whether the stage keeps a frozen pi_ref: for its log-probs (NPO; an RL loop with a KL
         coefficient), its logits (a `VocabStat` from the reference) or its layer states on
         the retain rows (`LayerStates` with a retain term)."""
-        target = self.statistic(params)
+        target = self.statistic(p)
         return (
             self.needs_ref
-            or (self.rl_loop and (params.get("beta") or 0) > 0)
+            or (p.loop is not None and (p.get("beta") or 0) > 0)
             or (target is not None and target.source == "reference")
-            or (self.layer_states is not None and self.uses_retain(params))
+            or (self.layer_states is not None and self.uses_retain(p))
         )
 
-    def states(self, params: dict[str, Any]) -> LayerStates | None:
-        """The layer a representation objective reads for a stage's `params`, or None."""
-        return None if self.layer_states is None else self.layer_states(self.loss_params(params))
+    def states(self, p: ObjectiveParams) -> LayerStates | None:
+        """The layer a representation objective reads with these parameters, or None."""
+        return None if self.layer_states is None else self.layer_states(p.loss)
 
-    def alternatives(self, params: dict[str, Any]) -> str | None:
-        """The source of a preference objective's chosen answers for a stage's `params`."""
-        return None if self.alternative is None else self.alternative(self.loss_params(params))
+    def alternatives(self, p: ObjectiveParams) -> str | None:
+        """The source of a preference objective's chosen answers, or None."""
+        return None if self.alternative is None else self.alternative(p.loss)
 
-    def statistic(self, params: dict[str, Any]) -> VocabStat | None:
-        """The full-vocabulary statistic the objective trains on for a stage's `params`, or None."""
-        return None if self.vocab_stat is None else self.vocab_stat(self.loss_params(params))
+    def statistic(self, p: ObjectiveParams) -> VocabStat | None:
+        """The full-vocabulary statistic the objective trains on, or None."""
+        return None if self.vocab_stat is None else self.vocab_stat(p.loss)
 
-    def uses_retain(self, params: dict[str, Any]) -> bool:
+    def uses_retain(self, p: ObjectiveParams) -> bool:
         """Whether the retain batch contributes (the objective's retain weight is non-zero)."""
         return self.needs_retain or (
-            self.retain_weight is not None and bool(params.get(self.retain_weight))
+            self.retain_weight is not None and bool(p.get(self.retain_weight))
         )
+
+    def isolated_share(self, p: ObjectiveParams) -> float | None:
+        """The share of a stage's rows its isolation pass keeps (ABL), or None."""
+        return None if self.isolate is None else float(p.get(self.isolate))
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """An objective's parameters for one stage, resolved, checked and typed once where the stage
+    is read: the loss's keyword arguments (`loss`, the objective's `Params`), its other
+    parameters (`extra`, its `Extra`: default rewards', a pass before the stage) and the RL
+    loop's (`loop`, for an objective the loop trains). What crosses to the actors."""
+
+    objective: str
+    loss: Any
+    extra: Any
+    loop: RLLoopParams | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """Every parameter by name (the loop's last; what a stage run logs)."""
+        parts = [p for p in (self.loss, self.extra, self.loop) if p is not None]
+        return {k: v for part in parts for k, v in dataclasses.asdict(part).items()}
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A parameter by name, wherever it is declared (`default` where it is not)."""
+        return self.flat().get(name, default)
+
+
+def _frozen(name: str, defaults: dict[str, Any]) -> type:
+    fields = [(k, Any, field(default=v)) for k, v in defaults.items()]
+    return dataclasses.make_dataclass(name, fields, frozen=True)
+
+
+def _typed_values(defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The values of `defaults`' names in `params` (else the default), typed like the default;
+    ValueError(name, problem) for a badly typed one."""
+    values = {}
+    for name, default in defaults.items():
+        value, problem = typed_value(name, params.get(name, default), default)
+        if problem:
+            raise ValueError(name, problem)
+        values[name] = value
+    return values
 
 
 @dataclass(frozen=True)
@@ -384,13 +425,18 @@ def objective_of(stage: Any) -> str | None:
     return kind.default_objective if kind else None
 
 
+def stage_objective(stage: Any) -> ObjectiveParams:
+    """A stage's objective with its parameters typed (ValueError(name, problem) when bad)."""
+    return OBJECTIVES[objective_of(stage)].typed(stage.params)
+
+
 def samples_alternatives(stage: Any) -> bool:
     """Whether the stage's preference objective samples its chosen answers from the model
     (AltPO: the rollout engines draw them at the stage's start)."""
     name = objective_of(stage)
     if name not in OBJECTIVES or OBJECTIVES[name].alternative is None:
         return False
-    return OBJECTIVES[name].alternatives(dict(stage.params)) == GENERATED
+    return OBJECTIVES[name].alternatives(stage_objective(stage)) == GENERATED
 
 
 def runs_rl_loop(stage: Any) -> bool:

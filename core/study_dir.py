@@ -66,9 +66,11 @@ class StudyDir:
     search_log = property(lambda self: self.root / "search.json")  # an ordering search's state
 
     def searched_paths(self) -> list[tuple[str, ...]]:
-        """The paths an ordering search has asked for, in order ([] before it starts)."""
-        state = read_json(self.search_log)
-        return [tuple(p) for p in state["asked"]] if state else []
+        """The paths an ordering search has asked for, in order ([] before it starts), but
+        those it stopped early (their trials have no result, by design)."""
+        state = read_json(self.search_log) or {"asked": []}
+        stopped = {tuple(p) for p in state.get("pruned", [])}
+        return [tuple(p) for p in state["asked"] if tuple(p) not in stopped]
 
     @property
     def tracking_uri(self) -> str:

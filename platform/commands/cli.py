@@ -234,7 +234,7 @@ def run_and_summarise(spec, source: str, resume: bool, verbose: bool = False) ->
         if not verbose:
             quiet()
         results = run_study(spec, source, resume=resume, verbose=verbose)
-        trials = [t for t, _ in results] if search else trials
+        trials = expand(spec, study.searched_paths()) if search else trials
     print("\n" + trials_table(results) + "\n")
     report = study.report / "report.md"
     if spec.unlearning and report.is_file():

@@ -64,9 +64,9 @@ from stageflow.core.registry import (
     Registry,
     closest,
     load_plugins,
-    objective_of,
     runs_rl_loop,
     samples_alternatives,
+    stage_objective,
 )
 from stageflow.core.serving import serving_problem
 from stageflow.core.study_dir import StudyDir
@@ -233,7 +233,8 @@ class _Validator:
             )
         for param, problem in entry.problems(dict(stage.params)):  # names and types
             self.fail(f"{key}.params.{param}", problem)
-        if entry.uses_retain(entry.resolve(dict(stage.params))) and stage.retain is None:
+        typed = entry.typed(stage.params)
+        if entry.uses_retain(typed) and stage.retain is None:
             self.fail(
                 f"{key}.retain",
                 f"objective '{objective}' constrains the loss on a retain set; expected a retain data set"
@@ -241,7 +242,7 @@ class _Validator:
                 else f"objective '{objective}' weights a retain set ({entry.retain_weight} > 0); expected a retain data set or {entry.retain_weight}: 0",
             )
         if entry.layer_states is not None:
-            self.check_layers(key, entry.states(dict(stage.params)))
+            self.check_layers(key, entry.states(typed))
         ranks = self.spec.learner.ranks
         if not entry.rl_loop and stage.batch_size < ranks:
             self.fail(
@@ -251,9 +252,9 @@ class _Validator:
         self.check_rl(key, stage, objective, entry)
         if stage.mask is not None:
             self.check_mask(key, stage, entry)
-        if entry.isolate is not None:
-            fraction = {**entry.params, **stage.params}.get(entry.isolate)
-            if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        fraction = entry.isolated_share(typed)
+        if fraction is not None:
+            if not 0 < fraction <= 1:
                 self.fail(
                     f"{key}.params.{entry.isolate}",
                     f"the share of the stage's rows to isolate; expected a fraction in (0, 1], got {fraction}",
@@ -293,7 +294,7 @@ class _Validator:
         self, key: str, stage: StageSpec, objective: str, entry: Objective
     ) -> None:
         """A preference objective's chosen answers: `idk` or a column every forget row has."""
-        source = entry.alternatives(dict(stage.params))
+        source = entry.alternatives(entry.typed(stage.params))
         if not isinstance(source, str):
             self.fail(
                 f"{key}.params.alternative",
@@ -303,12 +304,12 @@ class _Validator:
         if problem:
             self.fail(f"{key}.params.alternative", problem)
         if source == GENERATED:  # sampled by the engines: how many, how long
-            params = {**entry.params, **stage.params}
+            extra = entry.typed(stage.params).extra
             for name in ("samples", "max_new_tokens"):
-                if not isinstance(params[name], int) or params[name] < 1:
+                if getattr(extra, name) < 1:
                     self.fail(
                         f"{key}.params.{name}",
-                        f"expected a positive whole number, got {params[name]!r}",
+                        f"expected a positive whole number, got {getattr(extra, name)!r}",
                     )
 
     def check_layers(self, key: str, states: LayerStates) -> None:
@@ -348,7 +349,7 @@ class _Validator:
                 f"{key}.rewards",
                 f"a {stage.kind} stage needs at least one reward; expected a list of {{name, weight, params}} naming {', '.join(REWARDS.names())}",
             )
-        loop = entry.loop_params(dict(stage.params))  # its own problems: entry.problems
+        loop = entry.typed(stage.params).loop  # its own problems: entry.problems
         self.check_staleness(f"{key}.params.max_staleness", loop)
         if entry.retain_prompts and stage.retain is None:
             self.fail(
@@ -666,12 +667,12 @@ class _Validator:
         ]
         for name, stage in self.spec.stages.items():
             if stage.kind != "eval" and runs_rl_loop(stage):
-                loop = OBJECTIVES[objective_of(stage)].loop_params(dict(stage.params))
+                loop = stage_objective(stage).loop
                 data = [stage.data] + ([stage.retain] if stage.retain else [])
                 needs.append((f"stage '{name}'", data, loop.max_new_tokens, None))
             elif stage.kind != "eval" and samples_alternatives(stage):
-                tokens = {**OBJECTIVES[objective_of(stage)].params, **stage.params}
-                needs.append((f"stage '{name}'", [stage.data], tokens["max_new_tokens"], None))
+                tokens = stage_objective(stage).extra.max_new_tokens
+                needs.append((f"stage '{name}'", [stage.data], tokens, None))
         if not needs:
             return
         tokenizer, limit = self.tokenizer(), self.spec.rollout.max_model_len

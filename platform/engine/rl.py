@@ -24,21 +24,21 @@ from stageflow.actors.rendering import Completion, row_prompt
 from stageflow.actors.rewards import Sample, StageReward, weighted_range
 from stageflow.actors.weight_sync import Weights, WeightSync
 from stageflow.core.config import RLLoopParams, StageSpec
-from stageflow.core.registry import OBJECTIVES, Objective, objective_of
+from stageflow.core.registry import OBJECTIVES, ObjectiveParams, stage_objective
 from stageflow.platform.engine.rl_async import run_streamed
 
 
-def reward_specs(stage: StageSpec, entry: Objective, params: dict[str, Any]) -> list[Any]:
+def reward_specs(stage: StageSpec, objective: ObjectiveParams) -> list[Any]:
     """The stage's `rewards`, else the objective's default rewards (purge, rule), else []."""
-    if stage.rewards or entry.default_rewards is None:
+    default = OBJECTIVES[objective.objective].default_rewards
+    if stage.rewards or default is None:
         return list(stage.rewards)
-    return entry.default_rewards(params)
+    return default(objective)
 
 
 def stage_reward_range(stage: StageSpec) -> tuple[float, float]:
     """(low, high) of the stage's total reward R."""
-    entry = OBJECTIVES[objective_of(stage)]
-    return weighted_range(reward_specs(stage, entry, entry.resolve(dict(stage.params))))
+    return weighted_range(reward_specs(stage, stage_objective(stage)))
 
 
 def group_advantages(
@@ -119,9 +119,12 @@ def prepare_rl_stage(
         raise ValueError("an RL stage needs rollout engines, but the trial has none")
     if not rows:
         raise ValueError("an RL stage got no prompts")
-    entry = OBJECTIVES[objective_of(stage)]
-    params = entry.resolve(dict(stage.params))
-    loop_params, loss_params = entry.loop_params(stage.params), entry.loss_params(stage.params)
+    objective = stage_objective(stage)
+    entry, loop_params, loss_params = (
+        OBJECTIVES[objective.objective],
+        objective.loop,
+        objective.loss,
+    )
     per_step = loop_params.prompts_per_step or stage.batch_size
     retain = list(retain_rows or []) if entry.retain_prompts else []
     n_retain = per_step // 2 if retain else 0
@@ -133,7 +136,7 @@ def prepare_rl_stage(
         batch = [(rows[i], "data") for i in plan[step]]
         batch += [(retain[i], "retain") for i in (retain_plan[step] if retain else [])]
         batches.append((batch, (seed + 7919 * step) % 2**31))
-    reward = StageReward(reward_specs(stage, entry, params), rows)
+    reward = StageReward(reward_specs(stage, objective), rows)
     loop = GRPOLoop(learner, rollout, sync, owner, stage, loop_params, loss_params, reward)
     learner.begin_stage(stage, steps * loop.updates)
     return loop, batches

@@ -457,12 +457,8 @@ def fit_and_report(
     actors.tag_engines(study_run)  # where no trial's step saw them up (a restored experiment)
     current = shared["current"]
     if search is not None:  # the trials the search ran, without the paths it stopped
-        searched = expand(spec, study.searched_paths())
-        trials = [t for t in searched if t.path not in search.pruned]
-        planner = study_planner(
-            spec, study, Path(shared["base_model"]), identity=shared["identity"]
-        )
-        current = {t.trial_id: planner.plan(t).fingerprint for t in trials}
+        trials = expand(spec, study.searched_paths())
+        current = {t.trial_id: search.fingerprint(t) for t in trials}
     with clock("report"):
         if search is not None:
             log_prefixes(study, study.records(trials, current), actors.tracker, study_run)

@@ -19,12 +19,11 @@ from stageflow.actors.rendering import row_prompt
 from stageflow.core.alternatives import GENERATED
 from stageflow.core.prefix_cache import Claim, PrefixCache
 from stageflow.core.registry import (
-    OBJECTIVES,
     STAGE_KINDS,
     StageKind,
-    objective_of,
     runs_rl_loop,
     samples_alternatives,
+    stage_objective,
 )
 from stageflow.platform.engine.evaluation import mass_per_step, probe_items
 from stageflow.platform.engine.trial_plan import PlannedStep
@@ -124,16 +123,16 @@ def sampled_alternatives(
     trial's engines: the first of `samples` completions (temperature 1, `max_new_tokens`) that
     is not empty and differs from the row's answer, else the first; and the share of rows
     where none differed."""
-    params = OBJECTIVES[objective_of(step.stage)].resolve(dict(step.stage.params))
+    params = stage_objective(step.stage).extra  # AltPO's
     weights = trial.workers.weights(step.parent.key, step.parent.model_dir)  # own clocks
     rollout = trial.workers.rollout  # started here (its own clock) when the trial's own
     with trial.clock("alternatives"):
         out = rollout.generate(
             [row_prompt(row) for row in rows],
             weights,
-            n=int(params["samples"]),
+            n=params.samples,
             temperature=1.0,
-            max_tokens=int(params["max_new_tokens"]),
+            max_tokens=params.max_new_tokens,
             seed=step.seed,
         )
     chosen, same = [], 0

@@ -32,7 +32,7 @@ from stageflow.core.expand import Trial, apply_hparams, expand, trial_spec
 from stageflow.core.files import read_json
 from stageflow.core.keys import digest
 from stageflow.core.models import has_chat_template
-from stageflow.core.registry import METRICS, OBJECTIVES, objective_of
+from stageflow.core.registry import METRICS, OBJECTIVES, objective_of, stage_objective
 from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
 from stageflow.platform.engine.runner import check_fits_cluster, embedded_cpus, run_study
@@ -50,10 +50,10 @@ CALIBRATION_STEPS = 4
 
 def planned_steps(stage: StageSpec, rows: int) -> int:
     """The optimizer steps a stage takes over `rows` examples (as the learner and RL loop count)."""
-    entry = OBJECTIVES[objective_of(stage)]
+    loop = stage_objective(stage).loop
     per_step = stage.batch_size
-    if entry.rl_loop:
-        per_step = entry.loop_params(stage.params).prompts_per_step or stage.batch_size
+    if loop is not None:
+        per_step = loop.prompts_per_step or stage.batch_size
     return stage_steps(stage.steps, stage.epochs, per_step, rows)
 
 

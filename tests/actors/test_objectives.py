@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -105,13 +106,13 @@ def test_full_vocabulary_objectives_declare_their_target():
     """CE-U: the policy's own logits, true token removed, first answer token skipped; UNDIAL:
     pi_ref's logits lowered by beta on the true token (so the stage keeps pi_ref). Their loss is
     gamma * the token mean of the head's cross-entropies, plus alpha * NLL_r."""
-    ceu, undial = OBJECTIVES["ceu"], OBJECTIVES["undial"]
-    assert ceu.statistic(ceu.resolve()) == VocabStat("cross_entropy", "self", math.inf, 1)
-    assert not ceu.needs_reference(ceu.resolve())
-    assert undial.statistic(undial.resolve({"beta": 3})) == VocabStat(
+    ceu, undial, npo = OBJECTIVES["ceu"], OBJECTIVES["undial"], OBJECTIVES["npo"]
+    assert ceu.statistic(ceu.typed()) == VocabStat("cross_entropy", "self", math.inf, 1)
+    assert not ceu.needs_reference(ceu.typed())
+    assert undial.statistic(undial.typed({"beta": 3})) == VocabStat(
         "cross_entropy", "reference", 3.0, 0
     )
-    assert undial.needs_reference(undial.resolve()) and OBJECTIVES["npo"].statistic({}) is None
+    assert undial.needs_reference(undial.typed()) and npo.statistic(npo.typed()) is None
     x = _inputs()
     x.vocab_stat, x.vocab_stat_mask = torch.rand(3, 7) * 4, x.mask
     retain_nll = -(x.retain_logprobs * x.retain_mask).sum() / x.retain_mask.sum()
@@ -133,12 +134,13 @@ def test_preference_objectives_prefer_the_alternative_to_the_forget_answer():
     from (AltPO: sampled from the model)."""
     from stageflow.kernels.losses import dpo_loss
 
-    assert OBJECTIVES["idkdpo"].alternatives({}) == "idk"
-    assert OBJECTIVES["altpo"].alternatives({"samples": 2}) == "generated"
-    assert OBJECTIVES["dpo"].alternatives({"alternative": "perturbed_answers"}) == (
-        "perturbed_answers"
-    )
-    assert OBJECTIVES["dpo"].alternatives({}) is None and OBJECTIVES["npo"].alternatives({}) is None
+    def alternatives(name: str, params: dict | None = None) -> str | None:
+        return OBJECTIVES[name].alternatives(OBJECTIVES[name].typed(params))
+
+    assert alternatives("idkdpo") == "idk"
+    assert alternatives("altpo", {"samples": 2}) == "generated"
+    assert alternatives("dpo", {"alternative": "perturbed_answers"}) == "perturbed_answers"
+    assert alternatives("dpo") is None and alternatives("npo") is None
     x, other = _inputs(1), _inputs(2)
     x.chosen_logprobs, x.chosen_mask = other.logprobs, other.mask
     x.chosen_ref_logprobs = other.ref_logprobs
@@ -159,10 +161,11 @@ def test_rmu_steers_the_forget_states_and_keeps_the_retain_states():
     from stageflow.kernels.losses import activation_loss
 
     entry = OBJECTIVES["rmu"]
-    assert entry.states({"layer": 7}) == LayerStates(7, (5, 6, 7))
-    assert entry.states({"layer": 0}) == LayerStates(0, (0,))
-    assert entry.states({"layer": 3, "trainable_layers": [1]}) == LayerStates(3, (1,))
-    assert entry.needs_reference(entry.resolve()) and not entry.needs_reference({"alpha": 0})
+    assert entry.states(entry.typed({"layer": 7})) == LayerStates(7, (5, 6, 7))
+    assert entry.states(entry.typed({"layer": 0})) == LayerStates(0, (0,))
+    assert entry.states(entry.typed({"layer": 3, "trainable_layers": [1]})) == LayerStates(3, (1,))
+    assert entry.needs_reference(entry.typed())
+    assert not entry.needs_reference(entry.typed({"alpha": 0}))
     g = torch.Generator().manual_seed(0)
     x = _inputs()
     x.states, x.direction = torch.randn(3, 7, 4, generator=g), torch.rand(4, generator=g)
@@ -181,7 +184,8 @@ def test_pdu_is_a_primal_dual_step_on_the_retain_constraint():
     """gamma * mean margin^2 + lambda (NLL_r - eps); lambda starts at alpha and moves by
     dual_step * (NLL_r - eps) after each step, never below 0; eps null: the first NLL_r."""
     entry = OBJECTIVES["pdu"]
-    assert entry.statistic({}) == VocabStat("margin") and entry.uses_retain({"alpha": 0.0})
+    assert entry.statistic(entry.typed()) == VocabStat("margin")
+    assert entry.uses_retain(entry.typed({"alpha": 0.0}))
     x = _inputs()
     x.vocab_stat, x.vocab_stat_mask = torch.rand(3, 7) * 4, x.mask
     x.state, x.mean_over_ranks = {}, lambda v: v
@@ -216,20 +220,29 @@ def test_missing_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="pi_ref"):
         OBJECTIVES["npo"].fn(_inputs(ref=False))
     with pytest.raises(ValueError, match="no parameter gamma"):
-        OBJECTIVES["npo"].resolve({"gamma": 1})
+        OBJECTIVES["npo"].typed({"gamma": 1})
 
 
-def test_resolve_and_needs():
+def test_parameters_are_typed_once_and_say_what_the_stage_needs():
     entry = OBJECTIVES["npo"]
-    params = entry.resolve({"beta": 0.5})
-    assert params == {"beta": 0.5, "alpha": 0.0}
+    params = entry.typed({"beta": 1})
+    assert params.loss == entry.Params(beta=1.0, alpha=0.0) and params.loop is None
+    assert isinstance(params.loss.beta, float) and params.flat() == {"beta": 1.0, "alpha": 0.0}
     assert entry.needs_reference(params) and not entry.uses_retain(params)
-    entry = OBJECTIVES["graddiff"]
-    params = entry.resolve()
-    assert entry.uses_retain(params)
-    entry = OBJECTIVES["grpo"]
-    params = entry.resolve({"beta": 0.01})
-    assert entry.needs_reference(params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.loss.beta = 2.0
+    assert OBJECTIVES["graddiff"].uses_retain(OBJECTIVES["graddiff"].typed())
+    grpo = OBJECTIVES["grpo"].typed({"beta": 0.01, "group_size": 4})
+    assert OBJECTIVES["grpo"].needs_reference(grpo) and grpo.loop.group_size == 4
+    assert not OBJECTIVES["grpo"].needs_reference(OBJECTIVES["grpo"].typed({"beta": 0}))
+    abl = OBJECTIVES["abl"]
+    assert abl.isolated_share(abl.typed({"isolate": 1})) == 1.0
+    assert OBJECTIVES["altpo"].typed({"samples": 2}).extra.samples == 2
+    with pytest.raises(ValueError, match="expected a whole number"):
+        OBJECTIVES["altpo"].typed({"samples": 2.5})
+    purge = OBJECTIVES["purge"]
+    rewards = purge.default_rewards(purge.typed({"forget_terms": ["x"]}))
+    assert rewards[0]["params"] == {"terms": ["x"]}
 
 
 @pytest.mark.parametrize("impl", ["fused", "naive"])

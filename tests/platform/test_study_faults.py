@@ -30,12 +30,14 @@ from tests.platform.test_study import (
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path, ray_cluster):
+    """A sampled study (2 of the 6 orderings of a, b, c; enumerated like any study)."""
     extra = {"seeds": [0, 1], "unlearning": ["forget"]}
-    stages = ["a", "b"]
+    stages = ["a", "b", "c"]
 
     def study(name):
         path = short_study(tmp_path, name, stages, **extra)
         spec = yaml.safe_load(path.read_text())
+        spec["orderings"] = {"sample": {"stages": stages, "n": 2, "seed": 0}}
         spec["stages"]["forget"] = {
             "kind": "unlearn",
             "objective": "ga",
