@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from stageflow.core.membership import reference_score
 from stageflow.core.registry import METRICS
+from stageflow.core.tasks.math import FINAL_ANSWER
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,16 @@ def _rate(flags: list[list[bool]]) -> float:
 def accuracy(sampled: Sampled) -> float:
     """Mean over questions of the fraction of sampled completions the task's rule accepts."""
     return _rate(sampled.correct)
+
+
+@METRICS.register("completion_rate", needs="generation", unit=True)
+def completion_rate(sampled: Sampled) -> float:
+    """Mean over questions of the fraction of sampled completions that state a well-formed
+    final answer ("The answer is N.", right or wrong): G-RA's completion rate, the share of
+    attempts the policy finishes rather than spends on shaping terms."""
+    return _rate(
+        [[re.search(FINAL_ANSWER, t) is not None for t in texts] for texts in sampled.texts]
+    )
 
 
 @METRICS.register("refusal_rate", needs="generation", unit=True)

@@ -20,6 +20,7 @@ from stageflow.core.checks import math_number
 from stageflow.core.config import RewardSpec, StudyError
 from stageflow.core.registry import REWARDS, Range
 from stageflow.core.tasks import check_answer
+from stageflow.core.tasks.math import FINAL_ANSWER, STATEMENT
 from stageflow.core.tasks.refusal import is_refusal
 
 SPEC_KEYS = ("name", "weight", "params")
@@ -149,9 +150,19 @@ def _pattern_problem(params: dict[str, Any]) -> tuple[str, str] | None:
 
 
 @REWARDS.register("format", range=(0.0, 1.0), check=_pattern_problem)
-def answer_format(x: Sample, pattern: str = r"The answer is -?\d+\.") -> float:
+def answer_format(x: Sample, pattern: str = FINAL_ANSWER) -> float:
     """r = 1[the completion contains a match of `pattern`] (default: "The answer is N.")."""
     return float(re.search(pattern, x.completion) is not None)
+
+
+@REWARDS.register("steps", range=lambda p: (0.0, abs(p["cap"])), check=_pattern_problem)
+def worked_steps(
+    x: Sample, pattern: str = STATEMENT, coef: float = 0.25, cap: float = 1.0
+) -> float:
+    """A step-count shaping term: r = min(cap, coef * the number of matches of `pattern`
+    (default: a worked step "a op b = c", right or wrong). A policy can earn it without solving
+    the task (more statements, the answer crowded out): the kind of term G-RA gates."""
+    return min(abs(cap), coef * len(re.findall(pattern, x.completion)))
 
 
 @REWARDS.register("length", range=lambda p: (-abs(p["cap"]), 0.0))
@@ -247,6 +258,16 @@ def gated_levels(params: dict[str, Any]) -> list[GatedLevel]:
     return [GatedLevel(reward_spec(params["outcome"]), params["threshold"])] + [
         GatedLevel(reward_spec(step)) for step in params.get("steps") or []
     ]
+
+
+def reward_names(specs: Sequence[Any]) -> list[str]:
+    """The names of a stage's rewards, a gated reward's levels included."""
+    names = []
+    for spec in map(reward_spec, specs):
+        names.append(spec.name)
+        if spec.name == "gated":
+            names += [level.reward.name for level in gated_levels(spec.params)]
+    return names
 
 
 def level_spec(level: Any, typed: bool = True) -> Any:

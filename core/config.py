@@ -535,6 +535,16 @@ class TrackingSpec(Spec):
 
 
 @dataclass(frozen=True)
+class RewardAnalysisSpec(Spec):
+    """Which of an RL stage's reward terms is the outcome and which are shaping (reward names;
+    a gated reward's levels count by their names): the report follows each per step and
+    measures reward hacking, shaping rising while the outcome falls (docs/formulas.md#gated-rewards)."""
+
+    outcome: str = MISSING
+    shaping: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class AnalysisSpec(Spec):
     """How unlearning outcomes are scored across orderings (docs/formulas.md#study-analysis).
 
@@ -547,7 +557,8 @@ class AnalysisSpec(Spec):
     `over_refusal`: "<set>/refusal_rate" metrics on prompts that should be answered, read at
     each path's end, before unlearning; `privleak`: a "<set>/mia_*" membership AUC compared
     with the oracle's after unlearning (MUSE's privacy leakage). With `evaluation.model_utility`,
-    the model utility after unlearning is a score too.
+    the model utility after unlearning is a score too. `rewards`: an RL study's outcome and
+    shaping reward terms (`RewardAnalysisSpec`).
 
     Whether the ordering changes a score is decided by `test` (platform/results/ordering_test.py) at
     level `alpha`, Holm-corrected over the unlearning methods and the scores of one family:
@@ -563,6 +574,7 @@ class AnalysisSpec(Spec):
     probability_mass: Optional[str] = None
     over_refusal: list[str] = field(default_factory=list)
     privleak: Optional[str] = None
+    rewards: Optional[RewardAnalysisSpec] = None
     primary: Optional[str] = None
     test: Literal["permutation", "anova"] = "permutation"
     alpha: float = 0.05

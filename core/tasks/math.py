@@ -15,6 +15,8 @@ from stageflow.core.tasks.holdout import fresh_rows
 NAMES = ["Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo"]
 ITEMS = ["apple", "pen", "cup", "coin", "egg", "book", "hat", "card"]
 _ANSWER = re.compile(r"answer is\s*(-?\d+)")
+FINAL_ANSWER = r"The answer is -?\d+\."  # a well-formed final answer, right or wrong
+STATEMENT = r"-?\d+ ?[-+*] ?-?\d+ ?= ?-?\d+"  # one worked step "a op b = c", right or wrong
 _INTEGER = re.compile(r"-?\d+")
 
 

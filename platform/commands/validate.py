@@ -27,12 +27,13 @@ from stageflow.actors.rendering import (
     renders_chat,
     row_prompt,
 )
-from stageflow.actors.rewards import check_rewards
+from stageflow.actors.rewards import check_rewards, reward_names
 from stageflow.core.alternatives import GENERATED, IDK, alternative_problem
 from stageflow.core.config import (
     SEARCH_METHODS,
     DataSpec,
     EvalSetSpec,
+    RewardAnalysisSpec,
     RLLoopParams,
     SampleSpec,
     SearchSpec,
@@ -629,11 +630,30 @@ class _Validator:
                 "analysis.primary",
                 f"'{analysis.primary}' is not a score of this study; expected one of {', '.join(analysis.declared_scores) or 'forget_score or a utility (none declared)'}",
             )
+        if analysis.rewards is not None:
+            self.check_reward_terms(analysis.rewards)
         if analysis.probability_mass is not None and analysis.probability_mass not in sets:
             self.fail(
                 "analysis.probability_mass",
                 f"'{analysis.probability_mass}' is not an evaluation set; expected one of {', '.join(sets) or 'evaluation.sets (none defined)'}",
             )
+
+    def check_reward_terms(self, terms: RewardAnalysisSpec) -> None:
+        """The outcome and shaping terms name rewards an RL stage of the study uses."""
+        used = {
+            name
+            for stage in self.spec.stages.values()
+            if stage.kind != "eval" and runs_rl_loop(stage)
+            for name in reward_names(stage.rewards)
+        }
+        named = [("outcome", terms.outcome)]
+        named += [(f"shaping[{i}]", name) for i, name in enumerate(terms.shaping)]
+        for key, name in named:
+            if name not in used:
+                self.fail(
+                    f"analysis.rewards.{key}",
+                    f"'{name}' is not a reward of the study's RL stages; expected one of {', '.join(sorted(used)) or 'their rewards (the study has no RL stage)'}",
+                )
 
     def check_engines(self) -> None:
         """The rollout engines a study needs exist and fit the placement."""

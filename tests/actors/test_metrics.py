@@ -158,6 +158,15 @@ def test_rouge_l_is_lcs_recall_over_the_answer_words():
     assert METRICS["rouge_l"].fn(sampled) == pytest.approx(np.mean([1.0, np.mean([2 / 5, 1 / 5])]))
 
 
+def test_completion_rate_counts_well_formed_final_answers_right_or_wrong():
+    sampled = Sampled(
+        correct=[[True, False], [False]],
+        refused=[[False, False], [False]],
+        texts=[[" 2+2=4. The answer is 4.", " 2+2=5. The answer is 5."], [" 2+2=4. 4+4=8. 8+"]],
+    )
+    assert METRICS["completion_rate"].fn(sampled) == pytest.approx(np.mean([1.0, 0.0]))
+
+
 def test_membership_is_scored_against_the_holdout_and_each_item_once():
     members = [{"prompt": f"q{i}", "answer": f" a{i}"} for i in range(4)]
     holdout = [{"prompt": f"h{i}", "answer": f" b{i}"} for i in range(3)]

@@ -58,6 +58,17 @@ def test_math_correct_and_format():
     assert score(spec, Sample(answer, inst, "inst")) == 1.0
 
 
+def test_step_count_is_earned_without_solving():
+    """`steps`: coef per worked statement "a op b = c", right or wrong, up to cap: a padded wrong
+    answer out-earns a short right one, which is what makes it a term to gate."""
+    spec = {"name": "steps", "params": {"coef": 0.25, "cap": 1.0}}
+    right = " 5+3=8. The answer is 8."
+    padded = " 1+1=2. 2+2=4. 4+4=8. 8*2=16. 9-1=8. The answer is 3."
+    assert score(spec, math(right)) == 0.25 and score(spec, math(padded)) == 1.0
+    assert score({"name": "math_correct"}, math(padded)) == 0.0
+    assert weighted_range([spec]) == (0.0, 1.0)
+
+
 def test_length_penalty():
     spec = {"name": "length", "params": {"free_tokens": 10, "coef": 0.1, "cap": 0.5}}
     assert score(spec, math("x", num_tokens=8)) == 0.0
