@@ -133,9 +133,12 @@ class StageReward:
 
 # ----- the rewards ------------------------------------------------------------------------------
 @REWARDS.register("math_correct", range=(0.0, 1.0))
-def math_correct(x: Sample) -> float:
+def math_correct(x: Sample, strict: bool = False) -> float:
     """r = 1[extract_answer(y) == target] (`math_number`: a row without a target reads the
-    integer of its answer); a task's row without a target: the task's rule."""
+    integer of its answer); a task's row without a target: the task's rule. `strict`: only an
+    answer stated as "The answer is N." counts (r = 0 without one), not the last number."""
+    if strict and re.search(FINAL_ANSWER, x.completion) is None:
+        return 0.0
     if "target" not in x.row and x.row_task is not None:
         return float(check_answer(x.row_task, x.row, x.completion))
     return float(math_number(x.row, x.completion))

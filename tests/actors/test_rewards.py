@@ -66,6 +66,9 @@ def test_step_count_is_earned_without_solving():
     padded = " 1+1=2. 2+2=4. 4+4=8. 8*2=16. 9-1=8. The answer is 3."
     assert score(spec, math(right)) == 0.25 and score(spec, math(padded)) == 1.0
     assert score({"name": "math_correct"}, math(padded)) == 0.0
+    strict = {"name": "math_correct", "params": {"strict": True}}
+    assert score(strict, math(right)) == 1.0 and score(strict, math(" 5+3=8.")) == 0.0
+    assert score({"name": "math_correct"}, math(" 5+3=8.")) == 1.0  # the last number
     assert weighted_range([spec]) == (0.0, 1.0)
 
 
