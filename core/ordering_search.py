@@ -29,15 +29,12 @@ kept in `<study dir>/search.json` after every step, and a resumed study goes on 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import NormalDist
 
-from stageflow.core.files import write_atomic
 from stageflow.core.lazy import lazy_module
 
 np = lazy_module("numpy")  # loaded where a search proposes; validate reads the costs alone
@@ -208,7 +205,8 @@ class OrderingSearch:
                 if path not in asked:
                     return self._ask(path) if self.cost(path) <= left else None
             return None
-        fits = [p for p in self.candidates() if p not in asked and self.cost(p) <= left]
+        priced = [(p, self.cost(p)) for p in self.candidates() if p not in asked]
+        fits = [p for p, c in priced if c <= left]
         if not fits:
             return None
         seen = self.observed()
@@ -219,7 +217,7 @@ class OrderingSearch:
         sign = 1.0 if self.goal == "max" else -1.0
         best = max(sign * v for v in seen.values())
         gain = expected_improvement(sign * mean, sd, best)
-        costs = np.array([self.cost(p) for p in fits], dtype=float)
+        costs = np.array([c for _, c in priced if c <= left], dtype=float)
         value = gain / costs**COST_POWER
         top = np.flatnonzero(value >= value.max() - 1e-15 * abs(value.max()))
         return self._ask(fits[int(top[self.rng.randrange(len(top))])])
@@ -248,13 +246,7 @@ class OrderingSearch:
         best = max(sign * v for v in seen.values())
         return bool((sign * mean + PRUNE_Z * sd).max() >= best)
 
-    # ----- the best, and the log ------------------------------------------------------------
-    def ranked(self) -> list[tuple[Path_, float]]:
-        """The observed orderings, best first."""
-        return sorted(
-            self.observed().items(), key=lambda kv: -kv[1] if self.goal == "max" else kv[1]
-        )
-
+    # ----- the log ---------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "asked": [list(p) for p in self.asked],
@@ -286,10 +278,6 @@ def _jsonable(value):
 
 def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
-def save(search: OrderingSearch, file: Path) -> None:
-    write_atomic(file, json.dumps(search.state()))
 
 
 def replay(search: OrderingSearch, score_of: Callable[[Path_], float]) -> OrderingSearch:

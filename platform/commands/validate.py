@@ -62,6 +62,7 @@ from stageflow.core.registry import (
     TASKS,
     LayerStates,
     Objective,
+    ObjectiveParams,
     Registry,
     closest,
     load_plugins,
@@ -250,7 +251,7 @@ class _Validator:
                 f"{key}.batch_size",
                 f"{stage.batch_size} rows cannot be split over learner.ranks={ranks}; expected at least {ranks}",
             )
-        self.check_rl(key, stage, objective, entry)
+        self.check_rl(key, stage, objective, entry, typed)
         if stage.mask is not None:
             self.check_mask(key, stage, entry)
         fraction = entry.isolated_share(typed)
@@ -262,7 +263,7 @@ class _Validator:
                 )
         self.check_data(f"{key}.data", stage.data)
         if entry.alternative is not None:  # reads the rows check_data has just checked
-            self.check_alternative(key, stage, objective, entry)
+            self.check_alternative(key, stage, objective, entry, typed)
         if stage.retain is not None:
             self.check_data(f"{key}.retain", stage.retain)
         for sub_key, problem in stage.problems():
@@ -292,10 +293,10 @@ class _Validator:
             )
 
     def check_alternative(
-        self, key: str, stage: StageSpec, objective: str, entry: Objective
+        self, key: str, stage: StageSpec, objective: str, entry: Objective, typed: ObjectiveParams
     ) -> None:
         """A preference objective's chosen answers: `idk` or a column every forget row has."""
-        source = entry.alternatives(entry.typed(stage.params))
+        source = entry.alternatives(typed)
         if not isinstance(source, str):
             self.fail(
                 f"{key}.params.alternative",
@@ -305,7 +306,7 @@ class _Validator:
         if problem:
             self.fail(f"{key}.params.alternative", problem)
         if source == GENERATED:  # sampled by the engines: how many, how long
-            extra = entry.typed(stage.params).extra
+            extra = typed.extra
             for name in ("samples", "max_new_tokens"):
                 if getattr(extra, name) < 1:
                     self.fail(
@@ -332,7 +333,9 @@ class _Validator:
                     f"the model has decoder layers 0 to {count - 1}; expected {'a list of ' if sub_key != 'layer' else ''}layer indexes among them, got {bad[0] if bad else '[]'}",
                 )
 
-    def check_rl(self, key: str, stage: StageSpec, objective: str, entry: Objective) -> None:
+    def check_rl(
+        self, key: str, stage: StageSpec, objective: str, entry: Objective, typed: ObjectiveParams
+    ) -> None:
         """An RL stage's rewards (parameters, gate thresholds) and its loop settings."""
         try:
             check_rewards(stage.rewards)
@@ -350,7 +353,7 @@ class _Validator:
                 f"{key}.rewards",
                 f"a {stage.kind} stage needs at least one reward; expected a list of {{name, weight, params}} naming {', '.join(REWARDS.names())}",
             )
-        loop = entry.typed(stage.params).loop  # its own problems: entry.problems
+        loop = typed.loop  # its own problems: entry.problems
         self.check_staleness(f"{key}.params.max_staleness", loop)
         if entry.retain_prompts and stage.retain is None:
             self.fail(

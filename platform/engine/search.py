@@ -72,12 +72,12 @@ class SearchState:
         self.fingerprint = fingerprint
         self.search = new_search(spec)
         self.declared = dataclasses.asdict(spec.orderings.search)
+        self.branch = spec.orderings.search.branch or (spec.unlearning or [""])[0]
         saved = read_json(study.search_log)
-        if saved and saved.get("search") != self.declared:
-            saved = None  # another search than the one this log is of: start afresh
+        if saved and (saved.get("search") != self.declared or not self.still_scored(saved)):
+            saved = None  # another search, or scores of another configuration: start afresh
         if saved:
             self.search.restore(saved)
-        self.branch = spec.orderings.search.branch or (spec.unlearning or [""])[0]
         self.queue: deque[Trial] = deque()
         self.running: dict[str, Trial] = {}  # Tune trial id -> trial
         self.seen_at: dict[str, int] = {}  # Tune trial id -> scores seen when it started
@@ -86,6 +86,15 @@ class SearchState:
         self.pruned: set[Path_] = {tuple(p) for p in (saved or {}).get("pruned", [])}
         for path in self.search.pending():  # asked before an interruption: run them first
             self.enqueue(path)
+
+    def still_scored(self, saved: dict) -> bool:
+        """Whether every score a saved search saw is what the current records give (a changed
+        study, data, model or code makes them stale: their trials run again)."""
+        return all(
+            self.score(tuple(path), self.trials_of(tuple(path))) == value
+            for path, value in saved["scores"]
+            if value is not None
+        )
 
     def trials_of(self, path: Path_) -> list[Trial]:
         return expand(self.spec, [path])

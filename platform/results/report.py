@@ -16,8 +16,8 @@ from stageflow.core.files import read_json
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.analysis import Analysis, mean_pm_std
 from stageflow.platform.results.findings import findings
-from stageflow.platform.results.reward_report import reward_figures, reward_section
-from stageflow.platform.results.search_report import search_figures, search_section
+from stageflow.platform.results.reward_report import reward_parts
+from stageflow.platform.results.search_report import search_parts
 from stageflow.platform.results.tables import clock, format_table, interval, p_cell
 
 # lazy: matplotlib only where figures are drawn
@@ -294,15 +294,16 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
                 )
             )
 
-    figures += search_figures(analysis, _figure_png)
-    figures += reward_figures(analysis, _figure_png, _lines)
+    search, search_pngs = search_parts(analysis, _figure_png)
+    rewards, reward_pngs = reward_parts(analysis, _figure_png, _lines)
+    figures += search_pngs + reward_pngs
     tradeoff = _tradeoff(analysis)
     if tradeoff is not None:
         caption = "forget quality against model utility, by method and ordering"
         figures.append(("tradeoff_forget_quality_utility", caption, _figure_png(tradeoff)))
 
     sections = [ordering_section(analysis), *findings(analysis)]
-    for extra in (search_section(analysis), reward_section(analysis), population_section(analysis)):
+    for extra in (search, rewards, population_section(analysis)):
         if extra:
             sections.insert(1, extra)
     unlearning = unlearning_section(analysis)

@@ -85,16 +85,23 @@ class RewardDesigns:
         return out
 
 
-def reward_section(analysis) -> tuple[str, str] | None:
+def reward_parts(
+    analysis, png: Callable, lines: Callable
+) -> tuple[tuple[str, str] | None, list[tuple[str, str, bytes]]]:
+    """With `analysis.rewards`: the report's section and figures (the RL stages read once)."""
+    if analysis.spec.analysis.rewards is None:
+        return None, []
+    designs = RewardDesigns(analysis)
+    if not designs.rows:
+        return None, []
+    return reward_section(analysis, designs), reward_figures(designs, png, lines)
+
+
+def reward_section(analysis, designs: RewardDesigns) -> tuple[str, str]:
     """Per design: the final outcome and shaping terms, the hacking correlation and each
     metric at the path's end, mean ± seed std; the declared test of the design's effect on
     each metric at the path's end (blocked by seed)."""
-    if analysis.spec.analysis.rewards is None:
-        return None
-    designs = RewardDesigns(analysis)
     groups = designs.by_design()
-    if not groups:
-        return None
     metrics = sorted(
         {
             k
@@ -133,13 +140,10 @@ def reward_section(analysis) -> tuple[str, str] | None:
     return "Reward designs: outcome, shaping and hacking", body
 
 
-def reward_figures(analysis, png: Callable, lines: Callable) -> list[tuple[str, str, bytes]]:
+def reward_figures(
+    designs: RewardDesigns, png: Callable, lines: Callable
+) -> list[tuple[str, str, bytes]]:
     """Per-step outcome and shaping terms by design (mean over seeds)."""
-    if analysis.spec.analysis.rewards is None:
-        return []
-    designs = RewardDesigns(analysis)
-    if not designs.rows:
-        return []
     return [
         (
             f"rewards_{key}",

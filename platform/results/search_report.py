@@ -51,10 +51,15 @@ class SearchOutcome:
         return out
 
 
-def search_section(analysis) -> tuple[str, str] | None:
+def search_parts(analysis, png: Callable) -> tuple[tuple[str, str] | None, list]:
+    """With `orderings.search`: the report's section and figures (the outcome read once)."""
     if analysis.spec.orderings.search is None:
-        return None
+        return None, []
     out = SearchOutcome(analysis)
+    return search_section(out), search_figures(out, png)
+
+
+def search_section(out: SearchOutcome) -> tuple[str, str]:
     s = out.search
     ranked = out.ranked()
     spent = max(out.spent_after.values(), default=0)
@@ -80,11 +85,8 @@ def search_section(analysis) -> tuple[str, str] | None:
     return f"Ordering search: the {s.goal} of {s.score}", body
 
 
-def search_figures(analysis, png: Callable) -> list[tuple[str, str, bytes]]:
+def search_figures(out: SearchOutcome, png: Callable) -> list[tuple[str, str, bytes]]:
     """The search's progress and its explored tree, as (name, caption, PNG bytes)."""
-    if analysis.spec.orderings.search is None:
-        return []
-    out = SearchOutcome(analysis)
     return [
         (
             "search_progress",
