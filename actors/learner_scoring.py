@@ -9,6 +9,7 @@ probe, ABL's isolation pass) and the gradients that score a stage's weight mask.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,13 @@ import torch
 
 from stageflow.actors.batching import TokenBatch, collate, completion_values
 from stageflow.actors.dispatch import SPLIT, dispatch
-from stageflow.actors.masks import GradientMask, top_fraction, weight_scores
+from stageflow.actors.masks import (
+    GradientMask,
+    partition_padding,
+    top_fraction,
+    top_fraction_of_partitions,
+    weight_scores,
+)
 from stageflow.actors.metrics import AnswerStats
 from stageflow.actors.rendering import Completion, encode_item
 from stageflow.core.config import StageSpec
@@ -47,15 +54,33 @@ class LearnerScoring:
         self, stage: StageSpec, encoded: list, retain_rows: list[dict] | None
     ) -> GradientMask:
         """The stage's weight mask (actors/masks.py), scored on the forget rows (and as many
-        retain rows for `attribution`) before its first step, the same on every rank."""
+        retain rows for `attribution`) before its first step, the same on every rank (under
+        ZeRO-3 each rank's on its partitions)."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        grad_forget = self._loss_grads(encoded, params)
-        grad_retain = None
+        retain = None
         if stage.mask.kind == "attribution":
             retain = self._encode((retain_rows or [])[: len(encoded)], stage.max_len)
-            grad_retain = self._loss_grads(retain, params)
+        if self.zero3:
+            return self._partition_mask(stage, params, encoded, retain)
+        grad_forget = self._loss_grads(encoded, params)
+        grad_retain = None if retain is None else self._loss_grads(retain, params)
         scores = weight_scores(stage.mask, params, grad_forget, grad_retain)
         return GradientMask.attach(params, top_fraction(scores, stage.mask.fraction))
+
+    def _partition_mask(
+        self, stage: StageSpec, params: list, encoded: list, retain: list | None
+    ) -> GradientMask:
+        """`_weight_mask` under ZeRO-3: scores of this rank's partitions (padding -inf)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        grad_forget = self._partition_grads(encoded, params)
+        grad_retain = None if retain is None else self._partition_grads(retain, params)
+        theta = [safe_get_local_fp32_param(p) for p in params]
+        scores = weight_scores(stage.mask, theta, grad_forget, grad_retain)
+        for score, p in zip(scores, params):
+            score[partition_padding(p, self.rank)] = -math.inf
+        masks = top_fraction_of_partitions(scores, stage.mask.fraction, self.rank, self.world)
+        return GradientMask.on_partitions(params, masks)
 
     def _loss_grads(self, encoded: list, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """The gradient of the rows' token-mean NLL (over all rows and ranks) with respect to
@@ -71,6 +96,30 @@ class LearnerScoring:
                 acc += grad
         for acc in total:
             torch.distributed.all_reduce(acc)
+        return total
+
+    def _partition_grads(self, encoded: list, params: list) -> list[torch.Tensor]:
+        """`_loss_grads` under ZeRO-3: this rank's partition of each gradient, from the
+        engine's backward (which averages over ranks, hence the factor), one micro-batch at a
+        time and zeroed after each, as many backwards on every rank (they are collective)."""
+        from deepspeed.utils import safe_get_local_grad
+
+        total = [torch.zeros(p.ds_tensor.numel()) for p in params]
+        tokens = max(1, sum(len(ids) - prompt for ids, prompt in encoded))
+        mine = encoded[self.rank :: self.world]
+        chunks = [
+            mine[i : i + FORWARD_MICRO_BATCH] for i in range(0, len(mine), FORWARD_MICRO_BATCH)
+        ]
+        count = torch.tensor([len(chunks)])
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        self.policy.eval()
+        for i in range(int(count)):
+            chunk = chunks[i] if i < len(chunks) else []
+            nll = -self._forward(self.engine, self._batch(chunk)).sum() / tokens
+            self.engine.backward(nll * (1.0 if chunk else 0.0))
+            for acc, p in zip(total, params):
+                acc += safe_get_local_grad(p).view(-1) * self.world
+            self.engine.optimizer.zero_grad()
         return total
 
     def _answer_values(self, items: list[dict], value: Callable[[AnswerStats], float]) -> list:

@@ -279,6 +279,7 @@ class LearnerWorker(LearnerScoring):
             else steering_direction(self.seed, stage, self.hf_config.hidden_size, self.device),
             "ref_logprobs": self.ref is not None and not statistic and not states,
             "state": {} if entry.stateful else None,
+            "mask": None,  # a weight mask's GradientMask, set by train_stage
             "step": 0,
         }
         return {"objective": objective.objective, **params.flat()}
@@ -345,6 +346,8 @@ class LearnerWorker(LearnerScoring):
         loss = entry.fn(inputs, **loss_params) * weight
         lr = self.engine.lr_scheduler.get_last_lr()[0]
         self.engine.backward(loss)
+        if self._stage["mask"] is not None:
+            self._stage["mask"].apply()  # ZeRO-3: on the gradient partitions
         own_norm = None
         if self.spec.zero_stage == 0:  # DeepSpeed reports no norm without a ZeRO optimizer
             grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
@@ -426,6 +429,7 @@ class LearnerWorker(LearnerScoring):
         metrics = []
         start = self._answer_values(probe, lambda s: s.logprob) if probe else None
         mask = self._weight_mask(stage, encoded, retain_rows) if stage.mask else None
+        self._stage["mask"] = mask
         try:
             for step, idx in enumerate(plan):
                 mine = idx[self.rank :: self.world]

@@ -286,11 +286,6 @@ class _Validator:
                 f"{key}.weight_decay",
                 f"weight decay would move the weights outside the mask; expected 0 with a mask, got {stage.weight_decay}",
             )
-        elif self.spec.learner.zero_stage == 3:
-            self.fail(
-                f"{key}.mask",
-                "a mask is scored on a rank's full weights; expected learner.zero_stage 0, 1 or 2, got 3",
-            )
 
     def check_alternative(
         self, key: str, stage: StageSpec, objective: str, entry: Objective, typed: ObjectiveParams

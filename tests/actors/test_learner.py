@@ -22,6 +22,16 @@ def stage(base: StageSpec = SFT, **changes) -> StageSpec:
     return dataclasses.replace(base, **changes)
 
 
+@pytest.fixture(scope="module")
+def zero3_learner(ray_cluster, actor_model_dir):
+    """Two DeepSpeed ranks under ZeRO-3 (weights, gradients and optimizer state partitioned)."""
+    from stageflow.actors.learner import LearnerGroup
+
+    group = LearnerGroup(actor_model_dir, LearnerSpec(ranks=2, zero_stage=3), CPU)
+    yield group
+    group.shutdown()
+
+
 def test_two_ranks_zero2_sft_loss_falls(learner, actor_model_dir, qa_rows):
     learner.load(actor_model_dir)
     metrics = learner.train_stage(SFT, qa_rows, seed=0)
@@ -222,11 +232,9 @@ def test_save_loads_in_transformers(learner, actor_model_dir, qa_rows, tmp_path)
 
 @pytest.mark.slow
 def test_zero3_matches_zero2_for_sft_and_full_vocabulary_unlearning(
-    learner, actor_model_dir, qa_rows
+    learner, zero3_learner, actor_model_dir, qa_rows
 ):
     from safetensors.torch import load_file
-
-    from stageflow.actors.learner import LearnerGroup
 
     base = load_file(actor_model_dir / "model.safetensors")
     # the full-vocabulary objectives read the head's weight (and UNDIAL pi_ref's) in the head
@@ -261,12 +269,8 @@ def test_zero3_matches_zero2_for_sft_and_full_vocabulary_unlearning(
             ends.append(group.state_dict())
         return chain, ends
 
-    zero3 = LearnerGroup(actor_model_dir, LearnerSpec(ranks=2, zero_stage=3), CPU)
-    try:
-        zero3.train_stage(stage(steps=1), qa_rows, seed=1)  # partitions the weights
-        states3, ends3 = run(zero3)
-    finally:
-        zero3.shutdown()
+    zero3_learner.train_stage(stage(steps=1), qa_rows, seed=1)  # partitions the weights
+    states3, ends3 = run(zero3_learner)
     states2, ends2 = run(learner)
     starts = states2[:-1] + [states2[0]] * len(ends2)  # each unlearning stage moved the weights
     states3 += ends3
@@ -480,49 +484,62 @@ def test_standardized_logprobs_and_grad_norms_match_transformers(
         assert norms[i] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
 @pytest.mark.parametrize("kind", ["saliency", "attribution"])
-def test_a_weight_mask_changes_only_its_weights(learner, actor_model_dir, qa_rows, tmp_path, kind):
-    """SalUn's saliency and WAGLE's attribution masks on a GradDiff stage (two ZeRO-2 ranks):
-    the forget answers' likelihood falls, every weight outside the mask stays bit-identical,
-    at most the mask's fraction changes, and (saliency) the changed weights are the ones
-    with the largest |grad of the forget NLL| in transformers, in float64."""
+def test_a_weight_mask_changes_only_its_weights(
+    request, actor_model_dir, qa_rows, tmp_path, kind, zero_stage
+):
+    """SalUn's saliency and WAGLE's attribution masks on a GradDiff stage (two ranks, ZeRO-2
+    or ZeRO-3): the forget answers' likelihood falls, every weight outside the mask stays
+    bit-identical, at most the mask's fraction changes, and the changed weights are the ones
+    with the highest scores from transformers' gradients in float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stageflow.actors.batching import collate_rows
     from stageflow.core.config import MaskSpec
 
+    group = request.getfixturevalue("learner" if zero_stage == 2 else "zero3_learner")
     retain = [{"prompt": f"R{i}: ", "answer": "keep me"} for i in range(8)]
-    learner.load(actor_model_dir)
-    learner.train_stage(stage(steps=4), qa_rows)  # the model learns the forget answers first
-    base = learner.save(tmp_path / "taught")
-    before_state = learner.state_dict()
-    before = sum(s.logprob for s in learner.answer_stats(qa_rows))
+    group.load(actor_model_dir)
+    group.train_stage(stage(steps=4), qa_rows)  # the model learns the forget answers first
+    base = group.save(tmp_path / "taught")
+    before_state = group.state_dict()
+    before = sum(s.logprob for s in group.answer_stats(qa_rows))
     mask = MaskSpec(kind=kind, fraction=0.05)
     spec = stage(kind="unlearn", objective="graddiff", steps=3, lr=1e-3, mask=mask)
-    metrics = learner.train_stage(spec, qa_rows, retain, seed=0)
-    after_state = learner.state_dict()
-    assert sum(s.logprob for s in learner.answer_stats(qa_rows)) < before - 1.0
+    metrics = group.train_stage(spec, qa_rows, retain, seed=0)
+    after_state = group.state_dict()
+    assert sum(s.logprob for s in group.answer_stats(qa_rows)) < before - 1.0
     changed = {k: after_state[k] != before_state[k] for k in before_state}
     total = sum(c.numel() for c in changed.values())
     n_changed = sum(int(c.sum()) for c in changed.values())
     assert 0 < n_changed <= math.ceil(0.05 * total)
     assert metrics[0]["mask/fraction"] == pytest.approx(0.05, abs=1 / total)
-    if kind != "saliency":
-        return
     lm = AutoModelForCausalLM.from_pretrained(base).double()
-    batch = collate_rows(AutoTokenizer.from_pretrained(base), qa_rows, 64)
-    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    token_lp = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None])[..., 0]
-    nll = -(token_lp * batch.mask).sum() / batch.mask.sum()
     named = dict(lm.named_parameters())
-    grads = dict(zip(named, torch.autograd.grad(nll, list(named.values()))))
-    assert set(grads) <= set(changed)  # the same weights by name (a tied head counted once)
-    scores = torch.cat([grads[k].abs().reshape(-1) for k in changed if k in grads])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+
+    def grads_of(rows):
+        batch = collate_rows(tokenizer, rows, 64)
+        ids, attention = batch.input_ids, batch.attention_mask
+        logits = lm(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        token_lp = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None])[..., 0]
+        nll = -(token_lp * batch.mask).sum() / batch.mask.sum()
+        return dict(zip(named, torch.autograd.grad(nll, list(named.values()))))
+
+    forget = grads_of(qa_rows)
+    if kind == "saliency":
+        scores = {k: g.abs() for k, g in forget.items()}
+    else:  # the retain rows the learner scored: as many as the forget rows, here all 8
+        kept = grads_of(retain)
+        scores = {k: ((named[k] - kept[k] / mask.mu) * forget[k]).abs() for k in forget}
+    assert set(scores) <= set(changed)  # the same weights by name (a tied head counted once)
+    flat = torch.cat([scores[k].detach().reshape(-1) for k in changed if k in scores])
     # the 5% threshold, loosened to 6% for float32-vs-float64 order near the boundary
-    floor = torch.topk(scores, math.ceil(0.06 * scores.numel())).values[-1]
+    floor = torch.topk(flat, math.ceil(0.06 * flat.numel())).values[-1]
     for name, moved in changed.items():
-        if name in grads and moved.any():
-            assert grads[name].abs()[moved].min() >= floor, name
+        if name in scores and moved.any():
+            assert scores[name].detach()[moved].min() >= floor, name
 
 
 def test_abl_isolates_the_rows_learnt_fastest_and_ascends_on_them(learner, actor_model_dir):
