@@ -77,3 +77,16 @@ def completion_values(per_target: torch.Tensor, batch: TokenBatch) -> list[list[
         start, stop = batch.prompt_lens[i] - 1, batch.lengths[i] - 1
         out.append(per_target[i, start:stop].tolist())
     return out
+
+
+def left_padded(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left to one width (what `generate` takes): ids and attention mask."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    return ids, attention

@@ -228,14 +228,12 @@ class HFEngine(Engine):
     def generate(self, prompt_ids, n, temperature, top_p, max_tokens, seed, ignore_eos) -> Samples:
         import torch
 
+        from stageflow.actors.batching import left_padded  # lazy: torch, in the engine's process
+
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):  # left padding
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
+        ids, attention = left_padded(prompt_ids, pad)
+        width = ids.shape[1]
         torch.manual_seed(seed)
         greedy = temperature <= 0
         with torch.no_grad():

@@ -28,6 +28,8 @@ from stageflow.actors.metrics import AnswerStats
 from stageflow.actors.rendering import Completion, encode_item
 from stageflow.core.config import StageSpec
 
+# lazy: DeepSpeed's partition API loads only for a mask under ZeRO-3
+
 FORWARD_MICRO_BATCH = 32  # sequences per no-grad forward (log-probs, evaluation)
 
 
@@ -162,6 +164,8 @@ class LearnerScoring:
             if self.ref is None:
                 raise RuntimeError("no pi_ref: the stage's objective does not need one")
             return self.ref
+        if self.uld is not None or self.combined is not None:  # a ULD stage's unlearned model
+            return self._combined_module()
         return self.engine if self.engine is not None else self.policy
 
     @dispatch(SPLIT)

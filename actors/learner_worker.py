@@ -6,7 +6,8 @@ with the same tokenisation and fused kernels (`logprobs`, `answer_stats`, `grad_
 scoring half, actors/learner_scoring.py), gathers the full weights on rank 0 (ZeRO-3 included)
 for checkpoints and weight sync, and starts over from a checkpoint (`load`). Optimizer and LR
 schedule are re-created at every stage unless `reset_optimizer_per_stage` is false; a stage's
-weight mask (actors/masks.py) is scored before its first step. `LearnerGroup`
+weight mask (actors/masks.py) is scored before its first step; a ULD stage trains an assistant
+instead (actors/learner_assistant.py). `LearnerGroup`
 (actors/learner.py) drives the ranks. One actor class whose methods share the DeepSpeed
 engine's state, hence the module's size.
 """
@@ -25,13 +26,14 @@ from typing import Any
 
 import torch
 
-from stageflow.actors import lora
+from stageflow.actors import lora, uld
 from stageflow.actors.batch_plan import batch_indices, lr_multiplier, stage_steps
 from stageflow.actors.batching import (
     place_completion_values,
 )
 from stageflow.actors.deepspeed_setup import deepspeed_config, release_stale_build_locks
 from stageflow.actors.dispatch import ALL, RANK0, REF0, SPLIT_RANK0, dispatch
+from stageflow.actors.learner_assistant import LearnerAssistant
 from stageflow.actors.learner_scoring import LearnerScoring
 from stageflow.actors.objective_inputs import (
     head_statistic,
@@ -59,7 +61,7 @@ from stageflow.kernels.peak_memory import PeakMemory
 # lazy: DeepSpeed, transformers and safetensors load when a learner rank starts
 
 
-class LearnerWorker(LearnerScoring):
+class LearnerWorker(LearnerScoring, LearnerAssistant):
     """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen pi_ref when needed."""
 
     def __init__(self, model_dir: str, spec: LearnerSpec, device: str = "cpu", seed: int = 0):
@@ -160,14 +162,21 @@ class LearnerWorker(LearnerScoring):
         call returns an ObjectRef to them (no copy through the caller)."""
         from safetensors.torch import save
 
-        state = self.gathered_state()
+        state = self._served_state()
         return None if state is None else save(state)
 
     @dispatch(RANK0)
     def write_shared_weights(self, path: str) -> int | None:
         """Rank 0: copy the full weights into the shared-memory file `path` (see weight_sync)."""
-        state = self.gathered_state()
+        state = self._served_state()
         return None if state is None else write_shared_weights(path, state)
+
+    def _served_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights the rollout engines load (rank 0): never a ULD model's (validation
+        asks for `generation: hf` there; `sample_combined` samples it)."""
+        if self.holds_combined():
+            raise RuntimeError("the rollout engines cannot serve a ULD model's combined logits")
+        return self.gathered_state()
 
     @dispatch(RANK0)
     def save(self, out_dir: str) -> str:
@@ -176,11 +185,17 @@ class LearnerWorker(LearnerScoring):
         the weights the stage started from: the parent prefix's model)."""
         from safetensors.torch import save_file
 
-        state = self.gathered_state()
-        adapter = self.gathered_state(adapter=True) if self.adapter is not None else None
+        assisted = self.uld is not None  # a ULD stage: the base's weights plus `assistant/`
+        if assisted:
+            state, adapter = self._assistant_states()
+        else:
+            state = self.gathered_state()
+            adapter = self.gathered_state(adapter=True) if self.adapter is not None else None
         if state is not None:
             with staged_dir(Path(out_dir), replace=True) as staging:
-                if adapter is not None:
+                if assisted:
+                    uld.save_assistant(self.adapter, staging, adapter, self.uld)
+                elif adapter is not None:
                     lora.save_adapter(self.adapter, staging / "adapter", adapter)
                 save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
                 config = copy.deepcopy(self.hf_config)
@@ -204,6 +219,9 @@ class LearnerWorker(LearnerScoring):
         self._drop_engine()
         self.model_dir = str(model_dir)
         self._load_policy(self._read_model(self.model_dir), new_template=True)
+        self._forget_assistant()
+        if uld.is_uld_checkpoint(self.model_dir):
+            self._load_combined(self.model_dir)
 
     # ----- stages ----------------------------------------------------------------------------
     def _drop_engine(self) -> None:
@@ -238,16 +256,22 @@ class LearnerWorker(LearnerScoring):
         def multiplier(step: int) -> float:
             return lr_multiplier(step, total_steps, stage.schedule, stage.warmup_steps)
 
+        if self.uld is not None or self.combined is not None:
+            raise RuntimeError("a ULD model is evaluated, not trained further")  # validated
         states = entry.states(params)
-        # a stage that trains some layers only, or follows one, starts a new engine
+        # a stage that trains some layers only, or follows one, starts a new engine; so does
+        # ULD's, which trains an assistant (actors/learner_assistant.py)
         partial = states is not None or (self._stage or {}).get("states") is not None
-        if self.engine is None or self.spec.reset_optimizer_per_stage or partial:
+        assisted = entry.assistant is not None
+        if self.engine is None or self.spec.reset_optimizer_per_stage or partial or assisted:
             base = self.model_dir if self.engine is None else None  # the weights' directory
-            if self.engine is not None:
+            if assisted:
+                self._to_assistant(stage, params)
+            elif self.engine is not None:
                 state = self.gathered_state(everywhere=True)
                 self._drop_engine()
                 self._load_policy(self._fresh_lm(state))
-            if self.spec.lora is not None:
+            if self.spec.lora is not None and not assisted:
                 seed = lora.adapter_seed(self.seed, stage)
                 self.adapter = lora.attach_adapter(self.policy.lm, self.spec.lora, seed, base)
             if states is not None and states.trainable is not None:
@@ -309,7 +333,11 @@ class LearnerWorker(LearnerScoring):
         states: LayerStates | None = self._stage["states"]
         mask = batch.mask.to(self.device)
         rest = split + len(chosen)  # where the retain rows start
-        head = None if stat is None else head_statistic(stat, batch, split, self.ref, self.device)
+        head = (
+            None
+            if stat is None
+            else head_statistic(stat, batch, split, rest, self.ref, self.device)
+        )
         out = self._forward(
             self.engine, batch, statistic=head, layer=None if states is None else states.layer
         )
@@ -317,7 +345,8 @@ class LearnerWorker(LearnerScoring):
         logprobs, values = out if head is not None else (out, None)
         inputs = LossInputs(logprobs=logprobs[:split], mask=mask[:split], **extra)
         if head is not None:
-            inputs.vocab_stat, inputs.vocab_stat_mask = values[:split], head.mask[:split]
+            rows = slice(rest, None) if stat.rows == "retain" else slice(0, split)
+            inputs.vocab_stat, inputs.vocab_stat_mask = values[rows], head.mask[rows]
         if paired:
             inputs.chosen_logprobs, inputs.chosen_mask = logprobs[pairs], mask[pairs]
         if retain:
@@ -353,6 +382,7 @@ class LearnerWorker(LearnerScoring):
             grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
             own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
+        self.combined = None  # a ULD model read during the stage is rebuilt on the new weights
         peak_mib = peak.stop()
         elapsed = time.perf_counter() - start
         # sum and count of |log pi_theta - log pi_old| over answer tokens (or, on policy, minus

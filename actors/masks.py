@@ -29,6 +29,8 @@ import torch
 
 from stageflow.core.config import MaskSpec
 
+# lazy: DeepSpeed's partition API loads only for a mask under ZeRO-3
+
 
 def weight_scores(
     spec: MaskSpec,

@@ -16,16 +16,20 @@ from stageflow.kernels.vocab_stats import HeadStatistic
 
 
 def head_statistic(
-    stat: VocabStat, batch: TokenBatch, split: int, ref: PolicyModule | None, device
+    stat: VocabStat, batch: TokenBatch, split: int, rest: int, ref: PolicyModule | None, device
 ) -> HeadStatistic:
     """What the head computes for `stat` over the answer tokens of the forget rows (the first
-    `split`), less each answer's first `skip_first`; with pi_ref's hidden states as the source
-    of a cross-entropy from the reference."""
+    `split`; or, for `rows: retain`, the retain rows from `rest` on), less each answer's first
+    `skip_first`; with pi_ref's hidden states as the source of a cross-entropy from the
+    reference."""
     mask = batch.mask.to(device).clone()
-    mask[split:] = 0
+    if stat.rows == "retain":
+        mask[:rest] = 0
+    else:
+        mask[split:] = 0
     if stat.skip_first:
         mask *= mask.cumsum(-1) > stat.skip_first
-    if stat.kind == "margin" or stat.source == "self":
+    if stat.kind != "cross_entropy" or stat.source == "self":
         return HeadStatistic(mask, stat.kind, stat.shift)
     if ref is None:  # internal: begin_stage keeps pi_ref for a reference source
         raise RuntimeError("a statistic from pi_ref without pi_ref")

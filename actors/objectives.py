@@ -295,6 +295,33 @@ def pdu(
     return gamma * mean_vocab_stat(x, power=2) + dual * (retain - bound)
 
 
+@OBJECTIVES.register(
+    "uld",
+    kinds=("unlearn",),
+    retain_weight="retain_weight",
+    nonnegative=("retain_weight",),
+    vocab_stat=lambda p: VocabStat("uniform_kl", rows="retain") if p.retain_weight else None,
+    extra_params={
+        "layers": 0,
+        "weight": 1.0,
+        "relative_top": 0.1,
+        "rank": 16,
+        "alpha": 32.0,
+        "generation": "",
+    },
+    assistant="layers",
+)
+def uld(x: LossInputs, retain_weight: float = 5.0) -> torch.Tensor:
+    """ULD's assistant (actors/uld.py), trained with the objectives reversed: NLL_f (it learns
+    the forget answers) + retain_weight * token mean of KL(uniform || p) over the retain
+    answers (it learns to know nothing else). The unlearned model, base - weight * assistant,
+    is what the stage leaves; `layers` (0: a quarter of the model's, at least one), `rank` and
+    `alpha` size the assistant, `relative_top` filters the tokens the subtraction touches;
+    `generation: hf` states that its completions are sampled by transformers on the learner."""
+    loss = losses.nll_loss(x.logprobs, x.mask)
+    return loss + retain_weight * mean_vocab_stat(x) if retain_weight else loss
+
+
 # the clip range and the KL coefficient of every RL objective
 CLIP_AND_KL = ("eps_low", "eps_high", "beta")
 

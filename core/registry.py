@@ -39,13 +39,15 @@ class VocabStat:
     the learner's head computes chunk by chunk (kernels/vocab_stats.py) and hands to the loss as
     `LossInputs.vocab_stat`: "cross_entropy" to q = softmax(s - shift * onehot(y)), s the
     policy's own logits (detached, `source` "self") or pi_ref's ("reference"), shift inf
-    removing the target token (CE-U, UNDIAL); or "margin", max_v z - mean_v z (PDU).
-    `skip_first`: answer tokens at the start of each answer left out."""
+    removing the target token (CE-U, UNDIAL); "margin", max_v z - mean_v z (PDU); or
+    "uniform_kl", KL(uniform || softmax(z)) (ULD). `skip_first`: answer tokens at the start of
+    each answer left out. `rows`: on the forget rows' answers, or the retain rows'."""
 
-    kind: Literal["cross_entropy", "margin"]
+    kind: Literal["cross_entropy", "margin", "uniform_kl"]
     source: Literal["self", "reference"] = "self"
     shift: float = math.inf
     skip_first: int = 0
+    rows: Literal["forget", "retain"] = "forget"
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class Objective:
     `needs_retain`: a retain set always; `stateful`: a dict kept across the stage's steps is
     `LossInputs.state` (its numbers are logged per step as `state/<name>`; PDU's dual variable);
     `isolate`: the parameter giving the fraction of the stage's rows, lowest loss under the
-    model at the stage's start, that the stage trains on alone (ABL's isolation pass).
+    model at the stage's start, that the stage trains on alone (ABL's isolation pass);
+    `assistant`: the parameter giving the depth of an assistant model that the stage trains
+    while the model stays frozen, the two combined afterwards (ULD: a terminal branch).
     """
 
     name: str
@@ -98,6 +102,7 @@ class Objective:
     needs_retain: bool = False  # a retain set whatever the parameters (a constraint on it)
     stateful: bool = False  # keeps state across a stage's steps (LossInputs.state)
     isolate: str | None = None  # its fraction parameter: train on the lowest-loss rows alone
+    assistant: str | None = None  # its depth parameter: trains an assistant, the model frozen
 
     @property
     def params(self) -> dict[str, Any]:

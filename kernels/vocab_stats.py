@@ -8,7 +8,9 @@ With the model's logits z = h W^T + b per token (soft-capped when the model caps
       -sum_v q_v log p_v = lse(z) - q . z,        d / d z = p - q   (q a constant);
 
   shift = inf removes the target token from q (CE-U); a finite shift lowers it (UNDIAL);
-- the logit margin max_v z_v - mean_v z_v,        d / d z = onehot(argmax) - 1/V   (PDU).
+- the logit margin max_v z_v - mean_v z_v,        d / d z = onehot(argmax) - 1/V   (PDU);
+- KL from the uniform distribution u = 1/V:
+      KL(u || p) = lse(z) - mean_v z_v - log V,      d / d z = p - 1/V               (ULD).
 
 Forward and backward walk chunks of tokens, so a few [chunk, V] buffers are alive at a time,
 never N x V; the backward recomputes a chunk's logits and accumulates dh, dW and db.
@@ -128,32 +130,48 @@ class SoftTargetCrossEntropy(torch.autograd.Function):
         return (*_finished(grads, weight, bias), None, None, None, None, None, None)
 
 
-class LogitMargin(torch.autograd.Function):
+def _margin_grad(z: Tensor, g: Tensor) -> Tensor:
+    dz = (-g / z.shape[1]).expand_as(z).clone()
+    return dz.scatter_add_(1, z.argmax(-1, keepdim=True), g)
+
+
+# statistics of the model's own logits: (value per row of z, d value / d z times g [n, 1])
+OWN_LOGIT_STATISTICS = {
+    "margin": (lambda z: z.amax(-1) - z.mean(-1), _margin_grad),
+    "uniform_kl": (
+        lambda z: torch.logsumexp(z, dim=-1) - z.mean(-1) - math.log(z.shape[1]),
+        lambda z, g: torch.softmax(z, dim=-1).sub_(1.0 / z.shape[1]).mul_(g),
+    ),
+}
+
+
+class OwnLogitStatistic(torch.autograd.Function):
+    """One of `OWN_LOGIT_STATISTICS` per token, chunk by chunk."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, cap):
+    def forward(ctx, hidden, weight, bias, cap, kind):
         dtype = result_dtype(hidden.dtype)
         out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        value = OWN_LOGIT_STATISTICS[kind][0]
         with torch.no_grad():
             for part in _chunks(hidden.shape[0], weight.shape[0]):
-                z = _logits(hidden[part], weight, bias, cap, dtype)
-                out[part] = z.amax(-1) - z.mean(-1)
+                out[part] = value(_logits(hidden[part], weight, bias, cap, dtype))
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.cap = cap
+        ctx.cap, ctx.kind = cap, kind
         return out
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias = ctx.saved_tensors
         dtype, cap = result_dtype(hidden.dtype), ctx.cap
+        logit_grad = OWN_LOGIT_STATISTICS[ctx.kind][1]
         grads = _new_grads(ctx, hidden, weight, bias, dtype)
         for part in _chunks(hidden.shape[0], weight.shape[0]):
             h = hidden[part]
             z = _logits(h, weight, bias, cap, dtype)
-            g = grad[part, None].to(dtype)
-            dz = (-g / z.shape[1]).expand_as(z).clone()
-            dz.scatter_add_(1, z.argmax(-1, keepdim=True), g)
+            dz = logit_grad(z, grad[part, None].to(dtype))
             _accumulate(dz, h, weight, cap, z, part, grads)
-        return (*_finished(grads, weight, bias), None)
+        return (*_finished(grads, weight, bias), None, None)
 
 
 def soft_target_cross_entropy(
@@ -186,7 +204,15 @@ def logit_margin(
 ) -> Tensor:
     """max_v z_v - mean_v z_v per token [N] (fp32; float64 for float64 inputs); hidden [N, H],
     weight [V, H]."""
-    return LogitMargin.apply(hidden, weight, bias, softcap)
+    return OwnLogitStatistic.apply(hidden, weight, bias, softcap, "margin")
+
+
+def uniform_kl(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, softcap: float | None = None
+) -> Tensor:
+    """KL(u || p) per token [N], u uniform over the V tokens (fp32; float64 for float64
+    inputs); hidden [N, H], weight [V, H]."""
+    return OwnLogitStatistic.apply(hidden, weight, bias, softcap, "uniform_kl")
 
 
 @dataclass(frozen=True)
@@ -194,7 +220,7 @@ class HeadStatistic:
     """What the learner's head computes besides the log-probs, on the tokens of `mask` [B, T]:
     "cross_entropy" to softmax(s - shift * onehot(y)), with `teacher_hidden` [B, T, H] (aligned
     with the targets) and the teacher's head as the source, or the model's own logits when None;
-    or "margin"."""
+    "margin"; or "uniform_kl"."""
 
     mask: Tensor
     kind: str = "cross_entropy"
@@ -217,6 +243,8 @@ def per_token_statistic(
     flat = hidden.reshape(-1, hidden.shape[-1])[keep]
     if stat.kind == "margin":
         values = logit_margin(flat, weight, bias, softcap)
+    elif stat.kind == "uniform_kl":
+        values = uniform_kl(flat, weight, bias, softcap)
     else:
         teacher = None
         if stat.teacher_hidden is not None:

@@ -40,6 +40,7 @@ from stageflow.core.config import (
     StageSpec,
     StudyError,
     StudySpec,
+    positive,
 )
 from stageflow.core.data_files import is_plain, spec_rows
 from stageflow.core.expand import grid_points, oracle_path, parse_path
@@ -245,6 +246,8 @@ class _Validator:
             )
         if entry.layer_states is not None:
             self.check_layers(key, entry.states(typed))
+        if entry.assistant is not None:
+            self.check_assistant(key, typed)
         ranks = self.spec.learner.ranks
         if not entry.rl_loop and stage.batch_size < ranks:
             self.fail(
@@ -309,16 +312,74 @@ class _Validator:
                         f"expected a positive whole number, got {getattr(extra, name)!r}",
                     )
 
-    def check_layers(self, key: str, states: LayerStates) -> None:
-        """A representation objective's layers exist in the study's model."""
+    def model_layers(self) -> int | None:
+        """The study model's number of decoder layers (None: check_model names what is wrong)."""
         model = self.spec.model
         if model.path is None:
-            count = model.tiny.num_layers
-        elif check_model_dir(model.path):
-            return  # check_model names what is wrong with the directory
-        else:
-            count = read_config(model.path).get("num_hidden_layers")
-        if not isinstance(count, int):
+            return model.tiny.num_layers
+        if check_model_dir(model.path):
+            return None
+        count = read_config(model.path).get("num_hidden_layers")
+        return count if isinstance(count, int) else None
+
+    def check_assistant(self, key: str, typed: ObjectiveParams) -> None:
+        """ULD: an assistant no deeper than the model, a terminal branch, generation by hf."""
+        name = key.split(".", 1)[1]
+        layers, count = typed.get("layers"), self.model_layers()
+        if count is not None and not 0 <= layers <= count:
+            self.fail(
+                f"{key}.params.layers",
+                f"the assistant is the model's first layers and the model has {count}; expected 1 to {count} (0: a quarter of them), got {layers}",
+            )
+        if not 0 <= typed.get("relative_top") < 1:
+            self.fail(
+                f"{key}.params.relative_top",
+                f"the share of the top log-prob below which tokens are filtered; expected a value in [0, 1), got {typed.get('relative_top')}",
+            )
+        for param in ("weight", "rank", "alpha"):
+            for _, problem in positive(param, typed.get(param)):
+                self.fail(f"{key}.params.{param}", problem)
+        if name not in self.spec.unlearning or name in self.ordered_stages():
+            self.fail(
+                key,
+                "ULD leaves a combined model that is evaluated, not trained further; expected the stage in `unlearning` only (a branch), not in an ordering",
+            )
+        sets = self.spec.evaluation.sets
+        generates = any(
+            METRICS[m].needs == "generation"
+            for s in sets.values()
+            for m in s.metrics
+            if m in METRICS
+        )
+        if typed.get("generation") not in ("", "hf") or (
+            generates and typed.get("generation") != "hf"
+        ):
+            self.fail(
+                f"{key}.params.generation",
+                f"the vLLM engines cannot serve ULD's combined logits; expected 'hf' (sampled by transformers on the learner), got '{typed.get('generation')}'",
+            )
+        if any("mia_gradnorm" in s.metrics for s in sets.values()):
+            self.fail(
+                f"{key}.objective",
+                "mia_gradnorm takes gradients of one model's weights and ULD's model is two; expected no mia_gradnorm with a ULD branch",
+            )
+
+    def ordered_stages(self) -> set[str]:
+        """Every stage an ordering places on a path."""
+        o = self.spec.orderings
+        names = set(o.permutations or ())
+        if o.insert is not None:
+            names |= {o.insert.stage, *o.insert.into}
+        for text in o.explicit or []:
+            names |= set(parse_path(text))
+        for drawn in (o.sample, o.search):
+            names |= set(drawn.stages if drawn is not None else ())
+        return names
+
+    def check_layers(self, key: str, states: LayerStates) -> None:
+        """A representation objective's layers exist in the study's model."""
+        count = self.model_layers()
+        if count is None:
             return
         for sub_key, layers in (("layer", [states.layer]), ("trainable_layers", states.trainable)):
             bad = [i for i in layers or () if not (isinstance(i, int) and 0 <= i < count)]

@@ -201,11 +201,16 @@ class TrialRunner:
         its weights); {set name: {"metrics": ..., "examples": ...}}."""
         jobs = self.ctx.eval_jobs(self.spec, names, seed=seed)
         learner = self.workers.learner_at(point.key, point.model_dir)
+        # a ULD model's completions: transformers on the learner (the stage's `generation: hf`)
+        combined = learner.holds_combined()
         weights = None
-        if any(job.needs("generation") for job in jobs):
+        if any(job.needs("generation") for job in jobs) and not combined:
             weights = self.workers.weights(point.key, point.model_dir)
 
         def generate(prompts: list[str], **sampling: Any) -> dict:
+            if combined:
+                with self.clock("eval_generation"):
+                    return {"texts": learner.sample_combined(prompts, **sampling)}
             return self.workers.generate(prompts, weights, **sampling)
 
         def answer_stats(items: list[dict], standardized: bool) -> list:

@@ -1,4 +1,5 @@
-"""The full-vocabulary statistics (CE-U's and UNDIAL's cross-entropy, PDU's logit margin)
+"""The full-vocabulary statistics (CE-U's and UNDIAL's cross-entropy, PDU's logit margin,
+ULD's KL from the uniform distribution)
 against direct float64 implementations of the published formulas: values and gradients,
 chunked, capped, with a teacher."""
 
@@ -17,6 +18,7 @@ from stageflow.kernels.vocab_stats import (
     logit_margin,
     per_token_statistic,
     soft_target_cross_entropy,
+    uniform_kl,
 )
 
 N, H, V = 37, 32, 257
@@ -169,3 +171,26 @@ def test_per_token_margin_keeps_the_masked_tokens_only():
     out = per_token_statistic(h.view(1, N, H), w, y.view(1, N), HeadStatistic(mask, "margin"), b)
     assert (out[~mask] == 0).all()
     torch.testing.assert_close(out[mask], logit_margin(h, w, b)[mask[0]])
+
+
+@pytest.mark.parametrize("cap", [None, 2.0], ids=["plain", "capped"])
+@pytest.mark.parametrize("chunk_elements", [2**23, 5 * V], ids=["one-chunk", "five-row-chunks"])
+def test_uniform_kl_matches_the_direct_formula(monkeypatch, cap, chunk_elements):
+    """ULD's retain term, KL(u || softmax(z)) with u = 1/V (the ULD code's kl_div(log p, u)),
+    on full float64 logits: the value and dh, dW, db under a random upstream gradient."""
+    monkeypatch.setattr(vocab_stats, "CHUNK_ELEMENTS", chunk_elements)
+    (h, w, b), _, _ = leaves(seed=21)
+    got = uniform_kl(h, w, b, softcap=cap)
+    ref = [t.detach().double().requires_grad_(True) for t in (h, w, b)]
+    z = ref[0] @ ref[1].T + ref[2]
+    z = z if cap is None else cap * torch.tanh(z / cap)
+    u = torch.full_like(z, 1.0 / V)
+    want = F.kl_div(F.log_softmax(z, -1), u, reduction="none").sum(-1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    assert (got >= 0).all()
+    g = torch.randn(N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = torch.autograd.grad((got * g.float()).sum(), (h, w, b))
+    for label, a, e in zip(("dh", "dW", "db"), grads, torch.autograd.grad((want * g).sum(), ref)):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=label)
+    (h64, w64, b64), _, _ = leaves(seed=22, dtype=torch.float64, n=5)
+    assert torch.autograd.gradcheck(lambda *t: uniform_kl(*t, softcap=cap), (h64, w64, b64))

@@ -133,7 +133,7 @@ def test_reduced_study_end_to_end(tmp_path, ray_cluster, capsys):
 METHODS_STUDY = STUDY.with_name("unlearning_methods.yaml")
 METHODS = (
     "ga", "graddiff", "npo", "simnpo", "wga", "satimp", "ceu", "undial", "dpo", "idkdpo",
-    "altpo", "pdu", "rmu", "salun", "wagle", "abl",
+    "altpo", "pdu", "rmu", "salun", "wagle", "abl", "uld",
 )  # fmt: skip
 
 
@@ -160,7 +160,18 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
         *[f"stages.{m}.data.size=16" for m in METHODS],
         *[
             f"stages.{m}.retain.size=16"
-            for m in ("graddiff", "wga", "satimp", "dpo", "idkdpo", "altpo", "pdu", "rmu", "wagle")
+            for m in (
+                "graddiff",
+                "wga",
+                "satimp",
+                "dpo",
+                "idkdpo",
+                "altpo",
+                "pdu",
+                "rmu",
+                "wagle",
+                "uld",
+            )  # fmt: skip
         ],
     ]
     assert main(["run", str(METHODS_STUDY), f"storage_dir={storage}", *reduced]) == 0
@@ -178,3 +189,5 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
     assert len(isolated["rows"]) == len(isolated["losses"]) == len(isolated["prompts"]) == 8
     [altpo] = [m for m in metas if m["stage"] == "altpo"]  # its answers sampled first
     assert 0 <= altpo["step_metrics"][0]["alternatives/like_answer"] < 1
+    [uld] = [m for m in metas if m["stage"] == "uld"]  # the base plus the assistant's adapter
+    assert (storage / "prefixes" / uld["key"] / "model" / "assistant" / "uld.json").is_file()

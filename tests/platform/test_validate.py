@@ -85,6 +85,26 @@ def unlearn_stage(objective: str, **params):
     return change
 
 
+def uld_branch(params: dict, unlearning: bool = True, **sets):
+    """A ULD stage (a branch unless `unlearning` is False) with `params`, and eval `sets`."""
+
+    def change(study):
+        study["stages"]["uld"] = {
+            "kind": "unlearn",
+            "objective": "uld",
+            "data": {"task": "facts", "split": "forget"},
+            "retain": {"task": "facts"},
+            "params": params,
+        }
+        if unlearning:
+            study["unlearning"] = ["uld"]
+        study["evaluation"]["sets"].update(sets)
+
+    return change
+
+
+MATH_ACCURACY = {"data": {"task": "math", "split": "eval"}, "metrics": ["accuracy"]}
+
 CASES = [
     ("unknown top-level key", set_key("seedz", [1]), "seedz: unknown key; did you mean 'seeds'?"),
     (
@@ -572,6 +592,26 @@ CASES = [
             },
         ),
         "stages.abl.params.isolate: the share of the stage's rows to isolate; expected a fraction in (0, 1], got 1.5",
+    ),
+    (
+        "a ULD assistant deeper than the model",
+        uld_branch({"layers": 5}),
+        "stages.uld.params.layers: the assistant is the model's first layers and the model has 4; expected 1 to 4 (0: a quarter of them), got 5",
+    ),
+    (
+        "a ULD stage on a path",
+        uld_branch({}, unlearning=False),
+        "stages.uld: ULD leaves a combined model that is evaluated, not trained further; expected the stage in `unlearning` only (a branch), not in an ordering",
+    ),
+    (
+        "ULD generation left to the engines",
+        uld_branch({}, math=MATH_ACCURACY),
+        "stages.uld.params.generation: the vLLM engines cannot serve ULD's combined logits; expected 'hf' (sampled by transformers on the learner), got ''",
+    ),
+    (
+        "a ULD filter share of 1",
+        uld_branch({"relative_top": 1.0}),
+        "stages.uld.params.relative_top: the share of the top log-prob below which tokens are filtered; expected a value in [0, 1), got 1.0",
     ),
     (
         "a Min-K fraction above 1",
