@@ -293,11 +293,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"libraries, the model or the data than this checkout has (their provenance is in "
             f"the report); `stageflow run` would run them again"
         )
-    files = {}
-    if spec.unlearning:
-        _, files = write_analysis(spec, study, trials, None)
-        print("\n" + files["report.md"].read_text().split("## Figures")[0].strip())
-        print(f"\nreport: {files['report.html']}")
+    _, files = write_analysis(spec, study, trials, None)  # as `stageflow run` writes it
+    print("\n" + files["report.md"].read_text().split("## Figures")[0].strip())
+    print(f"\nreport: {files['report.html']}")
     if args.out:
         export_report(Path(args.out), table, files)
         print(f"written to {args.out}")

@@ -41,11 +41,14 @@ def correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 def signature(steps: list[dict[str, float]], outcome: str, shaping: list[str]) -> dict:
     """One RL stage's curves and its hacking signature: outcome and shaping (sum of the shaping
-    terms) per step; their last-quarter means; their correlation over the last half."""
+    terms) per step; their last-quarter means; their correlation over the last half; the
+    median RL samples per second of its steps."""
     out = [term_value(s, [outcome]) for s in steps]
     shape = [term_value(s, shaping) for s in steps]
     window, half = max(1, len(steps) // 4), len(steps) // 2
+    speeds = [s["samples_per_s"] for s in steps if "samples_per_s" in s]
     return {
+        "samples_per_s": statistics.median(speeds) if speeds else float("nan"),
         "outcome": out,
         "shaping": shape,
         "outcome_final": statistics.fmean(out[-window:]) if out else float("nan"),
@@ -111,7 +114,7 @@ def reward_section(analysis, designs: RewardDesigns) -> tuple[str, str]:
         }
     )
     header = ["design", "seeds", f"{designs.outcome} (last quarter)", "shaping (last quarter)",
-              "hacking corr (last half)", *metrics]  # fmt: skip
+              "hacking corr (last half)", *metrics, "RL samples/s (median)"]  # fmt: skip
     rows = []
     for design, members in groups.items():
         rows.append([
@@ -120,6 +123,7 @@ def reward_section(analysis, designs: RewardDesigns) -> tuple[str, str]:
             mean_pm_std([r["shaping_final"] for r in members]),
             mean_pm_std([r["hacking_corr"] for r in members]),
             *[mean_pm_std([r["metrics"].get(m, float("nan")) for r in members]) for m in metrics],
+            f"{statistics.median(r['samples_per_s'] for r in members):.1f}",
         ])  # fmt: skip
     test_rows = []
     for metric in metrics:

@@ -74,6 +74,10 @@ def test_reward_shaping_study_logs_every_term_and_reports_the_designs(tmp_path, 
     report = (storage / "report" / "report.md").read_text()
     section = report.split("## Reward designs: outcome, shaping and hacking")[1].split("\n## ")[0]
     assert "hacking corr (last half)" in section and "math/completion_rate" in section
+    assert "RL samples/s (median)" in section
     assert "| ungated " in section and "| gra " in section
+    capsys.readouterr()
+    assert main(["report", str(storage)]) == 0  # a study without unlearning has its report too
+    assert "## Reward designs: outcome, shaping and hacking" in capsys.readouterr().out
     for figure in ("rewards_outcome", "rewards_shaping"):
         assert (storage / "report" / "figures" / f"{figure}.png").is_file()
