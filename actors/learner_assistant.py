@@ -8,6 +8,8 @@ model, and the unlearned model (base - weight * assistant) it leaves, which the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from stageflow.actors import lora, uld
@@ -54,10 +56,10 @@ class LearnerAssistant:
         return self.combined
 
     def _load_combined(self, model_dir: str) -> None:
-        """After `load` of a ULD checkpoint: the combined model over the loaded base."""
-        base = self._fresh_lm(self.policy.lm.state_dict()).to(self.device)
+        """After `load` of a ULD checkpoint: the combined model over the loaded base (the
+        policy itself: a ULD model is not trained further)."""
         assistant, settings = uld.load_assistant(self._template, model_dir)
-        self.combined = uld.CombinedPolicy(base, assistant.to(self.device), settings)
+        self.combined = uld.CombinedPolicy(self.policy.lm, assistant.to(self.device), settings)
 
     def _assistant_states(self) -> tuple[dict | None, dict | None]:
         """What a ULD checkpoint holds, on rank 0 (None elsewhere; the adapter is gathered on
@@ -106,5 +108,5 @@ def uld_settings(params: ObjectiveParams, model_layers: int) -> uld.UldSettings:
     """A ULD stage's settings; `layers` 0: a quarter of the model's decoder layers, at least one."""
     settings = uld.UldSettings.of(params)
     if settings.layers == 0:
-        settings = uld.UldSettings(**{**vars(settings), "layers": max(1, model_layers // 4)})
+        return dataclasses.replace(settings, layers=max(1, model_layers // 4))
     return settings

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class UldSettings:
     @classmethod
     def of(cls, params: Any) -> UldSettings:
         """From a `uld` stage's typed parameters (`ObjectiveParams`)."""
-        return cls(**{k: params.get(k) for k in asdict(cls(layers=1))})
+        return cls(**{f.name: params.get(f.name) for f in fields(cls)})
 
 
 def is_uld_checkpoint(model_dir: str | Path) -> bool:

@@ -75,7 +75,7 @@ from stageflow.core.serving import serving_problem
 from stageflow.core.study_dir import StudyDir
 from stageflow.core.study_file import load_study
 from stageflow.core.tasks import check_jsonl, generate
-from stageflow.platform.engine.trial_plan import needs_rollout
+from stageflow.platform.engine.trial_plan import evaluates_generation, needs_rollout
 from stageflow.platform.results.analysis import search_scores
 
 # lazy: transformers only to read a user model's tokenizer
@@ -345,12 +345,9 @@ class _Validator:
                 "ULD leaves a combined model that is evaluated, not trained further; expected the stage in `unlearning` only (a branch), not in an ordering",
             )
         sets = self.spec.evaluation.sets
-        generates = any(
-            METRICS[m].needs == "generation"
-            for s in sets.values()
-            for m in s.metrics
-            if m in METRICS
-        )
+        # an unknown metric is named by check_all
+        known = all(m in METRICS for s in sets.values() for m in s.metrics)
+        generates = known and evaluates_generation(self.spec)
         if typed.get("generation") not in ("", "hf") or (
             generates and typed.get("generation") != "hf"
         ):

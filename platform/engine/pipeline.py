@@ -202,9 +202,10 @@ class TrialRunner:
         jobs = self.ctx.eval_jobs(self.spec, names, seed=seed)
         learner = self.workers.learner_at(point.key, point.model_dir)
         # a ULD model's completions: transformers on the learner (the stage's `generation: hf`)
-        combined = learner.holds_combined()
+        generates = any(job.needs("generation") for job in jobs)
+        combined = generates and learner.holds_combined()
         weights = None
-        if any(job.needs("generation") for job in jobs) and not combined:
+        if generates and not combined:
             weights = self.workers.weights(point.key, point.model_dir)
 
         def generate(prompts: list[str], **sampling: Any) -> dict:

@@ -230,8 +230,14 @@ def fingerprints(
 def needs_rollout(spec: StudySpec) -> bool:
     """Whether any evaluation samples completions, or any stage runs the RL loop or samples
     its preferred answers (AltPO)."""
-    generation = any(
+    stages = [s for s in spec.stages.values() if s.kind != "eval"]
+    return evaluates_generation(spec) or any(
+        runs_rl_loop(s) or samples_alternatives(s) for s in stages
+    )
+
+
+def evaluates_generation(spec: StudySpec) -> bool:
+    """Whether any evaluation set samples completions."""
+    return any(
         METRICS[m].needs == "generation" for s in spec.evaluation.sets.values() for m in s.metrics
     )
-    stages = [s for s in spec.stages.values() if s.kind != "eval"]
-    return generation or any(runs_rl_loop(s) or samples_alternatives(s) for s in stages)
