@@ -1,18 +1,28 @@
 """The baseline of benchmarks/vs_script.py: the for-loop a researcher would write instead of
-a stageflow study. Plain transformers + torch in one process; nothing shared between paths.
-Its tokenisation, LR schedule and losses are written here on purpose, not imported from
-stageflow: only the data sets' answer checkers are stageflow's.
+a stageflow study. Plain transformers + torch in one process. Its tokenisation, LR schedule and
+losses are written here on purpose, not imported from stageflow: only the data sets' answer
+checkers and refusal rule are stageflow's.
 
-    python benchmarks/hand_written.py PLAN.json
+    python benchmarks/hand_written.py PLAN.json            # the careful loop
+    python benchmarks/hand_written.py PLAN.json --naive    # every trial from the base model
 
 PLAN.json (written by vs_script.py from a study): the base model directory, every stage's
 settings and data file, the evaluation sets and the trials (path, unlearning branches, seed).
-For each trial it loads the base model, evaluates it, trains the path's stages one after
-another from it, evaluating after each, then runs every unlearning branch from the path's end
-and evaluates it. Training: AdamW with the stage's LR schedule and gradient clipping, the loss
-on the answer tokens (prompt, answer, EOS). Evaluation: teacher-forced log-likelihoods and greedy
-generation with `generate`, checked by the data set's rule. Prints one JSON line: wall time,
-optimizer-step time and count, evaluation time, the final metrics of every trial.
+
+The careful loop does what a researcher who knows the study's shape writes: per seed it walks
+the tree of the trials' paths depth first, trains each distinct prefix once (a model shared by
+two paths is deep-copied where they part, as the unlearning branches are), evaluates each
+distinct checkpoint once (the base model once in all), and runs every unlearning branch from
+its path's end. The naive loop runs each trial alone: it loads the base model, evaluates it,
+trains and evaluates the path's stages one after another, then the branches. Both give the
+same metrics (every stage's data order is seeded by the trial's seed and the stage's position;
+nothing else draws random numbers).
+
+Training: AdamW with the stage's LR schedule and gradient clipping, the loss on the answer
+tokens (prompt, answer, EOS). Evaluation: teacher-forced log-likelihoods, and greedy generation
+with `generate` checked by the data set's rule (accuracy) or for a refusal (refusal_rate).
+Prints one JSON line: wall time, optimizer-step time and count, evaluation time and count, the
+final metrics of every trial.
 """
 
 from __future__ import annotations
@@ -28,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-CLOCK = {"optimizer_steps": 0.0, "steps": 0, "eval_loglik": 0.0, "eval_generation": 0.0}
+CLOCK = {
+    "optimizer_steps": 0.0,
+    "steps": 0,
+    "eval_loglik": 0.0,
+    "eval_generation": 0.0,
+    "evaluations": 0,
+}
 STAGE_STEPS: dict[str, list[float]] = {}  # stage name -> [seconds of its optimizer steps, steps]
 
 
@@ -139,8 +155,9 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def evaluate(model, tok, sets: dict, checks: dict) -> dict[str, float]:
+def evaluate(model, tok, sets: dict, checks: dict, refused) -> dict[str, float]:
     model.eval()
+    CLOCK["evaluations"] += 1
     metrics = {}
     for name, s in sets.items():
         rows = s["rows"]
@@ -157,44 +174,100 @@ def evaluate(model, tok, sets: dict, checks: dict) -> dict[str, float]:
             lps = mean_logprobs(model, tok, items)
             metrics[f"{name}/paraphrase_loglik"] = sum(lps) / len(lps)
         CLOCK["eval_loglik"] += time.perf_counter() - start
-        if "accuracy" in s["metrics"]:
+        generated = [m for m in s["metrics"] if m in ("accuracy", "refusal_rate")]
+        if generated:
             start = time.perf_counter()
             texts = greedy(model, tok, [r["prompt"] for r in rows], s["max_new_tokens"])
-            hits = [checks[name](r, t) for r, t in zip(rows, texts)]
-            metrics[f"{name}/accuracy"] = sum(hits) / len(hits)
+            if "accuracy" in generated:
+                hits = [checks[name](r, t) for r, t in zip(rows, texts)]
+                metrics[f"{name}/accuracy"] = sum(hits) / len(hits)
+            if "refusal_rate" in generated:
+                refusals = [refused(t) for t in texts]
+                metrics[f"{name}/refusal_rate"] = sum(refusals) / len(refusals)
             CLOCK["eval_generation"] += time.perf_counter() - start
     return metrics
 
 
-def main(plan: dict, checks: dict) -> dict:
-    wall = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(plan["model_dir"])
-    rows = {path: [json.loads(line) for line in open(path)] for path in plan["data_files"]}
-    sets = {
-        name: {**s, "rows": rows[s["data"]][: s["max_examples"]]}
-        for name, s in plan["eval_sets"].items()
-    }
-    finals = []
-    for trial in plan["trials"]:
-        torch.manual_seed(trial["seed"])
-        model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], dtype=torch.float32)
-        final = evaluate(model, tok, sets, checks)
-        for index, name in enumerate(trial["path"], start=1):
-            stage = plan["stages"][name]
-            train(model, tok, name, stage, rows[stage["data"]], trial["seed"] * 100 + index)
-            final.update(evaluate(model, tok, sets, checks))
+class Loop:
+    """The plan's model, tokenizer, data and evaluation sets, and the two ways to run it."""
+
+    def __init__(self, plan: dict, checks: dict, refused):
+        self.plan, self.checks, self.refused = plan, checks, refused
+        self.tok = AutoTokenizer.from_pretrained(plan["model_dir"])
+        self.rows = {path: [json.loads(line) for line in open(path)] for path in plan["data_files"]}
+        self.sets = {
+            name: {**s, "rows": self.rows[s["data"]][: s["max_examples"]]}
+            for name, s in plan["eval_sets"].items()
+        }
+
+    def base(self):
+        return AutoModelForCausalLM.from_pretrained(self.plan["model_dir"], dtype=torch.float32)
+
+    def evaluate(self, model) -> dict[str, float]:
+        return evaluate(model, self.tok, self.sets, self.checks, self.refused)
+
+    def train(self, model, name: str, seed: int) -> None:
+        stage = self.plan["stages"][name]
+        train(model, self.tok, name, stage, self.rows[stage["data"]], seed)
+
+    def branches(self, model, trial: dict, final: dict) -> dict:
+        """Every unlearning branch of `trial` from `model` (its path's end), evaluated."""
         for name in trial["unlearning"]:
-            stage, branch = plan["stages"][name], copy.deepcopy(model)
-            train(branch, tok, name, stage, rows[stage["data"]], trial["seed"] * 100 + 99)
-            final.update({f"{name}/{k}": v for k, v in evaluate(branch, tok, sets, checks).items()})
-        finals.append({"trial": trial, "metrics": final})
+            branch = copy.deepcopy(model)
+            self.train(branch, name, trial["seed"] * 100 + 99)
+            final = {**final, **{f"{name}/{k}": v for k, v in self.evaluate(branch).items()}}
+        return {"trial": trial, "metrics": final}
+
+    def naive(self) -> list[dict]:
+        finals = []
+        for trial in self.plan["trials"]:
+            torch.manual_seed(trial["seed"])
+            model = self.base()
+            final = self.evaluate(model)
+            for index, name in enumerate(trial["path"], start=1):
+                self.train(model, name, trial["seed"] * 100 + index)
+                final.update(self.evaluate(model))
+            finals.append(self.branches(model, trial, final))
+        return finals
+
+    def careful(self) -> list[dict]:
+        base = self.base()
+        at_base = self.evaluate(base)
+        finals = []
+        for seed in sorted({t["seed"] for t in self.plan["trials"]}):
+            torch.manual_seed(seed)
+            trials = [t for t in self.plan["trials"] if t["seed"] == seed]
+            finals += self.walk(copy.deepcopy(base), [], trials, at_base)
+        order = {id(t): i for i, t in enumerate(self.plan["trials"])}
+        return sorted(finals, key=lambda f: order[id(f["trial"])])
+
+    def walk(self, model, prefix: list[str], trials: list[dict], final: dict) -> list[dict]:
+        """The trials below `prefix` (whose model is `model`, its metrics so far `final`):
+        those ending here branch, the others continue with each next stage once."""
+        finals = [self.branches(model, t, final) for t in trials if len(t["path"]) == len(prefix)]
+        following: dict[str, list[dict]] = {}
+        for t in trials:
+            if len(t["path"]) > len(prefix):
+                following.setdefault(t["path"][len(prefix)], []).append(t)
+        for number, (name, below) in enumerate(following.items(), start=1):
+            child = model if number == len(following) else copy.deepcopy(model)
+            self.train(child, name, below[0]["seed"] * 100 + len(prefix) + 1)
+            finals += self.walk(child, [*prefix, name], below, {**final, **self.evaluate(child)})
+        return finals
+
+
+def main(plan: dict, checks: dict, refused, naive: bool = False) -> dict:
+    wall = time.perf_counter()
+    loop = Loop(plan, checks, refused)
+    finals = loop.naive() if naive else loop.careful()
     wall = time.perf_counter() - wall
     return {"wall_s": wall, **CLOCK, "stage_steps": STAGE_STEPS, "trials": finals}
 
 
 if __name__ == "__main__":
     from stageflow.core.registry import TASKS  # the data sets' answer-checking rules
+    from stageflow.core.tasks.refusal import is_refusal
 
     plan = json.loads(open(sys.argv[1]).read())
     checks = {name: TASKS[s["task"]].check for name, s in plan["eval_sets"].items()}
-    print(json.dumps(main(plan, checks)))
+    print(json.dumps(main(plan, checks, is_refusal, naive="--naive" in sys.argv)))
