@@ -17,6 +17,7 @@ ordering_test.py: the declared test at `analysis.alpha`, Holm-corrected within i
 from __future__ import annotations
 
 from stageflow.platform.results.analysis import mean_pm_std, spread_over_seeds
+from stageflow.platform.results.methods_report import score_unit
 from stageflow.platform.results.tables import format_table, p_cell
 
 OVER_REFUSAL = 0.1  # refusal rate on prompts to answer above which a path over-refuses
@@ -61,8 +62,8 @@ def findings(analysis) -> list[tuple[str, str]]:
             )
         )
     for name, metric in a.utilities.items():
-        points = metric.endswith("accuracy")
-        table = path_dependence(analysis, name, 100.0 if points else 1.0)
+        points = score_unit(metric) != 1.0
+        table = path_dependence(analysis, name, score_unit(metric))
         body = f"{table}\n\n{analysis.verdict(name, f'{name} ({metric})')}"
         if points:
             spreads = [

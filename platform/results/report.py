@@ -16,6 +16,7 @@ from stageflow.core.files import read_json
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.results.analysis import Analysis, mean_pm_std
 from stageflow.platform.results.findings import findings
+from stageflow.platform.results.methods_report import methods_section
 from stageflow.platform.results.reward_report import reward_parts
 from stageflow.platform.results.search_report import search_parts
 from stageflow.platform.results.tables import clock, format_table, interval, p_cell
@@ -306,9 +307,9 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
     for extra in (search, rewards, population_section(analysis)):
         if extra:
             sections.insert(1, extra)
-    unlearning = unlearning_section(analysis)
-    if unlearning:
-        sections.append(unlearning)
+    for part in (methods_section(analysis), unlearning_section(analysis)):
+        if part:
+            sections.append(part)
     sections += [
         (f"{score} by ordering (mean ± seed std)", analysis.value_table(score))
         for score in analysis.score_names

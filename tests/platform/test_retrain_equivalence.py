@@ -177,11 +177,16 @@ def test_every_unlearning_method_on_a_path_end_to_end(tmp_path, ray_cluster, cap
     assert main(["run", str(METHODS_STUDY), f"storage_dir={storage}", *reduced]) == 0
     report = (storage / "report" / "report.md").read_text()
     table = report.split("## Finding 1")[1].split("##")[0]
+    compared = report.split("## Methods compared")[1].split("\n## ")[0]  # one row per method
     scores = {}
     for method in METHODS:
         row = re.search(rf"^\| {method} +\| (-?[0-9.e+-]+)", table, re.MULTILINE)
         assert row, method
         scores[method] = float(row.group(1))
+        # one ordering: its mean, lowest and highest are the Finding's value (3 digits)
+        row = re.search(rf"^\| {method} +\| (\S+) \[(\S+), (\S+)\] +\|", compared, re.MULTILINE)
+        assert row, (method, compared)
+        assert all(float(v) == pytest.approx(scores[method], rel=6e-3) for v in row.groups())
     assert scores["ga"] > 0 and scores["npo"] > 0, scores
     metas = [json.loads(m.read_text()) for m in (storage / "prefixes").glob("*/meta.json")]
     [abl] = [m for m in metas if m["stage"] == "abl"]  # one path, one seed: one ABL branch
