@@ -375,6 +375,7 @@ class ModelGroup:
     worker: type
     name = "group"
     distributed = False
+    set_up = False  # the worker's `setup` runs on every rank once they started (else shut down)
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -406,6 +407,12 @@ class ModelGroup:
             env={"OMP_NUM_THREADS": str(placement.threads)} if placement.threads else None,
             wait=wait,
         )
+        if self.set_up:
+            try:
+                self.setup()
+            except Exception:
+                self.group.shutdown()
+                raise
 
     @property
     def ranks(self) -> int:
@@ -417,3 +424,6 @@ class ModelGroup:
     @property
     def actors(self) -> list[Any]:
         return self.group.actors
+
+    def shutdown(self) -> None:
+        self.group.shutdown()

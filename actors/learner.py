@@ -37,15 +37,7 @@ def check_learner(model_dir: str | Path, spec: LearnerSpec, cpus_per_actor: floa
 class LearnerGroup(ModelGroup):
     """`spec.ranks` learner actors training one model together (DeepSpeed data parallel)."""
 
-    worker, name, distributed = LearnerWorker, "learner", True
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        try:
-            self.setup()
-        except Exception:
-            self.group.shutdown()
-            raise
+    worker, name, distributed, set_up = LearnerWorker, "learner", True, True
 
     @property
     def ranks(self) -> int:
@@ -71,6 +63,3 @@ class LearnerGroup(ModelGroup):
 
     def save(self, out_dir: str | Path) -> Path:
         return Path(self.group.run(LearnerWorker.save, str(out_dir)))
-
-    def shutdown(self) -> None:
-        self.group.shutdown()

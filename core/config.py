@@ -409,11 +409,15 @@ class EvalSetSpec(Spec):
 @dataclass(frozen=True)
 class EvaluationSpec(Spec):
     """`model_utility`: '<set>/<metric>' names whose harmonic mean is logged as
-    `model_utility` wherever they are all evaluated (TOFU's model utility)."""
+    `model_utility` wherever they are all evaluated (TOFU's model utility). `placement`: who
+    scores a checkpoint: the trial's `learner` on the weights it holds, before it trains on, or
+    an `evaluators` actor of the trial that scores the committed checkpoint while the learner
+    trains the next stage (actors/evaluator.py); the results and their cache keys are the same."""
 
     after_every_stage: bool = True
     sets: dict[str, EvalSetSpec] = field(default_factory=dict)
     model_utility: list[str] = field(default_factory=list)
+    placement: Literal["learner", "evaluators"] = "learner"
 
 
 @dataclass(frozen=True)

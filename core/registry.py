@@ -435,6 +435,13 @@ def stage_objective(stage: Any) -> ObjectiveParams:
     return OBJECTIVES[objective_of(stage)].typed(stage.params)
 
 
+def trains_assistant(stage: Any) -> bool:
+    """Whether the stage trains an assistant model beside the frozen one (ULD), whose combined
+    model only the learner that trained it holds."""
+    name = objective_of(stage)
+    return name in OBJECTIVES and OBJECTIVES[name].assistant is not None
+
+
 def samples_alternatives(stage: Any) -> bool:
     """Whether the stage's preference objective samples its chosen answers from the model
     (AltPO: the rollout engines draw them at the stage's start)."""

@@ -724,6 +724,11 @@ class _Validator:
                 "rollout.workers",
                 f"colocated puts each engine on a learner rank's GPU; expected at most learner.ranks={self.spec.learner.ranks} engines",
             )
+        if rollout.placement == "colocated" and self.spec.evaluation.placement == "evaluators":
+            self.fail(
+                "evaluation.placement",
+                "evaluators sample from the engines while the learner trains, which colocated engines cannot (they sleep meanwhile); expected learner or rollout.placement shared or per_trial",
+            )
         path = self.spec.model.path
         if rollout.workers and needs_rollout(self.spec) and path and check_model_dir(path) is None:
             device = engine_device(self.spec.resources.device)

@@ -7,25 +7,31 @@ links the stage run that trained it with a tag. The trial walks its plan (platfo
 trial_plan.py): every checkpoint and every evaluation set's result has a key covering all that
 made it, so an evaluation whose set changed is computed again on the cached checkpoint. A
 trained prefix is evaluated on the weights the learner holds, before its checkpoint is
-committed. Where the trial's time went is logged as `time/<phase>_s`.
+committed. With `evaluation.placement: evaluators` the checkpoint is committed first and the
+trial's evaluator scores it on a thread beside the trial's own, while the learner trains the
+next stage; the trial logs and reports every evaluation in the path's order as it comes in
+(`evaluations` returns a Future either way). Where the trial's time went is logged as
+`time/<phase>_s`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stageflow.actors.dispatch import call_actor
 from stageflow.actors.metrics import harmonic_mean
+from stageflow.actors.weight_sync import Weights
 from stageflow.core.config import StudySpec
 from stageflow.core.expand import Trial
 from stageflow.core.keys import digest
 from stageflow.core.membership import reference_auc
 from stageflow.core.prefix_cache import Claim, PrefixCache
-from stageflow.core.registry import STAGE_KINDS
+from stageflow.core.registry import STAGE_KINDS, trains_assistant
 from stageflow.core.study_dir import StudyDir
 from stageflow.platform.engine.evaluation import EvalJob, evaluate
 from stageflow.platform.engine.rl import rl_summary, stage_reward_range
@@ -74,6 +80,19 @@ class TrialContext:
         ]
 
 
+def settled(value: dict[str, float]) -> Future:
+    """A Future that already holds `value` (an evaluation made on the trial's own thread)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def on_learner(stage) -> bool:
+    """Whether a stage's model is scored by the learner whatever the placement: a ULD model
+    (two models' logits) lives on the learner that trained it."""
+    return stage is not None and trains_assistant(stage)
+
+
 def step_time_split(steps: list[dict[str, float]]) -> dict[str, float]:
     """Where a stage's training time went, from its per-step metrics."""
     out = {"optimizer_steps": 0.0, "rl_generation": 0.0, "weight_sync": 0.0}
@@ -102,6 +121,13 @@ class TrialRunner:
         )
         self.trained = 0
         self.history: list[dict[str, Any]] = []  # per stage: index, keys, metrics
+        self.final: dict[str, float] = {}
+        # evaluation.placement: evaluators: the evaluations run here, one at a time, in order
+        self.beside = None
+        if self.spec.evaluation.placement == "evaluators":
+            self.beside = ThreadPoolExecutor(1, thread_name_prefix=f"evaluations-{trial.trial_id}")
+        self.pending: list[tuple[dict[str, Any], Future, PlannedStep | None]] = []
+        self.pending_runs: list[Future] = []  # stage runs ended once their evaluation is in
 
     # ----- tracking ---------------------------------------------------------------------------
     def track(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -147,6 +173,8 @@ class TrialRunner:
             self.track(Tracker.end_run, self.run_id, "FAILED")
             raise
         finally:
+            if self.beside is not None:  # nothing scores or writes after the trial's actors end
+                self.beside.shutdown(wait=True, cancel_futures=True)
             with self.clock("shutdown"):
                 self.workers.close(keep_learner=finished)
         done = len(trial.path) + 1
@@ -157,77 +185,97 @@ class TrialRunner:
     def _run_path(self) -> dict[str, float]:
         plan = self.plan
         point = Point(plan.base, self.ctx.base_model)
-        final = self.evaluations(point, plan.base_evals, plan.base_eval_seed)
-        self.log(self.run_id, final, 0)
-        self.history.append(
-            {
-                "index": 0,
-                "stage": "base",
-                "key": plan.base,
-                "evals": plan.base_evals,
-                "metrics": final,
-            }
+        base = {"index": 0, "stage": "base", "key": plan.base, "evals": plan.base_evals}
+        self.pending.append(
+            (base, self.evaluations(point, plan.base_evals, plan.base_eval_seed), None)
         )
         end = point  # the path's end so far; every unlearning branch starts from the last
         for step in plan.steps:
-            after, metrics = self._stage(step, end)
+            after, metrics = STAGE_KINDS[step.stage.kind].run(self, StageStep(step, end))
+            entry = {"index": step.index, "stage": step.name, "key": after.key, "evals": step.evals}
+            self.pending.append(({**entry, "branch": step.branch}, metrics, step))
+            if not step.branch:
+                end = after
+            self._settle(wait=False)
+        with self.clock("wait_evaluations"):
+            self._settle(wait=True)
+            for future in self.pending_runs:
+                future.result()
+        return self.final
+
+    def _settle(self, wait: bool) -> None:
+        """Log and report the evaluations that are in, in the path's order (all of them, waited
+        for, with `wait`): the trial run's metrics at the stage's index, its history, Tune."""
+        while self.pending and (wait or self.pending[0][1].done()):
+            entry, future, step = self.pending.pop(0)
+            metrics = future.result()
+            self.history.append({**entry, "metrics": metrics})
+            if step is None:  # the base model
+                self.log(self.run_id, metrics, 0)
+                self.final = dict(metrics)
+                continue
             if step.branch:
                 metrics = {f"{step.name}/{k}": v for k, v in metrics.items()}
-            else:
-                end = after
-            final = {**final, **metrics}
+            self.log(self.run_id, metrics, step.index)
+            self.final.update(metrics)
             self.report({"stage_index": step.index, "stage": step.name, **metrics})
-        return final
-
-    def _stage(self, step: PlannedStep, parent: Point) -> tuple[Point, dict[str, float]]:
-        point, metrics = STAGE_KINDS[step.stage.kind].run(self, StageStep(step, parent))
-        logged = {f"{step.name}/{k}": v for k, v in metrics.items()} if step.branch else metrics
-        self.log(self.run_id, logged, step.index)
-        self.history.append(
-            {
-                "index": step.index,
-                "stage": step.name,
-                "key": point.key,
-                "evals": step.evals,
-                "branch": step.branch,
-                "metrics": metrics,
-            }
-        )
-        return point, metrics
 
     # ----- evaluation -------------------------------------------------------------------------
-    def evaluate(self, point: Point, names: list[str], seed: int) -> dict[str, dict]:
-        """Evaluate `point` on the sets `names` with the trial's actors (the learner holding
-        its weights); {set name: {"metrics": ..., "examples": ...}}."""
+    def evaluate(self, point: Point, names: list[str], seed: int, learner: bool) -> dict[str, dict]:
+        """Evaluate `point` on the sets `names` with the trial's actors: the learner holding its
+        weights (`learner`), else the evaluator holding its committed checkpoint; {set name:
+        {"metrics": ..., "examples": ...}}."""
         jobs = self.ctx.eval_jobs(self.spec, names, seed=seed)
-        learner = self.workers.learner_at(point.key, point.model_dir)
-        # a ULD model's completions: transformers on the learner (the stage's `generation: hf`)
         generates = any(job.needs("generation") for job in jobs)
-        combined = generates and learner.holds_combined()
         weights = None
-        if generates and not combined:
-            weights = self.workers.weights(point.key, point.model_dir)
+        if learner:
+            scorer = self.workers.learner_at(point.key, point.model_dir)
+            # a ULD model's completions: transformers on the learner (`generation: hf`)
+            combined = generates and scorer.holds_combined()
+            if generates and not combined:
+                weights = self.workers.weights(point.key, point.model_dir)
+        else:
+            scorer, combined = self.workers.evaluator_at(point.key, point.model_dir), False
+            weights = Weights.of_dir(point.model_dir, tag=point.key)
 
         def generate(prompts: list[str], **sampling: Any) -> dict:
             if combined:
                 with self.clock("eval_generation"):
-                    return {"texts": learner.sample_combined(prompts, **sampling)}
+                    return {"texts": scorer.sample_combined(prompts, **sampling)}
             return self.workers.generate(prompts, weights, **sampling)
 
         def answer_stats(items: list[dict], standardized: bool) -> list:
             with self.clock("eval_loglik"):
-                return learner.answer_stats(items, standardized)
+                return scorer.answer_stats(items, standardized)
 
         def grad_norms(items: list[dict]) -> list[float]:
             with self.clock("eval_gradnorm"):
-                return learner.grad_norms(items)
+                return scorer.grad_norms(items)
 
         return split_by_set(evaluate(jobs, answer_stats, generate, grad_norms), names)
 
-    def evaluations(self, point: Point, evals: dict[str, str], seed: int) -> dict[str, float]:
-        """The metrics of the sets `evals` names ({set: evaluation key}) on `point`: read from
-        the cache, the missing ones computed once by the first trial that needs them (a claim
-        keeps two trials from computing them together)."""
+    def evaluations(
+        self,
+        point: Point,
+        evals: dict[str, str],
+        seed: int,
+        extra: dict[str, float] | None = None,
+        stage: Any = None,
+    ) -> Future:
+        """The metrics of the sets `evals` names ({set: evaluation key}) on `point`, with
+        `extra` added: computed on this thread by the learner, or (evaluation.placement:
+        evaluators) queued for the evaluator unless `stage` made a model only the learner holds."""
+        if self.beside is None or on_learner(stage):
+            return settled({**self._evaluations(point, evals, seed, True), **(extra or {})})
+        return self.beside.submit(
+            lambda: {**self._evaluations(point, evals, seed, False), **(extra or {})}
+        )
+
+    def _evaluations(
+        self, point: Point, evals: dict[str, str], seed: int, learner: bool
+    ) -> dict[str, float]:
+        """`evaluations`' metrics: read from the cache, the missing ones computed once by the
+        first trial that needs them (a claim keeps two trials from computing them together)."""
         missing = {name: key for name, key in evals.items() if self.cache.read_eval(key) is None}
         if missing:
             done = lambda: all(self.cache.eval_path(k).is_file() for k in missing.values())  # noqa: E731
@@ -235,7 +283,7 @@ class TrialRunner:
             claim = self.cache.acquire(claim_key, self.trial.trial_id, done)
             if claim is not None:
                 try:
-                    results = self.evaluate(point, list(missing), seed)
+                    results = self.evaluate(point, list(missing), seed, learner)
                     for name, key in missing.items():
                         self.cache.write_eval(key, results[name])
                 finally:
@@ -326,18 +374,27 @@ class TrialRunner:
             self.track(Tracker.log_text, run_id, json.dumps(isolated, indent=1), "isolated.json")
         if any("reward_mean" in s for s in steps):
             meta["rl_summary"] = rl_summary(steps, stage_reward_range(stage))
-        # evaluated on the weights the learner holds, before the checkpoint is committed
-        metrics = self.evaluations(
-            Point(key, self.cache.model_dir(key)), step.evals, step.eval_seed
-        )
+        # evaluated on the weights the learner holds, before the checkpoint is committed; or
+        # (evaluators) from the committed checkpoint, while the learner trains on
+        point = Point(key, self.cache.model_dir(key))
+        now = self.beside is None or on_learner(stage)
+        metrics = self._evaluations(point, step.evals, step.eval_seed, True) if now else {}
         staging = self.cache.staging_dir(claim)
         with self.clock("checkpoint_write"):
             self.workers.learner.save(staging / "model")
         self.track(Tracker.log_metric_series, run_id, list(enumerate(steps)), started)
-        self.log(run_id, {**metrics, **meta.get("rl_summary", {})}, step.index)
-        self.track(Tracker.end_run, run_id)
         self.trained += 1
+
+        def end_stage_run(metrics: dict[str, float]) -> None:
+            self.log(run_id, {**metrics, **meta.get("rl_summary", {})}, step.index)
+            self.track(Tracker.end_run, run_id)
+
+        if now:
+            end_stage_run(metrics)
         self.cache.commit(claim, staging, meta)
+        if not now:
+            evals = lambda: self._evaluations(point, step.evals, step.eval_seed, False)  # noqa: E731
+            self.pending_runs.append(self.beside.submit(lambda: end_stage_run(evals())))
         return meta
 
 

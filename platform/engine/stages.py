@@ -10,6 +10,7 @@ it is given. A new kind is one subclass registered in `STAGE_KINDS`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,9 @@ class TrialRun(Protocol):
 
     def clock(self, phase: str) -> AbstractContextManager[None]: ...
     def tag(self, tags: dict[str, Any]) -> None: ...
-    def evaluations(self, point: Point, evals: dict[str, str], seed: int) -> dict[str, float]: ...
+    def evaluations(
+        self, point: Point, evals: dict[str, str], seed: int, extra: Any = None, stage: Any = None
+    ) -> Future: ...
     def mass_probe(self, step: StageStep) -> list[dict] | None: ...
     def train(self, step: StageStep, claim: Claim, loop: TrainingLoop) -> dict: ...
 
@@ -77,7 +80,7 @@ TrainingLoop = Callable[[TrialRun, StageStep, list[dict], Any], list[dict[str, f
 class TrainStage(StageKind):
     """Train the stage's objective from the parent prefix, once per study (prefix cache)."""
 
-    def run(self, trial: TrialRun, step: StageStep) -> tuple[Point, dict[str, float]]:
+    def run(self, trial: TrialRun, step: StageStep) -> tuple[Point, Future]:
         key = step.key
         with trial.clock("wait_prefix"):
             claim = trial.cache.acquire(key, owner=trial.trial.trial_id)
@@ -92,8 +95,8 @@ class TrainStage(StageKind):
                 trial.cache.release(claim)
                 raise
         point = Point(key, trial.cache.model_dir(key))
-        evaluation = trial.evaluations(point, step.evals, step.eval_seed)
-        return point, {**evaluation, **(meta.get("rl_summary") or {})}
+        extra = meta.get("rl_summary") or {}
+        return point, trial.evaluations(point, step.evals, step.eval_seed, extra, step.stage)
 
 
 def supervised_loop(
@@ -165,7 +168,7 @@ class EvalStage(StageKind):
 
     trains = False
 
-    def run(self, trial: TrialRun, step: StageStep) -> tuple[Point, dict[str, float]]:
+    def run(self, trial: TrialRun, step: StageStep) -> tuple[Point, Future]:
         return step.parent, trial.evaluations(step.parent, step.evals, step.eval_seed)
 
 

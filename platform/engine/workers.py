@@ -1,16 +1,20 @@
 """A trial's actors: its learner group and its rollout engines, created on first need.
 
 The trial's placement group (`trial_bundles`) holds the trial itself (bundle 0), one bundle
-per learner rank and, with `rollout.placement: per_trial`, one per engine. The learner is
+per learner rank, with `rollout.placement: per_trial` one per engine and with
+`evaluation.placement: evaluators` one for the trial's evaluator. The learner is
 kept across the trial's stages and holds one prefix's weights at a time (`learner_at` loads
 another checkpoint only when asked for a prefix it does not hold). The rollout engines are
 the trial's own (per_trial, colocated: reused across its stages, ended with it) or the
 study's shared pool; either way the engines are handed `Weights` and load them themselves:
-the learner's weights in memory (`WeightSync`), or a checkpoint directory.
+the learner's weights in memory (`WeightSync`), or a checkpoint directory. The evaluator,
+like the learner, is created on first need, holds one checkpoint at a time and is kept for the
+next trial the same Tune actor runs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -32,22 +36,28 @@ def trial_bundles(spec: StudySpec) -> list[dict[str, float]]:
     cpus, gpu = spec.resources.cpus_per_actor, spec.resources.device == "cuda"
     rank = {"CPU": cpus, **({"GPU": 1.0} if gpu else {})}
     bundles = [{"CPU": cpus}] + [dict(rank) for _ in range(spec.learner.ranks)]
-    if not needs_rollout(spec):
-        return bundles
-    if spec.rollout.placement == "per_trial":
+    if needs_rollout(spec) and spec.rollout.placement == "per_trial":
         bundles += [dict(rank) for _ in range(spec.rollout.workers)]
-    elif spec.rollout.placement == "colocated":  # the engine shares its rank's bundle
+    elif needs_rollout(spec) and spec.rollout.placement == "colocated":  # a rank's bundle
         for bundle in bundles[1 : 1 + spec.rollout.workers]:
             bundle["CPU"] += cpus
+    if spec.evaluation.placement == "evaluators":  # the last bundle
+        bundles.append(dict(rank))
     return bundles
 
 
 class Stopwatch:
-    """Seconds spent per phase of a trial (learner start, optimizer steps, evaluation ...)."""
+    """Seconds spent per phase of a trial (learner start, optimizer steps, evaluation ...).
+
+    A phase timed on another thread than the trial's own (the evaluations that run beside the
+    training, `evaluation.placement: evaluators`) is `bg_<phase>`: it overlaps the others, so
+    it is not counted against the wall time; nor is `in_<phase>`, a part of another phase."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.start = time.perf_counter()
+        self.thread = threading.get_ident()
+        self.lock = threading.Lock()
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -55,16 +65,19 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.totals[phase] += time.perf_counter() - start
+            self.add(phase, time.perf_counter() - start)
 
     def add(self, phase: str, seconds: float) -> None:
-        self.totals[phase] += seconds
+        if threading.get_ident() != self.thread:
+            phase = f"bg_{phase}"
+        with self.lock:
+            self.totals[phase] += seconds
 
     def breakdown(self) -> dict[str, float]:
         """`time/<phase>_s` for every phase, plus the trial's wall time and what is left."""
         wall = time.perf_counter() - self.start
         out = {f"time/{k}_s": v for k, v in sorted(self.totals.items())}
-        counted = sum(v for k, v in self.totals.items() if not k.startswith("in_"))
+        counted = sum(v for k, v in self.totals.items() if not k.startswith(("in_", "bg_")))
         out.update({"time/wall_s": wall, "time/other_s": max(0.0, wall - counted)})
         return out
 
@@ -82,8 +95,12 @@ class TrialWorkers:
         self.learner: Any = None
         self.learner_key: str | None = None  # the prefix whose weights the learner holds
         self._rollout: Any = None
+        self._rollout_lock = threading.Lock()  # the evaluations' thread may start the engines
         self._sync: WeightSync | None = None
         self._published: dict[str, Weights] = {}
+        self.evaluator: Any = None
+        self.evaluator_key: str | None = None
+        self._kept_as = self._evaluator_kept_as = ""  # their keys in KEPT_LEARNERS
 
     def placement(self, bundles: list[int]) -> Placement:
         """Ranks in these bundles of the trial's placement group."""
@@ -122,17 +139,42 @@ class TrialWorkers:
             self._published.clear()
         self.learner_key = key
 
+    # ----- the evaluator -----------------------------------------------------------------------
+    def evaluator_at(self, key: str, model_dir: Path) -> Any:
+        """The trial's evaluator (evaluation.placement: evaluators), holding the checkpoint of
+        prefix `key` from `model_dir` (a committed prefix cache directory)."""
+        # lazy: torch loads where an evaluator starts
+        from stageflow.actors.evaluator import EvaluatorGroup
+
+        if self.evaluator is None:
+            with self.clock("evaluator_start"):
+                placement = self.placement([len(trial_bundles(self.spec)) - 1])
+                self._evaluator_kept_as = repr(
+                    ("evaluator", str(self.base_model), self.spec.learner, placement)
+                )
+                self.evaluator = take_kept(self._evaluator_kept_as, model_dir, self.seed)
+                if self.evaluator is None:
+                    self.evaluator = EvaluatorGroup(
+                        model_dir, self.spec.learner, placement, self.seed
+                    )
+        elif self.evaluator_key != key:
+            with self.clock("checkpoint_load"):
+                self.evaluator.load(model_dir)
+        self.evaluator_key = key
+        return self.evaluator
+
     # ----- the rollout engines -----------------------------------------------------------------
     @property
     def rollout(self) -> Any:
         """The trial's own engines (created now, in its placement group) or the shared pool."""
-        if self._rollout is None:
-            if self.spec.rollout.placement == "shared":
-                if self.pool is None:
-                    raise RuntimeError("the study's rollout pool is not running")
-                self._rollout = SharedRollout(self.pool)
-            else:
-                self._rollout = self._own_engines()
+        with self._rollout_lock:
+            if self._rollout is None:
+                if self.spec.rollout.placement == "shared":
+                    if self.pool is None:
+                        raise RuntimeError("the study's rollout pool is not running")
+                    self._rollout = SharedRollout(self.pool)
+                else:
+                    self._rollout = self._own_engines()
         return self._rollout
 
     def _own_engines(self) -> Any:
@@ -181,20 +223,24 @@ class TrialWorkers:
 
     def close(self, keep_learner: bool = False) -> None:
         """End the trial's own actors (the shared pool lives on); `keep_learner`: keep the
-        learner for the next trial this process runs (after a trial that finished)."""
+        learner and the evaluator for the next trial this process runs (after a trial that
+        finished)."""
         if self._sync is not None:
             self._sync.close()
         if self._rollout is not None and hasattr(self._rollout, "shutdown"):
             self._rollout.shutdown()
-        if self.learner is not None:
-            if keep_learner:
-                KEPT_LEARNERS[self._kept_as] = self.learner
-            else:
-                self.learner.shutdown()
-        self._rollout = self._sync = self.learner = None
+        for group, kept_as in (
+            (self.learner, self._kept_as),
+            (self.evaluator, self._evaluator_kept_as),
+        ):
+            if group is not None and keep_learner:
+                KEPT_LEARNERS[kept_as] = group
+            elif group is not None:
+                group.shutdown()
+        self._rollout = self._sync = self.learner = self.evaluator = None
 
 
-# Learners kept warm across the trials one Tune actor runs (Tune reuses a trial's actor and its
+# Learners (and evaluators) kept warm across the trials one Tune actor runs (Tune reuses a trial's actor and its
 # placement group for the next trial of the same shape, so a learner in the group's bundles
 # outlives the trial that started it): a trial then pays a checkpoint load, not a learner start
 # (new processes importing torch, transformers and DeepSpeed). Keyed by base model, learner

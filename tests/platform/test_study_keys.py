@@ -74,11 +74,15 @@ EVAL_GRID = {
 
 @pytest.fixture(scope="module")
 def eval_grid_runs(tmp_path_factory, ray_cluster):
-    """The evaluation-grid study run twice, in two study directories."""
+    """The evaluation-grid study run twice, in two study directories, and a third time with
+    evaluator actors scoring the checkpoints (`evaluation.placement: evaluators`)."""
     tmp = tmp_path_factory.mktemp("evalgrid")
     out = []
-    for name in ("first", "second"):
-        assert main(["run", str(write_study(tmp, name, **EVAL_GRID))]) == 0
+    for name in ("first", "second", "evaluators"):
+        study = EVAL_GRID
+        if name == "evaluators":
+            study = {**EVAL_GRID, "evaluation": {**EVAL_GRID["evaluation"], "placement": name}}
+        assert main(["run", str(write_study(tmp, name, **study))]) == 0
         out.append(tmp / name)
     return out
 
@@ -107,11 +111,29 @@ def test_a_grid_over_an_evaluation_setting_evaluates_every_point(eval_grid_runs)
 
 
 def test_the_same_study_twice_gives_bit_identical_metrics(eval_grid_runs):
-    first, second = (records(storage) for storage in eval_grid_runs)
+    first, second = (records(storage) for storage in eval_grid_runs[:2])
     assert first.keys() == second.keys()
     for trial_id, record in first.items():
         assert record["metrics"] == second[trial_id]["metrics"]  # every float, every bit
         assert record["fingerprint"] == second[trial_id]["fingerprint"]
+
+
+def test_evaluators_score_as_the_learner_does_beside_the_training(eval_grid_runs):
+    """The checkpoints scored by evaluator actors from the prefix cache, while the learner
+    trained on, give the learner's metrics, logged and reported in the path's order."""
+    on_learner, on_evaluators = records(eval_grid_runs[0]), records(eval_grid_runs[2])
+    assert on_learner.keys() == on_evaluators.keys()
+    for trial_id, record in on_evaluators.items():
+        theirs = on_learner[trial_id]
+        assert record["metrics"] == pytest.approx(theirs["metrics"], rel=1e-6, abs=1e-9)
+        assert record["fingerprint"] == theirs["fingerprint"]  # the same keys: one cache
+        assert [h["stage"] for h in record["history"]] == ["base", "a", "b"]
+        for mine, learners in zip(record["history"], theirs["history"]):
+            assert mine["evals"] == learners["evals"]
+            assert mine["metrics"] == pytest.approx(learners["metrics"], rel=1e-6, abs=1e-9)
+        timing = record["timing"]  # the evaluations ran on the thread beside the trial's
+        assert timing["time/bg_eval_loglik_s"] > 0 and "time/eval_loglik_s" not in timing
+        assert timing["time/bg_evaluator_start_s"] >= 0 and "time/wait_evaluations_s" in timing
 
 
 def test_a_swept_rollout_setting_with_a_shared_pool_is_refused(tmp_path, capsys):

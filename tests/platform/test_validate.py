@@ -442,6 +442,19 @@ CASES = [
         "rollout.workers: colocated puts each engine on a learner rank's GPU",
     ),
     (
+        "evaluators beside colocated engines",
+        lambda s: (
+            set_key("rollout.placement", "colocated")(s),
+            set_key("evaluation.placement", "evaluators")(s),
+        ),
+        "evaluation.placement: evaluators sample from the engines while the learner trains",
+    ),
+    (
+        "unknown evaluation placement",
+        set_key("evaluation.placement", "evaluator"),
+        "evaluation.placement: unknown value 'evaluator'; expected one of learner, evaluators",
+    ),
+    (
         "no engine for a generation metric",
         lambda s: (
             set_key("evaluation.sets.facts.metrics", ["accuracy"])(s),
