@@ -71,6 +71,16 @@ def load_phrase(meta: dict[str, Any]) -> str:
     return f"1-min load average {start:.1f} at the start, {end:.1f} at the end"
 
 
+def spread(values: list[float], digits: int = 1, unit: str = "") -> str:
+    """'median [min, max]' of repeated measurements (just the value when there is one)."""
+    import statistics
+
+    mid = f"{statistics.median(values):.{digits}f}{unit}"
+    if len(values) == 1:
+        return mid
+    return f"{mid} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
 def memcpy_bandwidth(nbytes: int = 256 << 20, reps: int = 20) -> float:
     """Bytes/s of one large copy (torch copy_ of a uint8 buffer of `nbytes`), fastest of reps."""
     import time

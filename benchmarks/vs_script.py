@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -265,20 +264,12 @@ def intro(meta: dict) -> str:
     )
 
 
-def spread(values: list[float], digits: int = 1, unit: str = "") -> str:
-    """median [min, max] of `values` (just the value when there is one)."""
-    mid = f"{statistics.median(values):.{digits}f}{unit}"
-    if len(values) == 1:
-        return mid
-    return f"{mid} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
-
-
 def figures(rows: list[dict]) -> list[tuple[str, dict]]:
     """(label, {size: figure}) per line of the table."""
 
     def over(get, digits: int = 1, unit: str = "", bold: bool = False):
         def cell(row: dict) -> str:
-            text = spread([get(rep) for rep in row["reps"]], digits, unit)
+            text = results_io.spread([get(rep) for rep in row["reps"]], digits, unit)
             return f"**{text}**" if bold else text
 
         return cell
@@ -333,7 +324,7 @@ def figures(rows: list[dict]) -> list[tuple[str, dict]]:
             (
                 f"stageflow / careful loop, per optimizer step of `{name}`",
                 lambda row, name=name: (
-                    f"{spread([rep['step_vs_careful'][name] for rep in row['reps']], 2, 'x')} "
+                    f"{results_io.spread([rep['step_vs_careful'][name] for rep in row['reps']], 2, 'x')} "
                     f"({row['stage_kinds'][name]})"
                     if name in row["stage_kinds"]
                     else ""
@@ -344,8 +335,8 @@ def figures(rows: list[dict]) -> list[tuple[str, dict]]:
         (
             "careful loop: evaluation (s; log-likelihood + generation)",
             lambda row: (
-                f"{spread([rep['careful']['eval_loglik'] for rep in row['reps']])} + "
-                f"{spread([rep['careful']['eval_generation'] for rep in row['reps']])}"
+                f"{results_io.spread([rep['careful']['eval_loglik'] for rep in row['reps']])} + "
+                f"{results_io.spread([rep['careful']['eval_generation'] for rep in row['reps']])}"
             ),
         ),
         (

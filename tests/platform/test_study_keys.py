@@ -1,7 +1,8 @@
 """Study edits end to end: a grid over an evaluation setting evaluates every point on shared
 training, a grid over a rollout setting trains the sampling stage per point, a data file edited
 between two runs retrains from the first stage that reads it (and `status` says so first),
-and the same study run twice gives bit-identical metrics."""
+and the same study run twice (the second time scored by evaluator actors) gives bit-identical
+metrics."""
 
 from __future__ import annotations
 
@@ -74,15 +75,16 @@ EVAL_GRID = {
 
 @pytest.fixture(scope="module")
 def eval_grid_runs(tmp_path_factory, ray_cluster):
-    """The evaluation-grid study run twice, in two study directories, and a third time with
-    evaluator actors scoring the checkpoints (`evaluation.placement: evaluators`)."""
+    """The evaluation-grid study run twice, in two study directories: its checkpoints scored
+    by the trials' learners, then by evaluator actors (`evaluation.placement: evaluators`)."""
     tmp = tmp_path_factory.mktemp("evalgrid")
     out = []
-    for name in ("first", "second", "evaluators"):
-        study = EVAL_GRID
-        if name == "evaluators":
-            study = {**EVAL_GRID, "evaluation": {**EVAL_GRID["evaluation"], "placement": name}}
-        assert main(["run", str(write_study(tmp, name, **study))]) == 0
+    for name, placement in (("first", "learner"), ("second", "evaluators")):
+        evaluation = {**EVAL_GRID["evaluation"], "placement": placement}
+        assert (
+            main(["run", str(write_study(tmp, name, **{**EVAL_GRID, "evaluation": evaluation}))])
+            == 0
+        )
         out.append(tmp / name)
     return out
 
@@ -111,29 +113,21 @@ def test_a_grid_over_an_evaluation_setting_evaluates_every_point(eval_grid_runs)
 
 
 def test_the_same_study_twice_gives_bit_identical_metrics(eval_grid_runs):
-    first, second = (records(storage) for storage in eval_grid_runs[:2])
+    """Run again, with evaluator actors scoring the committed checkpoints beside the training
+    instead of the learners: every metric the same to the bit, logged in the path's order."""
+    first, second = (records(storage) for storage in eval_grid_runs)
     assert first.keys() == second.keys()
-    for trial_id, record in first.items():
-        assert record["metrics"] == second[trial_id]["metrics"]  # every float, every bit
-        assert record["fingerprint"] == second[trial_id]["fingerprint"]
-
-
-def test_evaluators_score_as_the_learner_does_beside_the_training(eval_grid_runs):
-    """The checkpoints scored by evaluator actors from the prefix cache, while the learner
-    trained on, give the learner's metrics, logged and reported in the path's order."""
-    on_learner, on_evaluators = records(eval_grid_runs[0]), records(eval_grid_runs[2])
-    assert on_learner.keys() == on_evaluators.keys()
-    for trial_id, record in on_evaluators.items():
-        theirs = on_learner[trial_id]
-        assert record["metrics"] == pytest.approx(theirs["metrics"], rel=1e-6, abs=1e-9)
+    for trial_id, record in second.items():
+        theirs = first[trial_id]
+        assert record["metrics"] == theirs["metrics"]  # every float, every bit
         assert record["fingerprint"] == theirs["fingerprint"]  # the same keys: one cache
         assert [h["stage"] for h in record["history"]] == ["base", "a", "b"]
-        for mine, learners in zip(record["history"], theirs["history"]):
-            assert mine["evals"] == learners["evals"]
-            assert mine["metrics"] == pytest.approx(learners["metrics"], rel=1e-6, abs=1e-9)
+        assert [h["metrics"] for h in record["history"]] == [
+            h["metrics"] for h in theirs["history"]
+        ]
         timing = record["timing"]  # the evaluations ran on the thread beside the trial's
         assert timing["time/bg_eval_loglik_s"] > 0 and "time/eval_loglik_s" not in timing
-        assert timing["time/bg_evaluator_start_s"] >= 0 and "time/wait_evaluations_s" in timing
+        assert "time/bg_evaluator_start_s" in timing and "time/wait_evaluations_s" in timing
 
 
 def test_a_swept_rollout_setting_with_a_shared_pool_is_refused(tmp_path, capsys):
