@@ -206,6 +206,8 @@ class TrialRunner:
     def _settle(self, wait: bool) -> None:
         """Log and report the evaluations that are in, in the path's order (all of them, waited
         for, with `wait`): the trial run's metrics at the stage's index, its history, Tune."""
+        for future in [f for f in self.pending_runs if f.done()]:
+            future.result()  # a stage run's evaluation that failed ends the trial now
         while self.pending and (wait or self.pending[0][1].done()):
             entry, future, step = self.pending.pop(0)
             metrics = future.result()
