@@ -181,7 +181,7 @@ def check_fits_cluster(spec: StudySpec, source: str, resources: dict | None = No
     if per_trial > free:
         own = spec.rollout.placement == "per_trial"
         engines = f" + rollout.workers={spec.rollout.workers} own engines" if own else ""
-        if spec.evaluation.placement == "evaluators":
+        if spec.evaluation.placement == "evaluators" and spec.resources.device == "cuda":
             engines += " + 1 evaluator"
         raise StudyError(
             source,

@@ -1,8 +1,9 @@
 """A trial's actors: its learner group and its rollout engines, created on first need.
 
 The trial's placement group (`trial_bundles`) holds the trial itself (bundle 0), one bundle
-per learner rank, with `rollout.placement: per_trial` one per engine and with
-`evaluation.placement: evaluators` one for the trial's evaluator. The learner is
+per learner rank, with `rollout.placement: per_trial` one per engine and, on CUDA, with
+`evaluation.placement: evaluators` one for the trial's evaluator (on CPU it shares the trial's
+own bundle). The learner is
 kept across the trial's stages and holds one prefix's weights at a time (`learner_at` loads
 another checkpoint only when asked for a prefix it does not hold). The rollout engines are
 the trial's own (per_trial, colocated: reused across its stages, ended with it) or the
@@ -41,7 +42,7 @@ def trial_bundles(spec: StudySpec) -> list[dict[str, float]]:
     elif needs_rollout(spec) and spec.rollout.placement == "colocated":  # a rank's bundle
         for bundle in bundles[1 : 1 + spec.rollout.workers]:
             bundle["CPU"] += cpus
-    if spec.evaluation.placement == "evaluators":  # the last bundle
+    if spec.evaluation.placement == "evaluators" and gpu:  # the last bundle, its own GPU
         bundles.append(dict(rank))
     return bundles
 
@@ -140,6 +141,16 @@ class TrialWorkers:
         self.learner_key = key
 
     # ----- the evaluator -----------------------------------------------------------------------
+    def evaluator_placement(self) -> Placement:
+        """On CUDA the last bundle of the trial's placement group (a GPU of its own); on CPU
+        the trial's own bundle, whose process mostly waits on its actors, with no CPU reserved
+        (and a learner rank's threads)."""
+        resources = self.spec.resources
+        if resources.device == "cuda":
+            return self.placement([len(trial_bundles(self.spec)) - 1])
+        threads = resources.threads_per_actor or max(1, int(resources.cpus_per_actor))
+        return Placement(resources.device, 0.0, bundles=[0], threads=threads)
+
     def evaluator_at(self, key: str, model_dir: Path) -> Any:
         """The trial's evaluator (evaluation.placement: evaluators), holding the checkpoint of
         prefix `key` from `model_dir` (a committed prefix cache directory)."""
@@ -148,7 +159,7 @@ class TrialWorkers:
 
         if self.evaluator is None:
             with self.clock("evaluator_start"):
-                placement = self.placement([len(trial_bundles(self.spec)) - 1])
+                placement = self.evaluator_placement()
                 self._evaluator_kept_as = repr(
                     ("evaluator", str(self.base_model), self.spec.learner, placement)
                 )
