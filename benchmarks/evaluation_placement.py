@@ -164,10 +164,7 @@ def figures(rows: list[dict]) -> list[tuple[str, dict]]:
         ),
         (
             "1-min load average before each run (min – max)",
-            lambda row: "{:.1f} – {:.1f}".format(
-                min(rep[p]["load_1m_before"] for rep in row["reps"] for p in PLACEMENTS),
-                max(rep[p]["load_1m_before"] for rep in row["reps"] for p in PLACEMENTS),
-            ),
+            lambda row: results_io.load_range(row["reps"], PLACEMENTS),
         ),
     ]
     return [(label, {r["setting"]: cell(r) for r in rows}) for label, cell in lines]

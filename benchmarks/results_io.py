@@ -81,6 +81,13 @@ def spread(values: list[float], digits: int = 1, unit: str = "") -> str:
     return f"{mid} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
+def load_range(reps: list[dict], sides: Iterable[str]) -> str:
+    """'lowest – highest' 1-min load average measured before each side's run of each repetition
+    (each side's dict holds it as "load_1m_before")."""
+    loads = [rep[side]["load_1m_before"] for rep in reps for side in sides]
+    return f"{min(loads):.1f} – {max(loads):.1f}"
+
+
 def memcpy_bandwidth(nbytes: int = 256 << 20, reps: int = 20) -> float:
     """Bytes/s of one large copy (torch copy_ of a uint8 buffer of `nbytes`), fastest of reps."""
     import time

@@ -371,10 +371,7 @@ def figures(rows: list[dict]) -> list[tuple[str, dict]]:
         ),
         (
             "1-min load average before each process (min – max)",
-            lambda row: "{:.1f} – {:.1f}".format(
-                min(rep[s]["load_1m_before"] for rep in row["reps"] for s in SIDES),
-                max(rep[s]["load_1m_before"] for rep in row["reps"] for s in SIDES),
-            ),
+            lambda row: results_io.load_range(row["reps"], SIDES),
         ),
     ]
     return [(label, {r["size"]: cell(r) for r in rows}) for label, cell in lines]
