@@ -193,14 +193,14 @@ def trials_table(results: list[tuple[object, dict[str, float]]]) -> str:
     return format_table(["ordering", "seed", "unlearning", *metrics], rows)
 
 
-def _figure_png(draw) -> bytes:
+def _figure_png(draw, height: float = 4.2) -> bytes:
     """Render a matplotlib figure drawn by `draw(fig)` to PNG bytes (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(7, 4.2), dpi=110)
+    fig = plt.figure(figsize=(7, height), dpi=110)
     draw(fig)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -209,26 +209,40 @@ def _figure_png(draw) -> bytes:
     return buffer.getvalue()
 
 
-def _heatmap(analysis, score: str):
+def _heatmap(analysis, score: str) -> bytes:
+    """A method per row, an ordering per column, each cell the mean over seeds; the colour runs
+    over each method's own range (lowest ordering to highest), so that the pattern across
+    orderings shows for every method whatever the others' scale."""
     data = analysis.by_ordering(score)
     grid = np.array(
         [
-            [sum(v) / len(v) if (v := data.get(m, {}).get(o)) else np.nan for m in analysis.methods]
-            for o in analysis.orderings
+            [
+                sum(v) / len(v) if (v := data.get(m, {}).get(o)) else np.nan
+                for o in analysis.orderings
+            ]
+            for m in analysis.methods
         ]
     )
+    low = np.fmin.reduce(grid, axis=1, keepdims=True)  # fmin/fmax skip NaN cells
+    span = np.fmax.reduce(grid, axis=1, keepdims=True) - low
+    shade = np.where(span > 0, (grid - low) / np.where(span > 0, span, 1.0), 0.5)
 
     def draw(fig):
         ax = fig.add_subplot()
-        image = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(analysis.methods)), analysis.methods)
-        ax.set_yticks(range(len(analysis.orderings)), analysis.orderings)
+        ax.imshow(shade, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(len(analysis.orderings)), analysis.orderings, fontsize=7)
+        ax.tick_params(axis="x", labelrotation=15)
+        ax.set_yticks(range(len(analysis.methods)), analysis.methods)
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
-        ax.set_title(f"{score} by ordering × unlearning method (mean over seeds)")
-        fig.colorbar(image, ax=ax)
+            colour = "black" if shade[i, j] > 0.6 else "white"
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color=colour, fontsize=8)
+        ax.set_title(
+            f"{score} by method × ordering (mean over seeds)\n"
+            "colour: each method's lowest (dark) to highest (light) ordering",
+            fontsize=9,
+        )
 
-    return draw
+    return _figure_png(draw, height=max(2.6, 1.4 + 0.34 * len(analysis.methods)))
 
 
 def _lines(curves: dict[str, list], title: str, xlabel: str, ylabel: str):
@@ -259,8 +273,8 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
         figures.append(
             (
                 f"heatmap_{score.replace(':', '_').replace('/', '_')}",
-                f"{score}: ordering × method",
-                _figure_png(_heatmap(analysis, score)),
+                f"{score}: method × ordering",
+                _heatmap(analysis, score),
             )
         )
     for metric in [m for m in [a.forget_score, *a.utilities.values()] if m]:
