@@ -47,7 +47,7 @@ from stageflow.platform.engine.search import (
 from stageflow.platform.engine.storage_cap import StorageCap
 from stageflow.platform.engine.tracking import NAMESPACE, TRACKER_NAME, Tracker, start_tracker
 from stageflow.platform.engine.trial_plan import needs_rollout, study_identity, study_planner
-from stageflow.platform.engine.workers import Stopwatch, trial_bundles
+from stageflow.platform.engine.workers import Stopwatch, evaluator_bundle, trial_bundles
 from stageflow.platform.results.report import (
     read_results,
     study_description,
@@ -181,7 +181,7 @@ def check_fits_cluster(spec: StudySpec, source: str, resources: dict | None = No
     if per_trial > free:
         own = spec.rollout.placement == "per_trial"
         engines = f" + rollout.workers={spec.rollout.workers} own engines" if own else ""
-        if spec.evaluation.placement == "evaluators" and spec.resources.device == "cuda":
+        if evaluator_bundle(spec):
             engines += " + 1 evaluator"
         raise StudyError(
             source,

@@ -31,6 +31,12 @@ from stageflow.core.config import StudySpec
 from stageflow.platform.engine.trial_plan import needs_rollout
 
 
+def evaluator_bundle(spec: StudySpec) -> bool:
+    """Whether the trial's evaluator has a bundle of its own (the last): on CUDA, with a GPU;
+    on CPU it shares the trial's bundle."""
+    return spec.evaluation.placement == "evaluators" and spec.resources.device == "cuda"
+
+
 def trial_bundles(spec: StudySpec) -> list[dict[str, float]]:
     """The trial's placement group: the trial, one bundle per learner rank, its own engines
     (when the study samples at all)."""
@@ -42,7 +48,7 @@ def trial_bundles(spec: StudySpec) -> list[dict[str, float]]:
     elif needs_rollout(spec) and spec.rollout.placement == "colocated":  # a rank's bundle
         for bundle in bundles[1 : 1 + spec.rollout.workers]:
             bundle["CPU"] += cpus
-    if spec.evaluation.placement == "evaluators" and gpu:  # the last bundle, its own GPU
+    if evaluator_bundle(spec):
         bundles.append(dict(rank))
     return bundles
 
@@ -146,7 +152,7 @@ class TrialWorkers:
         the trial's own bundle, whose process mostly waits on its actors, with no CPU reserved
         (and a learner rank's threads)."""
         resources = self.spec.resources
-        if resources.device == "cuda":
+        if evaluator_bundle(self.spec):
             return self.placement([len(trial_bundles(self.spec)) - 1])
         threads = resources.threads_per_actor or max(1, int(resources.cpus_per_actor))
         return Placement(resources.device, 0.0, bundles=[0], threads=threads)

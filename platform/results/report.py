@@ -209,7 +209,7 @@ def _figure_png(draw, height: float = 4.2) -> bytes:
     return buffer.getvalue()
 
 
-def _heatmap(analysis, score: str) -> bytes:
+def _heatmap(analysis, score: str):
     """A method per row, an ordering per column, each cell the mean over seeds; the colour runs
     over each method's own range (lowest ordering to highest), so that the pattern across
     orderings shows for every method whatever the others' scale."""
@@ -225,7 +225,7 @@ def _heatmap(analysis, score: str) -> bytes:
     )
     low = np.fmin.reduce(grid, axis=1, keepdims=True)  # fmin/fmax skip NaN cells
     span = np.fmax.reduce(grid, axis=1, keepdims=True) - low
-    shade = np.where(span > 0, (grid - low) / np.where(span > 0, span, 1.0), 0.5)
+    shade = np.divide(grid - low, span, out=np.full_like(grid, 0.5), where=span > 0)
 
     def draw(fig):
         ax = fig.add_subplot()
@@ -242,7 +242,7 @@ def _heatmap(analysis, score: str) -> bytes:
             fontsize=9,
         )
 
-    return _figure_png(draw, height=max(2.6, 1.4 + 0.34 * len(analysis.methods)))
+    return draw
 
 
 def _lines(curves: dict[str, list], title: str, xlabel: str, ylabel: str):
@@ -274,7 +274,9 @@ def study_report(analysis, out_dir: Path) -> dict[str, Path]:
             (
                 f"heatmap_{score.replace(':', '_').replace('/', '_')}",
                 f"{score}: method × ordering",
-                _heatmap(analysis, score),
+                _figure_png(
+                    _heatmap(analysis, score), height=max(2.6, 1.4 + 0.34 * len(analysis.methods))
+                ),
             )
         )
     for metric in [m for m in [a.forget_score, *a.utilities.values()] if m]:
