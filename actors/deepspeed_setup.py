@@ -42,7 +42,7 @@ def deepspeed_config(stage: StageSpec, spec: LearnerSpec, world: int) -> dict[st
         "gradient_accumulation_steps": 1,
         "train_batch_size": world,
         "gradient_clipping": float(stage.grad_clip or 0.0),
-        "zero_optimization": {"stage": spec.zero_stage},
+        "zero_optimization": {"stage": spec.engine_zero_stage},
         "bf16": {"enabled": spec.dtype == "bfloat16"},
         "optimizer": {
             "type": "AdamW",

@@ -111,7 +111,7 @@ class LearnerWorker(LearnerScoring, LearnerAssistant):
 
     @property
     def zero3(self) -> bool:
-        return self.spec.zero_stage == 3
+        return self.spec.engine_zero_stage == 3
 
     # ----- weights ---------------------------------------------------------------------------
     def gathered_state(
@@ -282,6 +282,8 @@ class LearnerWorker(LearnerScoring, LearnerAssistant):
                 config=deepspeed_config(stage, self.spec, self.world),
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
             )
+            # one rank: its gradients are already the sum (DeepSpeed would flatten and copy them)
+            self.engine.enable_backward_allreduce = self.world > 1
         else:
             opt = self.engine.basic_optimizer
             for group in opt.param_groups:
@@ -378,7 +380,7 @@ class LearnerWorker(LearnerScoring, LearnerAssistant):
         if self._stage["mask"] is not None:
             self._stage["mask"].apply()  # ZeRO-3: on the gradient partitions
         own_norm = None
-        if self.spec.zero_stage == 0:  # DeepSpeed reports no norm without a ZeRO optimizer
+        if self.spec.engine_zero_stage == 0:  # DeepSpeed reports no norm without a ZeRO optimizer
             grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
             own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()

@@ -40,15 +40,13 @@ HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "studies" / "quickstart.yaml"
 SIDES = ("careful", "naive", "stageflow")
 # the 25M-parameter model of the other benchmarks, one seed and every stage's steps scaled by
-# the same factor so that a repetition stays affordable; ZeRO stage 0: a single learner rank
-# has nothing to partition
+# the same factor so that a repetition stays affordable
 SIZES = {
     "quickstart": {"overrides": [], "step_scale": 1.0},
     "25M": {
         "overrides": [
             *(f"model.tiny.{k}={v}" for k, v in results_io.MODEL_SIZES["25M"].items()),
             "seeds=[0]",
-            "learner.zero_stage=0",
         ],
         "step_scale": 0.25,
     },

@@ -457,6 +457,13 @@ class LearnerSpec(Spec):
     reset_optimizer_per_stage: bool = True
     lora: Optional[LoraSpec] = None
 
+    @property
+    def engine_zero_stage(self) -> int:
+        """The ZeRO stage the engine runs: `zero_stage`, or 0 at one rank, where ZeRO has
+        nothing to partition and its flat buffers only cost copies (the same AdamW, the same
+        results; recorded as each stage run's `zero_stage` param)."""
+        return self.zero_stage if self.ranks > 1 else 0
+
     def invariants(self) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):
             yield (

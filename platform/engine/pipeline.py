@@ -346,6 +346,7 @@ class TrialRunner:
                 "steps": stage.steps,
                 "epochs": stage.epochs,
                 "seed": step.seed,
+                "zero_stage": self.spec.learner.engine_zero_stage,  # as the engine ran it
                 **{f"params.{k}": v for k, v in stage.params.items()},
             },
         )

@@ -206,17 +206,25 @@ def check_fits_cluster(spec: StudySpec, source: str, resources: dict | None = No
 
 def prepare(spec: StudySpec) -> tuple[StudyDir, Path]:
     """The study directory with the resolved spec, and the base model directory."""
+    study = study_directory(spec)
+    return study, base_model_dir(spec, study)
+
+
+def study_directory(spec: StudySpec) -> StudyDir:
+    """The study directory, made, with the resolved spec written to it."""
     study = StudyDir.of(spec)
     study.root.mkdir(parents=True, exist_ok=True)
     write_atomic(
         study.spec_file, spec_to_yaml(dataclasses.replace(spec, storage_dir=str(study.root)))
     )
-    base = (
-        Path(spec.model.path).absolute()
-        if spec.model.path
-        else ensure_tiny_model(study.models, spec.model.tiny)
-    )
-    return study, base
+    return study
+
+
+def base_model_dir(spec: StudySpec, study: StudyDir) -> Path:
+    """The model directory the study starts from (the tiny model is built once per study)."""
+    if spec.model.path:
+        return Path(spec.model.path).absolute()
+    return ensure_tiny_model(study.models, spec.model.tiny)
 
 
 def trainable(config: dict, shared: dict) -> None:
@@ -258,20 +266,27 @@ def shared_actor_suffix(experiment: str, storage: Path) -> str:
 class SharedActors:
     """The study's shared actors, started by the driver and ended with the study."""
 
-    def __init__(self, spec: StudySpec, study: StudyDir, base_model: Path):
-        experiment = spec.experiment
-        suffix = shared_actor_suffix(experiment, study.root)
-        pinned = dict(spec.resources.shared_actor_resources)
-        self.names = {"tracker": f"{TRACKER_NAME}-{suffix}", "pool": None}
+    def __init__(self, spec: StudySpec, study: StudyDir):
+        """Starts the tracker (its process imports MLflow and opens the store meanwhile)."""
+        self.spec, self.suffix = spec, shared_actor_suffix(spec.experiment, study.root)
+        self.names = {"tracker": f"{TRACKER_NAME}-{self.suffix}", "pool": None}
         # the driver holds every shared actor's handle (a named actor without one is collected)
         uri = spec.tracking.uri or study.tracking_uri
         self.tracker = start_tracker(
-            uri, experiment, str(study.artifacts), self.names["tracker"], pinned
+            uri,
+            spec.experiment,
+            str(study.artifacts),
+            self.names["tracker"],
+            dict(spec.resources.shared_actor_resources),
         )
         self.engines = self.pool = None
         self.tagged = False  # the engines' backend is on the study run
+
+    def start_engines(self, base_model: Path) -> None:
+        """The shared rollout engines on `base_model` and their pool, when the study needs them."""
+        spec, pinned = self.spec, dict(self.spec.resources.shared_actor_resources)
         if pool_cpus(spec):
-            self.names["pool"] = f"{POOL_NAME}-{suffix}"
+            self.names["pool"] = f"{POOL_NAME}-{self.suffix}"
             resources = spec.resources
             placement = Placement(
                 resources.device,
@@ -339,26 +354,31 @@ def run_study(
     threads = actor_threads(spec, concurrent, embedded)
     spec = with_threads(spec, threads)  # study.yaml holds the threads the keys are made with
     with clock("prepare"):
-        study, base_model = prepare(spec)
+        study = study_directory(spec)
     running = study.mark_running()  # `stageflow prune` refuses a running study
     study.cache().clear_claims()  # no trial runs now: every claim is stale
-    with clock("plan"):
-        identity = study_identity(study, base_model)
-        planner = study_planner(spec, study, base_model, identity=identity)
-        plans = {t.trial_id: planner.plan(t) for t in trials}
-        current = {trial_id: plan.fingerprint for trial_id, plan in plans.items()}
-    stale = study.stale_records(trials, current)
-    if stale:
-        print(
-            f"{len(stale)} finished trials were made by another configuration (study, data, model "
-            f"or code); they run again, reusing every checkpoint and evaluation that still applies"
-        )
-    write_json(study.provenance, provenance(threads))
     with clock("shared_actors"):
-        actors = SharedActors(spec, study, base_model)
+        actors = SharedActors(spec, study)  # the tracker starts while the base model is built
     # the actors end explicitly when the study ends, also when it fails: a traceback kept by
     # the caller would otherwise keep the handles, the engines and their CPUs alive
     try:
+        with clock("prepare"):
+            base_model = base_model_dir(spec, study)
+        with clock("plan"):
+            identity = study_identity(study, base_model)
+            planner = study_planner(spec, study, base_model, identity=identity)
+            plans = {t.trial_id: planner.plan(t) for t in trials}
+            current = {trial_id: plan.fingerprint for trial_id, plan in plans.items()}
+        stale = study.stale_records(trials, current)
+        if stale:
+            print(
+                f"{len(stale)} finished trials were made by another configuration (study, data, "
+                f"model or code); they run again, reusing every checkpoint and evaluation that "
+                f"still applies"
+            )
+        write_json(study.provenance, provenance(threads))
+        with clock("shared_actors"):
+            actors.start_engines(base_model)
         tracker = actors.tracker
         study_run = call_actor(
             tracker,

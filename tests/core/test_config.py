@@ -25,6 +25,11 @@ def test_specs_built_in_python_check_themselves():
     LearnerSpec().check("learner")  # the defaults are valid
 
 
+def test_zero_partitions_only_across_ranks():
+    assert [LearnerSpec(ranks=1, zero_stage=z).engine_zero_stage for z in range(4)] == [0] * 4
+    assert [LearnerSpec(ranks=2, zero_stage=z).engine_zero_stage for z in range(4)] == [0, 1, 2, 3]
+
+
 def test_problems_name_nested_keys():
     spec = StudySpec(
         name="x",

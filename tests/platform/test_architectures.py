@@ -140,6 +140,8 @@ def test_architecture_runs_a_chat_study(arch, zoo, tmp_path, ray_cluster):
     ]
     assert len(gaps) == 2, "one log-prob gap per GRPO step"
     assert max(gaps) < LOGPROB_TOLERANCE, gaps
+    # learner.zero_stage 1 at one rank: the engine ran without ZeRO, and each stage run says so
+    assert {run.data.params["zero_stage"] for run in stage_runs} == {"0"}
 
 
 def test_vllm_receives_the_chat_templates_prompt_ids(zoo, ray_cluster):
