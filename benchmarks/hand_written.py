@@ -45,7 +45,7 @@ CLOCK = {
     "eval_generation": 0.0,
     "evaluations": 0,
 }
-STAGE_STEPS: dict[str, list[float]] = {}  # stage name -> [seconds of its optimizer steps, steps]
+STEP_SECONDS: dict[str, list[float]] = {}  # stage name -> seconds of each of its optimizer steps
 
 
 def encode(tok, row: dict, max_len: int = 1 << 30) -> tuple[list[int], int]:
@@ -128,9 +128,7 @@ def train(model, tok, name: str, stage: dict, rows: list[dict], seed: int) -> No
         seconds = time.perf_counter() - start
         CLOCK["optimizer_steps"] += seconds
         CLOCK["steps"] += 1
-        totals = STAGE_STEPS.setdefault(name, [0.0, 0])
-        totals[0] += seconds
-        totals[1] += 1
+        STEP_SECONDS.setdefault(name, []).append(seconds)
 
 
 @torch.no_grad()
@@ -261,7 +259,8 @@ def main(plan: dict, checks: dict, refused, naive: bool = False) -> dict:
     loop = Loop(plan, checks, refused)
     finals = loop.naive() if naive else loop.careful()
     wall = time.perf_counter() - wall
-    return {"wall_s": wall, **CLOCK, "stage_steps": STAGE_STEPS, "trials": finals}
+    stage_steps = {name: [sum(times), len(times)] for name, times in STEP_SECONDS.items()}
+    return {"wall_s": wall, **CLOCK, "stage_steps": stage_steps, "trials": finals}
 
 
 if __name__ == "__main__":
