@@ -2,7 +2,7 @@
 
 Command (repo root, the venv active):
 
-    python benchmarks/step_profile.py           # full run, about 8 min on 2 CPU cores
+    python benchmarks/step_profile.py           # full run, about 10 min on 2 CPU cores
     python benchmarks/step_profile.py --quick   # smoke run (tiny model, one repetition)
 
 Writes benchmarks/results/step_profile.json and benchmarks/results/step_profile.md.
@@ -15,8 +15,8 @@ stage as asked, 1, and DeepSpeed's gradient all-reduce, both at world size 1). A
 time is the median over a stage's steps after the first (the first, where the optimizer's
 state is allocated, is reported alone); sides run in a new random order in each of
 `--reps` repetitions, and the table gives median [min, max] over them, a ratio within one.
-With `--profile` the last repetition of each side runs under torch.profiler and the operators
-whose time differs most between the learner and the loop are listed per objective.
+After the repetitions each side trains the stage once more under torch.profiler, and the
+operators whose time differs most from the loop's are listed per objective.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, one repetition")
     parser.add_argument("--sizes", default="tiny,25M", help="comma-separated: tiny,25M")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="operator tables (torch.profiler)")
 
 
 def stage_of(objective: str, steps: int):
@@ -153,7 +152,7 @@ def measure_size(size: str, model_dir: Path, args: argparse.Namespace) -> list[d
     }
     out = []
     for objective in OBJECTIVES:
-        reps, ops = [], {}
+        reps = []
         for rep in range(args.reps):
             times = {}
             for side in random.Random(f"{size}-{objective}-{rep}").sample(SIDES, len(SIDES)):
@@ -161,8 +160,7 @@ def measure_size(size: str, model_dir: Path, args: argparse.Namespace) -> list[d
             reps.append(times)
             medians = {s: round(statistics.median(t[1:]) * 1e3) for s, t in times.items()}
             print(f"{size} {objective} rep {rep}: step ms {medians}", flush=True)
-        if args.profile:
-            ops = {s: profiled(sides[s], objective, rows, steps) for s in SIDES}
+        ops = {s: profiled(sides[s], objective, rows, steps) for s in SIDES}
         out.append(row(size, objective, steps, reps, ops))
     return out
 
@@ -177,7 +175,7 @@ def row(size: str, objective: str, steps: int, reps: list[dict], ops: dict) -> d
         r[f"{side}_first_s"] = [t[side][0] for t in reps]
     for side in ("learner", "learner_before"):
         r[f"{side}_vs_loop"] = [rest(t[side]) / rest(t["loop"]) for t in reps]
-    for side in ("learner", "learner_before") if ops else ():
+    for side in ("learner", "learner_before"):
         r[f"{side}_op_differences_s"] = largest_differences(ops[side], ops["loop"])
     return r
 
@@ -225,10 +223,10 @@ def first_steps(r: dict) -> str:
 
 
 def differences(side: str) -> Callable[[dict], str]:
-    """The operators whose time differs most from the loop's (a --profile run), shortened."""
+    """The operators whose time differs most from the loop's, shortened."""
 
     def cell(r: dict) -> str:
-        ops = r.get(f"{side}_op_differences_s", [])
+        ops = r[f"{side}_op_differences_s"]
         return ", ".join(f"{name.removeprefix('aten::')} {s * 1e3:+.1f}" for name, s in ops)
 
     return cell
