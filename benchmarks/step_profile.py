@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +182,8 @@ def row(size: str, objective: str, steps: int, reps: list[dict], ops: dict) -> d
 def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
     import torch
 
+    from stageflow.platform.engine.tracking import free_port
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -192,12 +193,6 @@ def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
     for size, model_dir in results_io.tiny_models(sizes):
         rows += measure_size(size, model_dir, args)
     return rows, {"threads": torch.get_num_threads()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def intro(meta: dict) -> str:
